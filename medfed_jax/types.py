@@ -1,0 +1,136 @@
+"""Pytree aliases and the small containers every part of medfed_jax shares.
+
+Everything that varies per client lives on a leading *client axis* ``[C, ...]``.
+Clients are padded to the largest one; ``count`` says how many rows are real,
+and padding never enters a loss, a gradient, a metric or a weight.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, NamedTuple
+
+import jax
+import numpy as np
+
+Array = jax.Array
+PRNGKey = jax.Array
+Params = Any  # a pytree of arrays (flax variables)
+Updates = Any  # a pytree whose leaves carry a leading client axis [C, ...]
+Metrics = dict[str, Array]
+Knobs = dict[str, Array]  # numeric, traced hyper-parameters keyed by config path
+
+
+class ClientData(NamedTuple):
+    """Stacked, padded client data.
+
+    Attributes:
+      x: ``[C, N_max, *feature_shape]`` float32 features.
+      y: ``[C, N_max]`` int32 labels.
+      count: ``[C]`` int32 number of real rows per client; rows at or past
+        ``count[c]`` are padding.
+    """
+
+    x: Any
+    y: Any
+    count: Any
+
+    @property
+    def num_clients(self) -> int:
+        return int(self.count.shape[0])
+
+    @property
+    def max_count(self) -> int:
+        return int(self.y.shape[1])
+
+    @property
+    def feature_shape(self) -> tuple[int, ...]:
+        return tuple(self.x.shape[2:])
+
+    def valid_mask(self):
+        """``[C, N_max]`` bool: True on real rows, False on padding."""
+        n_max = self.y.shape[1]
+        xp = np if isinstance(self.count, np.ndarray) else jax.numpy
+        return xp.arange(n_max)[None, :] < self.count[:, None]
+
+    def take(self, index) -> "ClientData":
+        """The clients at ``index`` (an int array), padded as before."""
+        return ClientData(self.x[index], self.y[index], self.count[index])
+
+
+@dataclasses.dataclass(frozen=True)
+class FederatedDataset:
+    """Train and test `ClientData` of one federation, with client names.
+
+    ``test`` has the same client axis as ``train``: client ``c``'s own test
+    split is ``test`` row ``c``; the pooled test set is all real test rows.
+    """
+
+    name: str
+    train: ClientData
+    test: ClientData
+    client_names: tuple[str, ...]
+    num_classes: int
+    info: dict = dataclasses.field(default_factory=dict, compare=False)
+
+    @property
+    def num_clients(self) -> int:
+        return self.train.num_clients
+
+    @property
+    def feature_shape(self) -> tuple[int, ...]:
+        return self.train.feature_shape
+
+
+class Aggregator(NamedTuple):
+    """A robust (or plain) aggregation rule, as a pair of pure functions.
+
+    ``init(params) -> agg_state``.
+    ``aggregate(updates, weights, mask, agg_state, key) -> (update, agg_state,
+    diagnostics)``: ``updates`` has leaves ``[C, ...]``, ``weights`` is ``[C]``
+    (sample counts), ``mask`` is ``[C]`` bool (which clients took part). A
+    masked-out client must not influence any output. ``diagnostics`` is a dict
+    of arrays whose keys and shapes do not depend on the data.
+    """
+
+    init: Callable[[Params], Any]
+    aggregate: Callable[..., tuple[Params, Any, Metrics]]
+
+
+class AttackContext(NamedTuple):
+    """What an attacker may know in a round (omniscient threat model).
+
+    Attributes:
+      weights: ``[C]`` sample counts of the clients in the round.
+      mask: ``[C]`` bool, clients that take part this round.
+      num_classes: number of label classes (static).
+    """
+
+    weights: Array
+    mask: Array
+    num_classes: int
+
+
+class Attack(NamedTuple):
+    """Byzantine behaviour as pure functions over the stacked client axis.
+
+    ``apply(updates, malicious, key, context) -> updates`` replaces the rows of
+    malicious clients (``malicious`` is ``[C]`` bool) after local training
+    (model poisoning). ``poison_labels(y, malicious, num_classes) -> y``
+    rewrites the labels ``[C, N]`` of malicious clients before local training
+    (data poisoning).
+    """
+
+    apply: Callable[..., Updates]
+    poison_labels: Callable[..., Array]
+
+
+class Model(NamedTuple):
+    """A model as two pure functions; the engine never sees how it is written.
+
+    ``init(key, example_x) -> params`` where ``example_x`` is one batch
+    ``[B, *feature_shape]``; ``apply(params, x) -> logits [B, num_classes]``.
+    """
+
+    init: Callable[[PRNGKey, Array], Params]
+    apply: Callable[[Params, Array], Array]
