@@ -1,0 +1,168 @@
+"""Command line: ``python -m medfed_jax --config=configs/<name>.py --workdir=<dir>``.
+
+Any config field can be overridden (``--config.rounds=50``). With
+``--seeds=N`` every method runs N seeds as one compiled program each and the
+run ends with a mean +- std table. The workdir receives ``config.json``,
+``history.csv`` and ``summary.json`` (atomic writes); a workdir that holds a
+different config is refused unless ``--overwrite``, and a run killed midway
+resumes from its checkpoints when started again with the same command.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import shutil
+import time
+from typing import Any
+
+import numpy as np
+from absl import app, flags
+from ml_collections import config_flags
+
+from medfed_jax import config as config_lib, runner
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a config file (configs/*.py).")
+_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for results, checkpoints and the resolved config.")
+_OVERWRITE = flags.DEFINE_bool("overwrite", False, "Replace a workdir that holds a different config.")
+_SEEDS = flags.DEFINE_integer("seeds", 1, "Seeds per method; > 1 runs them vmapped and reports mean +- std.")
+
+
+def prepare_workdir(workdir: str, cfg: Any, overwrite: bool, extra: dict | None = None) -> None:
+    """Create the workdir or check that it holds this config; refuse a different one."""
+    text = config_lib.to_json(cfg) if not extra else json.dumps(
+        {"config": json.loads(config_lib.to_json(cfg)), **extra}, sort_keys=True, indent=2)
+    path = os.path.join(workdir, "config.json")
+    if os.path.exists(path):
+        with open(path) as f:
+            same = f.read() == text
+        if not same and not overwrite:
+            raise SystemExit(
+                f"error: {workdir} holds results of a different config ({path}). "
+                "Use another --workdir, or pass --overwrite to replace them."
+            )
+        if not same:
+            shutil.rmtree(workdir)
+    os.makedirs(workdir, exist_ok=True)
+    runner.write_text_atomic(path, text)
+
+
+def rows_to_csv(rows: list[dict]) -> str:
+    """A CSV table whose columns are the union of the rows' keys (first-seen order)."""
+    columns: list[str] = []
+    for row in rows:
+        columns.extend(k for k in row if k not in columns)
+    out = io.StringIO()
+    writer = csv.DictWriter(out, columns, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    return out.getvalue()
+
+
+def format_table(header: list[str], rows: list[list[str]]) -> str:
+    """A markdown table with padded columns."""
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+    line = lambda cells: "| " + " | ".join(c.ljust(w) for c, w in zip(cells, widths)) + " |"  # noqa: E731
+    return "\n".join([line(header), "|" + "|".join("-" * (w + 2) for w in widths) + "|", *map(line, rows)])
+
+
+def final_accuracy_table(finals: dict[str, dict[str, np.ndarray]], client_names: tuple[str, ...]) -> str:
+    """Methods x (each client's own test split, pooled test set), mean +- std in %."""
+
+    def cell(values: np.ndarray) -> str:
+        values = 100 * np.asarray(values, np.float64)
+        return f"{values.mean():.1f} ± {values.std():.1f}" if values.size > 1 else f"{values.mean():.1f}"
+
+    rows = []
+    for method, final in finals.items():
+        per_client = np.asarray(final["client_accuracy"]).reshape(-1, len(client_names))
+        rows.append([method, *(cell(per_client[:, c]) for c in range(len(client_names))),
+                     cell(per_client.mean(1)), cell(final["test_accuracy"])])
+    return format_table(["method", *client_names, "mean of clients", "pooled test"], rows)
+
+
+def run_single(cfg: Any, workdir: str | None) -> dict:
+    """One seed per method, chunked with progress lines and checkpoints."""
+    prepared = runner.prepare(cfg)
+    histories, finals = {}, {}
+    for method in runner.methods_of(cfg):
+        checkpoint = os.path.join(workdir, f"checkpoint_{method}.npz") if workdir else None
+        histories[method] = runner.train_method(method, prepared, checkpoint=checkpoint)
+        last = histories[method][-1]
+        finals[method] = {
+            "test_accuracy": np.asarray(last["test_accuracy"]),
+            "client_accuracy": np.asarray([last[f"accuracy[{c}]"] for c in prepared.dataset.client_names]),
+        }
+    rows = [row for method in histories for row in histories[method]]
+    return _finish(workdir, prepared, rows, finals, seeds=[cfg.seed])
+
+
+def run_many_seeds(cfg: Any, workdir: str | None, num_seeds: int) -> dict:
+    """Every method over ``num_seeds`` seeds, one vmapped program per method."""
+    prepared = runner.prepare(cfg)
+    seeds = [cfg.seed + s for s in range(num_seeds)]
+    rows, finals = [], {}
+    for method in runner.methods_of(cfg):
+        start = time.perf_counter()
+        history = runner.run_seeds(prepared, method, seeds)
+        print(f"[{method}] {num_seeds} seeds x {cfg.rounds} rounds in {time.perf_counter() - start:.1f}s "
+              f"(compile included)")
+        finals[method] = {k: history[k][:, -1] for k in ("test_accuracy", "client_accuracy")}
+        for s, seed in enumerate(seeds):
+            for e in range(history["test_accuracy"].shape[1]):
+                metrics = {k: v[s, e] for k, v in history.items()}
+                row = runner._row(metrics, method, (e + 1) * cfg.eval_every, 0.0, prepared.dataset.client_names)
+                rows.append({"seed": seed, **row})
+    return _finish(workdir, prepared, rows, finals, seeds)
+
+
+def _finish(workdir, prepared, rows, finals, seeds) -> dict:
+    names = prepared.dataset.client_names
+    table = final_accuracy_table(finals, names)
+    print(f"\nFinal test accuracy (%) on {prepared.dataset.name}, {len(seeds)} seed(s), "
+          f"{prepared.cfg.rounds} rounds: each client's own test split, their mean, and the pooled test set\n")
+    print(table)
+    summary = {
+        "dataset": prepared.dataset.name,
+        "client_names": list(names),
+        "seeds": seeds,
+        "rounds": prepared.cfg.rounds,
+        "final": {
+            m: {
+                "test_accuracy_mean": float(np.mean(f["test_accuracy"])),
+                "test_accuracy_std": float(np.std(f["test_accuracy"])),
+                "client_accuracy_mean": np.asarray(f["client_accuracy"]).reshape(-1, len(names)).mean(0).tolist(),
+                "client_accuracy_std": np.asarray(f["client_accuracy"]).reshape(-1, len(names)).std(0).tolist(),
+            }
+            for m, f in finals.items()
+        },
+        "table": table,
+    }
+    if workdir:
+        runner.write_text_atomic(os.path.join(workdir, "history.csv"), rows_to_csv(rows))
+        runner.write_text_atomic(os.path.join(workdir, "summary.json"), json.dumps(summary, indent=2))
+        print(f"\nwrote {workdir}/history.csv, summary.json, config.json")
+    return summary
+
+
+def main(argv: list[str]) -> None:
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    cfg = _CONFIG.value
+    if cfg is None:
+        raise app.UsageError("--config=configs/<name>.py is required.")
+    if _SEEDS.value < 1:
+        raise app.UsageError(f"--seeds={_SEEDS.value} must be >= 1.")
+    workdir = _WORKDIR.value
+    if workdir:
+        prepare_workdir(workdir, cfg, _OVERWRITE.value, {"seeds": _SEEDS.value} if _SEEDS.value > 1 else None)
+    if _SEEDS.value > 1:
+        run_many_seeds(cfg, workdir, _SEEDS.value)
+    else:
+        run_single(cfg, workdir)
+
+
+def run_main() -> None:
+    app.run(main)

@@ -1,0 +1,201 @@
+"""Local training on one client, as a pure function the caller vmaps.
+
+``local_update(params, data, key, hparams) -> (delta, metrics)`` runs a
+fixed-length `lax.scan` of optimizer steps so that every client has the same
+program; steps past a client's own budget are masked no-ops.
+
+Batch sampling (``LocalSpec.sampling``):
+
+- ``'shuffle'``: E epochs at batch size B. The client's ``n`` real rows are
+  reshuffled each epoch and read as one stream of ``n * E`` rows, so the client
+  makes ``ceil(n * E / B)`` real steps (the last batch may be short).
+- ``'fixed'``: ``steps`` steps, each on a fresh batch of ``min(B, n)`` rows
+  drawn without replacement.
+- ``'poisson'``: ``steps`` steps, each row taking part with probability
+  ``min(B / n, 1)`` (the sampling DP-SGD's accounting assumes).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from medfed_jax.types import Array, Model, Params
+
+GradientFn = Callable[..., tuple[Array, Params]]
+
+
+class LocalSpec(NamedTuple):
+    """Static (shape-determining) settings of local training."""
+
+    epochs: int
+    steps: int
+    batch_size: int
+    optimizer: str
+    sampling: str
+    max_count: int  # N_max, the padded client size
+
+    @property
+    def num_steps(self) -> int:
+        """Length of the step loop: the largest client's step count."""
+        if self.steps > 0:
+            return self.steps
+        return max(1, math.ceil(self.max_count * self.epochs / self.batch_size))
+
+    @property
+    def batch_rows(self) -> int:
+        """Rows gathered per step (a Poisson step looks at every row)."""
+        if self.sampling == "poisson":
+            return self.max_count
+        if self.sampling == "fixed":
+            return min(self.batch_size, self.max_count)
+        return self.batch_size
+
+
+class LocalHParams(NamedTuple):
+    """Numeric (traced) settings of local training."""
+
+    lr: Array
+    momentum: Array
+    prox_mu: Array
+
+
+def make_client_optimizer(name: str, hparams: LocalHParams) -> optax.GradientTransformation:
+    """The client optimizer: ``'sgd'``, ``'momentum'`` (heavy ball) or ``'adam'``."""
+    if name == "sgd":
+        return optax.sgd(hparams.lr)
+    if name == "momentum":
+        return optax.sgd(hparams.lr, momentum=hparams.momentum)
+    if name == "adam":
+        return optax.adam(hparams.lr)
+    raise ValueError(f"local.optimizer={name!r} is unknown; choose one of ('sgd', 'momentum', 'adam').")
+
+
+def cross_entropy(logits: Array, labels: Array) -> Array:
+    """Per-example softmax cross-entropy with integer labels."""
+    return optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+
+
+def masked_mean_gradient(model: Model) -> GradientFn:
+    """Mean loss over the valid rows of a batch, and its gradient."""
+
+    def batch_loss(params, xb, yb, valid):
+        losses = cross_entropy(model.apply(params, xb), yb)
+        return jnp.sum(jnp.where(valid, losses, 0.0)) / jnp.maximum(jnp.sum(valid), 1)
+
+    def gradient(params, xb, yb, valid, key, expected_batch_size):
+        del key, expected_batch_size
+        return jax.value_and_grad(batch_loss)(params, xb, yb, valid)
+
+    return gradient
+
+
+def example_loss_fn(model: Model) -> Callable[[Params, Array, Array], Array]:
+    """Loss of a single example ``(params, x, y) -> scalar`` (for per-example gradients)."""
+
+    def example_loss(params, x, y):
+        return cross_entropy(model.apply(params, x[None])[0], y)
+
+    return example_loss
+
+
+def _shuffled_order(key: Array, count: Array, max_count: int) -> Array:
+    """A random permutation of ``0..count-1`` followed by the padding rows."""
+    scores = jnp.where(jnp.arange(max_count) < count, jax.random.uniform(key, (max_count,)), jnp.inf)
+    return jnp.argsort(scores)
+
+
+def _batch_rows(spec: LocalSpec, key: Array, step: Array, count: Array, epoch_orders: Array):
+    """Row indices ``[b]``, validity ``[b]`` and expected batch size of one step."""
+    if spec.sampling == "shuffle":
+        n = jnp.maximum(count, 1)
+        position = step * spec.batch_size + jnp.arange(spec.batch_size)
+        epoch = jnp.minimum(position // n, spec.epochs - 1)
+        rows = epoch_orders[epoch, position % n]
+        return rows, position < count * spec.epochs, jnp.asarray(spec.batch_size, jnp.float32)
+    step_key = jax.random.fold_in(key, step)
+    if spec.sampling == "fixed":
+        rows = _shuffled_order(step_key, count, spec.max_count)[: spec.batch_rows]
+        valid = jnp.arange(spec.batch_rows) < count
+        return rows, valid, jnp.minimum(count, spec.batch_rows).astype(jnp.float32)
+    rate = jnp.minimum(spec.batch_size / jnp.maximum(count, 1), 1.0)
+    rows = jnp.arange(spec.max_count)
+    valid = (rows < count) & jax.random.bernoulli(step_key, rate, (spec.max_count,))
+    return rows, valid, rate * count
+
+
+def make_local_update(
+    model: Model, spec: LocalSpec, gradient_fn: GradientFn | None = None
+) -> Callable[..., tuple[Params, dict[str, Array]]]:
+    """Build ``local_update(params, data, key, hparams) -> (delta, metrics)``.
+
+    Args:
+      model: the model's pure init/apply pair.
+      spec: static local-training settings.
+      gradient_fn: ``(params, xb, yb, valid, key, expected_batch_size) ->
+        (loss, grads)``; the masked mean gradient by default (DP-SGD swaps in
+        a clipped, noised one).
+
+    ``data`` is one client's ``(x[N_max, ...], y[N_max], count)``; ``delta`` is
+    the trained parameters minus ``params``. ``metrics`` holds the mean batch
+    loss over the client's real steps (``train_loss``) and their number.
+    """
+    gradient_fn = gradient_fn or masked_mean_gradient(model)
+
+    def local_update(params: Params, data: Any, key: Array, hparams: LocalHParams):
+        x, y, count = data
+        order_key, step_key, noise_key = jax.random.split(key, 3)
+        if spec.sampling == "shuffle":
+            epoch_keys = jax.random.split(order_key, spec.epochs)
+            epoch_orders = jax.vmap(lambda k: _shuffled_order(k, count, spec.max_count))(epoch_keys)
+        else:
+            epoch_orders = None
+        optimizer = make_client_optimizer(spec.optimizer, hparams)
+
+        def step(carry, t):
+            local_params, opt_state = carry
+            rows, valid, expected = _batch_rows(spec, step_key, t, count, epoch_orders)
+            active = jnp.any(valid) if spec.sampling == "shuffle" else count > 0
+            loss, grads = gradient_fn(
+                local_params, x[rows], y[rows], valid, jax.random.fold_in(noise_key, t), expected
+            )
+            grads = jax.tree.map(lambda g, w, w0: g + hparams.prox_mu * (w - w0), grads, local_params, params)
+            updates, new_opt_state = optimizer.update(grads, opt_state, local_params)
+            new_params = optax.apply_updates(local_params, updates)
+            keep = lambda new, old: jnp.where(active, new, old)  # noqa: E731
+            carry = (jax.tree.map(keep, new_params, local_params), jax.tree.map(keep, new_opt_state, opt_state))
+            return carry, (jnp.where(active, loss, 0.0), active)
+
+        (final, _), (losses, active) = jax.lax.scan(
+            step, (params, optimizer.init(params)), jnp.arange(spec.num_steps)
+        )
+        num_steps = jnp.sum(active)
+        delta = jax.tree.map(jnp.subtract, final, params)
+        metrics = {"train_loss": jnp.sum(losses) / jnp.maximum(num_steps, 1), "num_steps": num_steps}
+        return delta, metrics
+
+    return local_update
+
+
+def map_clients(fn: Callable, args: tuple, in_axes: tuple, parallelism: str, chunk: int):
+    """Apply ``fn`` to every client: all at once (``'vmap'``) or in chunks (``'map'``).
+
+    ``in_axes`` marks which of ``args`` carry the client axis (0) and which are
+    shared (None). Under ``'map'`` the clients run as a sequential `lax.map`
+    whose body vmaps ``chunk`` clients at a time; on a CPU that beats one huge
+    vmap (see ARCHITECTURE.md), on a GPU full vmap fills the chip.
+    """
+    if parallelism == "vmap":
+        return jax.vmap(fn, in_axes=in_axes)(*args)
+    mapped = tuple(a for a, ax in zip(args, in_axes) if ax == 0)
+    shared = tuple(a for a, ax in zip(args, in_axes) if ax is None)
+
+    def body(per_client):
+        it_mapped, it_shared = iter(per_client), iter(shared)
+        return fn(*(next(it_mapped) if ax == 0 else next(it_shared) for ax in in_axes))
+
+    return jax.lax.map(body, mapped, batch_size=chunk)

@@ -1,0 +1,77 @@
+"""Evaluation: per-client and pooled accuracy and loss, padding excluded."""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+
+from medfed_jax.client import cross_entropy, map_clients
+from medfed_jax.types import Array, ClientData, Model, Params
+
+
+def client_sums(model: Model, params: Params, x: Array, y: Array, count: Array) -> dict[str, Array]:
+    """Correct predictions, summed loss and row count of one client's real rows."""
+    logits = model.apply(params, x)
+    valid = jnp.arange(y.shape[0]) < count
+    correct = jnp.where(valid, jnp.argmax(logits, -1) == y, False)
+    loss = jnp.where(valid, cross_entropy(logits, y), 0.0)
+    return {"correct": jnp.sum(correct), "loss": jnp.sum(loss), "count": count}
+
+
+def summarize(sums: dict[str, Array]) -> dict[str, Array]:
+    """Per-client and pooled accuracy/loss from per-client sums (leaves ``[C]``)."""
+    count = sums["count"].astype(jnp.float32)
+    total = jnp.maximum(jnp.sum(count), 1.0)
+    return {
+        "test_accuracy": jnp.sum(sums["correct"]) / total,
+        "test_loss": jnp.sum(sums["loss"]) / total,
+        "client_accuracy": sums["correct"] / jnp.maximum(count, 1.0),
+        "client_loss": sums["loss"] / jnp.maximum(count, 1.0),
+    }
+
+
+def make_evaluate(model: Model, parallelism: str = "vmap", chunk: int = 1) -> Callable[[Params, ClientData], dict]:
+    """``evaluate(params, test) -> metrics`` for one global model.
+
+    ``test_accuracy``/``test_loss`` are over the pooled test set (every real
+    row of every client); ``client_accuracy``/``client_loss`` are ``[C]``, each
+    client's own test split.
+    """
+
+    def evaluate(params: Params, test: ClientData) -> dict[str, Array]:
+        fn = lambda x, y, n: client_sums(model, params, x, y, n)  # noqa: E731
+        sums = map_clients(fn, tuple(test), (0, 0, 0), parallelism, chunk)
+        return summarize(sums)
+
+    return evaluate
+
+
+def make_evaluate_per_client_models(model: Model) -> Callable[[Params, ClientData], dict]:
+    """Evaluate one model per client (leading client axis on ``params``).
+
+    Returns each client's accuracy on its own test split (``client_accuracy``)
+    and each client model's accuracy on the pooled test set
+    (``pooled_accuracy``, ``[C]``), plus their means.
+    """
+
+    def evaluate(client_params: Params, test: ClientData) -> dict[str, Array]:
+        own = jax.vmap(lambda p, x, y, n: client_sums(model, p, x, y, n))(client_params, *test)
+        own_metrics = summarize(own)
+
+        def on_pooled(p):
+            sums = jax.vmap(lambda x, y, n: client_sums(model, p, x, y, n))(*test)
+            return summarize(sums)
+
+        pooled = jax.lax.map(on_pooled, client_params)
+        return {
+            "client_accuracy": own_metrics["client_accuracy"],
+            "client_loss": own_metrics["client_loss"],
+            "own_test_accuracy": own_metrics["test_accuracy"],
+            "pooled_accuracy": pooled["test_accuracy"],
+            "test_accuracy": jnp.mean(pooled["test_accuracy"]),
+            "test_loss": jnp.mean(pooled["test_loss"]),
+        }
+
+    return evaluate

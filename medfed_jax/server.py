@@ -1,0 +1,243 @@
+"""The federated round as one pure function, and many rounds under `lax.scan`.
+
+``round_step(state, train, knobs) -> (state, metrics)``: sample a cohort,
+poison labels (data attacks), train every cohort client locally (vmapped or
+chunk-mapped), privatise (local DP), replace malicious updates (model
+attacks), aggregate, and apply the server optimizer. ``train`` is the full
+population's `ClientData`; ``knobs`` the traced numeric settings. The engine is
+built once per *structural* config (`build_engine`, cached) and every function
+it returns is jitted with no static arguments, so numeric knobs never
+recompile.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+
+from medfed_jax import aggregators, attacks, config as config_lib, privacy
+from medfed_jax.client import LocalHParams, LocalSpec, make_local_update, map_clients
+from medfed_jax.eval import make_evaluate
+from medfed_jax.models import make_model
+from medfed_jax.types import Array, AttackContext, ClientData, Knobs, Metrics, Params
+
+# Purposes of the per-round keys, folded into the round key.
+_SAMPLE, _LOCAL, _PRIVACY, _ATTACK, _AGGREGATE = range(5)
+
+
+class FedState(NamedTuple):
+    """Everything a federated run carries from one round to the next.
+
+    Attributes:
+      params: global model parameters.
+      server_opt_state: optax state of the server optimizer.
+      agg_state: the aggregator's state (e.g. the previous aggregate).
+      round: number of rounds done (int32 scalar).
+      key: the run's base PRNG key; round ``r`` uses ``fold_in(key, r)``.
+      malicious: ``[C]`` bool, the run's malicious clients (fixed for a run).
+      clients: per-client state on the client axis (personal models), or ().
+    """
+
+    params: Params
+    server_opt_state: Any
+    agg_state: Any
+    round: Array
+    key: Array
+    malicious: Array
+    clients: Any = ()
+
+
+def make_server_optimizer(name: str, knobs: Knobs) -> optax.GradientTransformation:
+    """Server optimizer over the pseudo-gradient ``-aggregate`` (Reddi et al. 2021).
+
+    ``fedavg``: SGD (lr 1 recovers FedAvg); ``fedavgm``: SGD with momentum;
+    ``fedadam``/``fedyogi``/``fedadagrad``: adaptive, with ``server.eps`` the
+    paper's tau.
+    """
+    lr, b1, b2, eps = (knobs[f"server.{k}"] for k in ("lr", "b1", "b2", "eps"))
+    if name == "fedavg":
+        return optax.sgd(lr)
+    if name == "fedavgm":
+        return optax.sgd(lr, momentum=knobs["server.momentum"])
+    if name == "fedadam":
+        return optax.adam(lr, b1=b1, b2=b2, eps=eps)
+    if name == "fedyogi":
+        return optax.yogi(lr, b1=b1, b2=b2, eps=eps)
+    if name == "fedadagrad":
+        return optax.adagrad(lr, initial_accumulator_value=0.0, eps=eps)
+    raise ValueError(f"server.optimizer={name!r} is unknown; choose one of {config_lib.SERVER_OPTIMIZERS}.")
+
+
+def local_hparams(knobs: Knobs) -> LocalHParams:
+    """The traced local-training settings."""
+    return LocalHParams(knobs["local.lr"], knobs["local.momentum"], knobs["local.prox_mu"])
+
+
+def static_config(cfg: Any) -> ml_collections.FrozenConfigDict:
+    """The structural part of a config: numeric knobs removed, frozen, hashable.
+
+    Reading a numeric field from it fails loudly, so code inside a program can
+    only see numeric settings through the traced ``knobs``.
+    """
+    plain = cfg.to_dict()
+    for path in config_lib.numeric_fields():
+        *parents, leaf = path.split(".")
+        section = plain
+        for part in parents:
+            section = section[part]
+        section.pop(leaf, None)
+    plain.pop("sweep", None)
+    return ml_collections.FrozenConfigDict(plain)
+
+
+def default_parallelism(cfg: Any) -> tuple[str, int]:
+    """Client-parallel strategy: full vmap on accelerators, chunked map on CPU."""
+    mode = cfg.client_parallelism
+    if mode == "auto":
+        mode = "map" if jax.default_backend() == "cpu" else "vmap"
+    return mode, (cfg.client_chunk or 8)
+
+
+class Engine(NamedTuple):
+    """The jitted pure functions of one structural config.
+
+    ``init(seed, train, knobs) -> FedState``;
+    ``round_step(state, train, knobs) -> (state, metrics)``;
+    ``run_rounds(state, train, knobs, num_rounds) -> (state, metrics[R])``
+    (``num_rounds`` static);
+    ``evaluate(params, test) -> metrics``;
+    ``program(seed, train, test, knobs) -> history`` (the whole run, evaluation
+    every ``eval_every`` rounds, one XLA program: what sweeps vmap).
+    """
+
+    init: Callable
+    round_step: Callable
+    run_rounds: Callable
+    evaluate: Callable
+    program: Callable
+    context: config_lib.BuildContext
+
+
+def make_program(init: Callable, run_rounds: Callable, evaluate: Callable, rounds: int, eval_every: int):
+    """A whole run as one function: init, then scans of ``eval_every`` rounds, each evaluated.
+
+    Returns ``program(seed, train, test, knobs) -> history`` whose leaves have a
+    leading axis of ``rounds // eval_every`` evaluations; the last round's
+    training metrics stand for each chunk.
+    """
+
+    def program(seed: Array, train: ClientData, test: ClientData, knobs: Knobs) -> Metrics:
+        def chunk_step(state, _):
+            state, metrics = run_rounds(state, train, knobs, eval_every)
+            return state, {**jax.tree.map(lambda m: m[-1], metrics), **evaluate(state.params, test)}
+
+        _, history = jax.lax.scan(chunk_step, init(seed, train, knobs), None, length=rounds // eval_every)
+        return history
+
+    return program
+
+
+def _scalar_metrics(metrics: Metrics) -> Metrics:
+    return {k: v for k, v in metrics.items() if jnp.ndim(v) == 0}
+
+
+@functools.lru_cache(maxsize=32)
+def build_engine(cfg: ml_collections.FrozenConfigDict, context: config_lib.BuildContext) -> Engine:
+    """Build (and cache) the engine for a structural config; see `Engine`."""
+    model = make_model(cfg.model.name, context.num_classes, tuple(cfg.model.widths))
+    parallelism, chunk = default_parallelism(cfg)
+    num_clients, cohort = context.num_clients, context.cohort_size
+    sampled = cohort < num_clients
+
+    def components(knobs: Knobs, max_count: int):
+        spec = LocalSpec(
+            cfg.local.epochs, cfg.local.steps, cfg.local.batch_size, cfg.local.optimizer,
+            cfg.local.sampling, max_count,
+        )
+        local_update = make_local_update(model, spec, privacy.build_gradient_fn(cfg.privacy, knobs))
+        aggregator = privacy.build_central_aggregator(cfg.privacy, knobs, context)
+        aggregator = aggregator or aggregators.build_aggregator(cfg.aggregator, knobs)
+        return (
+            local_update,
+            privacy.build_client_privatizer(cfg.privacy, knobs),
+            attacks.build_attack(cfg.attack, knobs),
+            aggregator,
+            make_server_optimizer(cfg.server.optimizer, knobs),
+        )
+
+    def init(seed: Array, train: ClientData, knobs: Knobs) -> FedState:
+        key = jax.random.PRNGKey(seed)
+        model_key, attack_key, run_key = jax.random.split(key, 3)
+        params = model.init(model_key, jnp.zeros((1, *train.x.shape[2:]), jnp.float32))
+        _, _, _, aggregator, server_opt = components(knobs, train.y.shape[1])
+        malicious = attacks.attack_mask(cfg.attack, attack_key, knobs, num_clients)
+        return FedState(
+            params=params,
+            server_opt_state=server_opt.init(params),
+            agg_state=aggregator.init(params),
+            round=jnp.zeros((), jnp.int32),
+            key=run_key,
+            malicious=malicious,
+        )
+
+    def round_step(state: FedState, train: ClientData, knobs: Knobs) -> tuple[FedState, Metrics]:
+        local_update, privatizer, attack, aggregator, server_opt = components(knobs, train.y.shape[1])
+        round_key = jax.random.fold_in(state.key, state.round)
+        key_for = lambda purpose: jax.random.fold_in(round_key, purpose)  # noqa: E731
+        if sampled:
+            index = jax.random.choice(key_for(_SAMPLE), num_clients, (cohort,), replace=False)
+            data, malicious = train.take(index), state.malicious[index]
+        else:
+            index, data, malicious = jnp.arange(num_clients), train, state.malicious
+        labels = attack.poison_labels(data.y, malicious, context.num_classes)
+        client_keys = jax.vmap(lambda i: jax.random.fold_in(key_for(_LOCAL), i))(index)
+        deltas, local_metrics = map_clients(
+            local_update,
+            (state.params, (data.x, labels, data.count), client_keys, local_hparams(knobs)),
+            (None, 0, 0, None),
+            parallelism,
+            chunk,
+        )
+        if privatizer is not None:
+            deltas = jax.vmap(privatizer)(deltas, jax.random.split(key_for(_PRIVACY), index.shape[0]))
+        weights, mask = data.count, data.count > 0
+        deltas = attack.apply(deltas, malicious, key_for(_ATTACK), AttackContext(weights, mask, context.num_classes))
+        update, agg_state, diagnostics = aggregator.aggregate(
+            deltas, weights, mask, state.agg_state, key_for(_AGGREGATE)
+        )
+        pseudo_gradient = jax.tree.map(jnp.negative, update)
+        server_updates, opt_state = server_opt.update(pseudo_gradient, state.server_opt_state, state.params)
+        new_state = state._replace(
+            params=optax.apply_updates(state.params, server_updates),
+            server_opt_state=opt_state,
+            agg_state=agg_state,
+            round=state.round + 1,
+        )
+        honest = mask & ~malicious
+        loss_weight = jnp.where(honest, weights, 0).astype(jnp.float32)
+        metrics = {
+            "train_loss": jnp.sum(loss_weight * local_metrics["train_loss"]) / jnp.maximum(jnp.sum(loss_weight), 1),
+            "update_norm": optax.global_norm(update),
+            **_scalar_metrics(diagnostics),
+        }
+        return new_state, metrics
+
+    def run_rounds(state: FedState, train: ClientData, knobs: Knobs, num_rounds: int):
+        return jax.lax.scan(lambda s, _: round_step(s, train, knobs), state, None, length=num_rounds)
+
+    evaluate = make_evaluate(model, parallelism, chunk)
+    program = make_program(init, run_rounds, evaluate, cfg.rounds, cfg.eval_every)
+
+    return Engine(
+        init=jax.jit(init),
+        round_step=jax.jit(round_step),
+        run_rounds=jax.jit(run_rounds, static_argnums=3),
+        evaluate=jax.jit(evaluate),
+        program=jax.jit(program),
+        context=context,
+    )
