@@ -51,8 +51,12 @@ def build_local_only(cfg: ml_collections.FrozenConfigDict, context: config_lib.B
 
     def round_step(state: LocalOnlyState, train: ClientData, knobs: Knobs):
         spec = LocalSpec(
-            cfg.local.epochs, cfg.local.steps, cfg.local.batch_size, cfg.local.optimizer,
-            cfg.local.sampling, train.y.shape[1],
+            cfg.local.epochs,
+            cfg.local.steps,
+            cfg.local.batch_size,
+            cfg.local.optimizer,
+            cfg.local.sampling,
+            train.y.shape[1],
         )
         local_update = make_local_update(model, spec)
         round_key = jax.random.fold_in(state.key, state.round)

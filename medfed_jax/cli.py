@@ -22,7 +22,8 @@ import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
-from medfed_jax import config as config_lib, runner
+from medfed_jax import config as config_lib
+from medfed_jax import runner
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a config file (configs/*.py).")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for results, checkpoints and the resolved config.")
@@ -32,8 +33,11 @@ _SEEDS = flags.DEFINE_integer("seeds", 1, "Seeds per method; > 1 runs them vmapp
 
 def prepare_workdir(workdir: str, cfg: Any, overwrite: bool, extra: dict | None = None) -> None:
     """Create the workdir or check that it holds this config; refuse a different one."""
-    text = config_lib.to_json(cfg) if not extra else json.dumps(
-        {"config": json.loads(config_lib.to_json(cfg)), **extra}, sort_keys=True, indent=2)
+    text = (
+        config_lib.to_json(cfg)
+        if not extra
+        else json.dumps({"config": json.loads(config_lib.to_json(cfg)), **extra}, sort_keys=True, indent=2)
+    )
     path = os.path.join(workdir, "config.json")
     if os.path.exists(path):
         with open(path) as f:
@@ -78,8 +82,14 @@ def final_accuracy_table(finals: dict[str, dict[str, np.ndarray]], client_names:
     rows = []
     for method, final in finals.items():
         per_client = np.asarray(final["client_accuracy"]).reshape(-1, len(client_names))
-        rows.append([method, *(cell(per_client[:, c]) for c in range(len(client_names))),
-                     cell(per_client.mean(1)), cell(final["test_accuracy"])])
+        rows.append(
+            [
+                method,
+                *(cell(per_client[:, c]) for c in range(len(client_names))),
+                cell(per_client.mean(1)),
+                cell(final["test_accuracy"]),
+            ]
+        )
     return format_table(["method", *client_names, "mean of clients", "pooled test"], rows)
 
 
@@ -107,8 +117,10 @@ def run_many_seeds(cfg: Any, workdir: str | None, num_seeds: int) -> dict:
     for method in runner.methods_of(cfg):
         start = time.perf_counter()
         history = runner.run_seeds(prepared, method, seeds)
-        print(f"[{method}] {num_seeds} seeds x {cfg.rounds} rounds in {time.perf_counter() - start:.1f}s "
-              f"(compile included)")
+        print(
+            f"[{method}] {num_seeds} seeds x {cfg.rounds} rounds in {time.perf_counter() - start:.1f}s "
+            f"(compile included)"
+        )
         finals[method] = {k: history[k][:, -1] for k in ("test_accuracy", "client_accuracy")}
         for s, seed in enumerate(seeds):
             for e in range(history["test_accuracy"].shape[1]):
@@ -121,8 +133,10 @@ def run_many_seeds(cfg: Any, workdir: str | None, num_seeds: int) -> dict:
 def _finish(workdir, prepared, rows, finals, seeds) -> dict:
     names = prepared.dataset.client_names
     table = final_accuracy_table(finals, names)
-    print(f"\nFinal test accuracy (%) on {prepared.dataset.name}, {len(seeds)} seed(s), "
-          f"{prepared.cfg.rounds} rounds: each client's own test split, their mean, and the pooled test set\n")
+    print(
+        f"\nFinal test accuracy (%) on {prepared.dataset.name}, {len(seeds)} seed(s), "
+        f"{prepared.cfg.rounds} rounds: each client's own test split, their mean, and the pooled test set\n"
+    )
     print(table)
     summary = {
         "dataset": prepared.dataset.name,

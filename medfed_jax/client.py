@@ -18,7 +18,8 @@ Batch sampling (``LocalSpec.sampling``):
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, NamedTuple
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -160,9 +161,7 @@ def make_local_update(
             local_params, opt_state = carry
             rows, valid, expected = _batch_rows(spec, step_key, t, count, epoch_orders)
             active = jnp.any(valid) if spec.sampling == "shuffle" else count > 0
-            loss, grads = gradient_fn(
-                local_params, x[rows], y[rows], valid, jax.random.fold_in(noise_key, t), expected
-            )
+            loss, grads = gradient_fn(local_params, x[rows], y[rows], valid, jax.random.fold_in(noise_key, t), expected)
             grads = jax.tree.map(lambda g, w, w0: g + hparams.prox_mu * (w - w0), grads, local_params, params)
             updates, new_opt_state = optimizer.update(grads, opt_state, local_params)
             new_params = optax.apply_updates(local_params, updates)
@@ -170,9 +169,7 @@ def make_local_update(
             carry = (jax.tree.map(keep, new_params, local_params), jax.tree.map(keep, new_opt_state, opt_state))
             return carry, (jnp.where(active, loss, 0.0), active)
 
-        (final, _), (losses, active) = jax.lax.scan(
-            step, (params, optimizer.init(params)), jnp.arange(spec.num_steps)
-        )
+        (final, _), (losses, active) = jax.lax.scan(step, (params, optimizer.init(params)), jnp.arange(spec.num_steps))
         num_steps = jnp.sum(active)
         delta = jax.tree.map(jnp.subtract, final, params)
         metrics = {"train_loss": jnp.sum(losses) / jnp.maximum(num_steps, 1), "num_steps": num_steps}

@@ -60,9 +60,7 @@ def local_config() -> ml_collections.ConfigDict:
 
 def server_config() -> ml_collections.ConfigDict:
     """Server optimizer applied to the aggregated update (pseudo-gradient)."""
-    return ml_collections.ConfigDict(
-        dict(optimizer="fedavg", lr=1.0, momentum=0.9, b1=0.9, b2=0.99, eps=1e-3)
-    )
+    return ml_collections.ConfigDict(dict(optimizer="fedavg", lr=1.0, momentum=0.9, b1=0.9, b2=0.99, eps=1e-3))
 
 
 def model_config() -> ml_collections.ConfigDict:
@@ -164,7 +162,9 @@ def validate_run_settings(cfg: Any, num_clients: int) -> None:
     if local.sampling == "shuffle" and local.steps > 0:
         raise ValueError("local.sampling='shuffle' walks epochs; with local.steps use 'fixed' or 'poisson'.")
     if local.sampling != "shuffle" and local.epochs > 0:
-        raise ValueError(f"local.sampling={local.sampling!r} draws a batch per step; set local.steps, not local.epochs.")
+        raise ValueError(
+            f"local.sampling={local.sampling!r} draws a batch per step; set local.steps, not local.epochs."
+        )
     _positive("local.lr", local.lr, "Try 0.01 to 0.1 for SGD.")
     if not 0 <= local.momentum < 1:
         raise ValueError(f"local.momentum={local.momentum!r} must lie in [0, 1).")

@@ -12,12 +12,15 @@ import dataclasses
 import json
 import os
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import numpy as np
 
-from medfed_jax import baselines, config as config_lib, data as data_lib
+from medfed_jax import baselines
+from medfed_jax import config as config_lib
+from medfed_jax import data as data_lib
 from medfed_jax.models import check_input_fits, make_model
 from medfed_jax.server import Engine, build_engine, static_config
 from medfed_jax.types import FederatedDataset, Knobs
@@ -53,8 +56,9 @@ def prepare(cfg: Any, dataset: FederatedDataset | None = None) -> Prepared:
     data_lib.validate_dataset(dataset)
     context = build_context(cfg, dataset)
     config_lib.validate(cfg, context)
-    check_input_fits(make_model(cfg.model.name, dataset.num_classes, tuple(cfg.model.widths)), cfg.model.name,
-                     dataset.feature_shape)
+    check_input_fits(
+        make_model(cfg.model.name, dataset.num_classes, tuple(cfg.model.widths)), cfg.model.name, dataset.feature_shape
+    )
     for name in cfg.baselines:
         if name not in METHODS[1:]:
             raise ValueError(f"baselines={tuple(cfg.baselines)!r}: {name!r} is unknown; choose from {METHODS[1:]}.")

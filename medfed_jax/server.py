@@ -13,14 +13,16 @@ recompile.
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable, NamedTuple
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 import optax
 
-from medfed_jax import aggregators, attacks, config as config_lib, privacy
+from medfed_jax import aggregators, attacks, privacy
+from medfed_jax import config as config_lib
 from medfed_jax.client import LocalHParams, LocalSpec, make_local_update, map_clients
 from medfed_jax.eval import make_evaluate
 from medfed_jax.models import make_model
@@ -156,8 +158,12 @@ def build_engine(cfg: ml_collections.FrozenConfigDict, context: config_lib.Build
 
     def components(knobs: Knobs, max_count: int):
         spec = LocalSpec(
-            cfg.local.epochs, cfg.local.steps, cfg.local.batch_size, cfg.local.optimizer,
-            cfg.local.sampling, max_count,
+            cfg.local.epochs,
+            cfg.local.steps,
+            cfg.local.batch_size,
+            cfg.local.optimizer,
+            cfg.local.sampling,
+            max_count,
         )
         local_update = make_local_update(model, spec, privacy.build_gradient_fn(cfg.privacy, knobs))
         aggregator = privacy.build_central_aggregator(cfg.privacy, knobs, context)

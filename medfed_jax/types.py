@@ -8,7 +8,8 @@ and padding never enters a loss, a gradient, a metric or a weight.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, NamedTuple
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import jax
 import numpy as np
@@ -53,7 +54,7 @@ class ClientData(NamedTuple):
         xp = np if isinstance(self.count, np.ndarray) else jax.numpy
         return xp.arange(n_max)[None, :] < self.count[:, None]
 
-    def take(self, index) -> "ClientData":
+    def take(self, index) -> ClientData:
         """The clients at ``index`` (an int array), padded as before."""
         return ClientData(self.x[index], self.y[index], self.count[index])
 
