@@ -1,0 +1,368 @@
+"""Tests of the DP mechanisms (against numpy references) and of the accounting (against dp_accounting)."""
+
+from __future__ import annotations
+
+import logging
+
+import dp_accounting
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from dp_accounting import pld, rdp
+
+from medfed_jax import config as config_lib
+from medfed_jax import privacy
+
+logging.getLogger("absl").setLevel(logging.ERROR)  # RDP order warnings
+
+
+def _tree(rng, lead=()):
+    """A two-leaf pytree with an optional leading axis."""
+    return {
+        "w": rng.normal(size=(*lead, 3, 4)).astype(np.float32),
+        "b": rng.normal(size=(*lead, 5)).astype(np.float32),
+    }
+
+
+def _flat_rows(tree):
+    """``[N, P]`` numpy rows of a pytree with a leading axis (leaf order of jax.tree.leaves)."""
+    return np.concatenate([np.asarray(x).reshape(x.shape[0], -1) for x in jax.tree.leaves(tree)], axis=1)
+
+
+def _numpy_clip(rows, clip):
+    norms = np.linalg.norm(rows.astype(np.float64), axis=1, keepdims=True)
+    return rows * np.minimum(1.0, clip / norms)
+
+
+def _knobs(sigma, clip, **extra):
+    knobs = {"privacy.noise_multiplier": jnp.float32(sigma), "privacy.clip_norm": jnp.float32(clip)}
+    knobs.update({f"privacy.{k}": jnp.float32(v) for k, v in extra.items()})
+    return knobs
+
+
+def _cfg(**privacy_fields):
+    cfg = config_lib.default_config()
+    cfg.privacy.update(privacy_fields)
+    return cfg
+
+
+CONTEXT = config_lib.BuildContext(num_clients=8, cohort_size=8, num_classes=2, feature_shape=(4,))
+
+
+# --------------------------------------------------------------------------- clipping
+
+
+def test_clipped_norms_at_most_clip_and_small_updates_untouched():
+    rng = np.random.default_rng(0)
+    updates = _tree(rng, (16,))
+    scale = np.geomspace(0.05, 20, 16).astype(np.float32)
+    updates = jax.tree.map(lambda u: u * scale.reshape(-1, *([1] * (u.ndim - 1))), updates)
+    clip = 2.0
+    clipped, norms = jax.jit(jax.vmap(privacy.clip_update, in_axes=(0, None)))(updates, clip)
+    rows, out = _flat_rows(updates), _flat_rows(clipped)
+    true_norms = np.linalg.norm(rows.astype(np.float64), axis=1)
+    assert (true_norms < clip).sum() >= 4 and (true_norms > clip).sum() >= 4
+    np.testing.assert_allclose(norms, true_norms, rtol=1e-5)
+    assert np.all(np.linalg.norm(out, axis=1) <= clip * (1 + 1e-6))
+    small = true_norms <= clip
+    np.testing.assert_array_equal(out[small], rows[small])  # bit for bit
+    np.testing.assert_allclose(out, _numpy_clip(rows, clip), rtol=1e-5, atol=1e-7)
+
+
+def test_nonfinite_update_becomes_zero():
+    update = {"w": jnp.array([1.0, jnp.nan]), "b": jnp.array([3.0])}
+    clipped, norm = privacy.clip_update(update, 1.0)
+    np.testing.assert_array_equal(clipped["w"], 0.0)
+    np.testing.assert_array_equal(clipped["b"], 0.0)
+    assert float(norm) == 0.0
+
+
+# --------------------------------------------------------------------------- noise
+
+
+def _std_within(samples, expected, rel=0.03):
+    """Sample std within ``rel`` of ``expected``; with >= 1e5 samples the std's own error is ~0.2%."""
+    samples = np.asarray(samples, np.float64).ravel()
+    assert samples.size >= 100_000
+    assert abs(samples.mean()) < 5 * expected / np.sqrt(samples.size)
+    assert abs(samples.std() / expected - 1) < rel, (samples.std(), expected)
+
+
+def test_local_noise_has_stated_std_and_keys_behave():
+    sigma, clip = 0.7, 2.0
+    zeros = {"a": jnp.zeros((300, 400)), "b": jnp.zeros((20_000,))}
+    privatize = jax.jit(privacy.local_privatizer(sigma, clip))
+    noise = privatize(zeros, jax.random.key(1))
+    _std_within(_flat_rows(jax.tree.map(lambda x: x[None], noise)), sigma * clip)
+    # The tolerance is tight enough to catch a 10% error in scale.
+    with pytest.raises(AssertionError):
+        _std_within(_flat_rows(jax.tree.map(lambda x: x[None], noise)) * 1.1, sigma * clip)
+    again = privatize(zeros, jax.random.key(1))
+    other = privatize(zeros, jax.random.key(2))
+    a, b, c = (_flat_rows(jax.tree.map(lambda x: x[None], t))[0] for t in (noise, again, other))
+    np.testing.assert_array_equal(a, b)
+    assert abs(np.corrcoef(a, c)[0, 1]) < 5 / np.sqrt(a.size)  # independent across keys
+    # The two leaves draw independent noise too.
+    np.testing.assert_array_less(np.abs(np.corrcoef(a[:20_000], a[-20_000:])[0, 1]), 5 / np.sqrt(20_000))
+
+
+def test_central_noise_has_stated_std():
+    sigma, clip, clients = 1.3, 0.5, 4
+    rng = np.random.default_rng(1)
+    updates = {"u": jnp.asarray(rng.normal(size=(clients, 120_000)).astype(np.float32))}
+    mask = jnp.array([True, True, False, True])
+    agg = privacy.dp_fedavg(sigma, clip, expected_cohort=clients)
+    out, _, _ = jax.jit(agg.aggregate)(updates, jnp.ones(clients), mask, agg.init(None), jax.random.key(3))
+    rows = _numpy_clip(np.asarray(updates["u"]), clip)
+    exact = rows[np.asarray(mask)].sum(0) / clients
+    _std_within(np.asarray(out["u"]) - exact, sigma * clip / clients)
+
+
+def test_dpsgd_noise_has_stated_std():
+    sigma, clip, expected_batch = 0.9, 1.5, 6.0
+    params = {"w": jnp.zeros(100_000)}
+    xb = jnp.zeros((3, 100_000))
+    grad_fn = privacy.dpsgd_gradient(sigma, clip)
+
+    def loss(p, x, y):  # zero gradient at x = 0
+        return jnp.dot(p["w"], x)
+
+    _, grads = jax.jit(grad_fn, static_argnums=0)(
+        loss, params, xb, jnp.zeros(3), jnp.ones(3, bool), jax.random.key(4), expected_batch
+    )
+    _std_within(grads["w"], sigma * clip / expected_batch)
+
+
+# --------------------------------------------------------------------------- central DP (DP-FedAvg)
+
+
+def test_sigma_zero_and_no_clipping_is_fedavg():
+    rng = np.random.default_rng(2)
+    clients = 8
+    updates = jax.tree.map(jnp.asarray, _tree(rng, (clients,)))
+    weights = jnp.asarray(rng.integers(1, 100, clients), jnp.float32)
+    agg = privacy.build_central_aggregator(_cfg(mode="central").privacy, _knobs(0.0, np.inf), CONTEXT)
+    out, _, diag = jax.jit(agg.aggregate)(updates, weights, jnp.ones(clients, bool), agg.init(None), jax.random.key(0))
+    for name in ("w", "b"):
+        np.testing.assert_allclose(out[name], np.asarray(updates[name], np.float64).mean(0), rtol=1e-6, atol=1e-7)
+    assert float(diag["clipped_fraction"]) == 0.0 and np.isinf(diag["clip_norm"])
+
+
+def test_masked_out_and_nonfinite_clients_have_no_influence():
+    rng = np.random.default_rng(3)
+    clients, clip = 6, 1.0
+    rows = rng.normal(size=(clients, 10)).astype(np.float32)
+    rows[1] = np.nan  # takes part but sent garbage: counts as zero
+    rows[4] = 1e6  # masked out
+    mask = np.array([True, True, True, False, False, True])
+    agg = privacy.dp_fedavg(0.0, clip, expected_cohort=5)
+    out, _, diag = jax.jit(agg.aggregate)(
+        {"u": jnp.asarray(rows)}, jnp.ones(clients), jnp.asarray(mask), (), jax.random.key(0)
+    )
+    keep = mask.copy()
+    keep[1] = False
+    expected = _numpy_clip(rows[keep], clip).sum(0) / 5  # fixed denominator: expected cohort
+    np.testing.assert_allclose(out["u"], expected, rtol=1e-5)
+    assert int(diag["nonfinite_clients"]) == 1
+    norms = np.linalg.norm(rows[keep], axis=1)
+    np.testing.assert_allclose(diag["clipped_fraction"], (norms > clip).sum() / mask.sum())
+
+
+def test_adaptive_clipping_update_rule_and_convergence():
+    norms = np.arange(1.0, 11.0, dtype=np.float32)  # client k sends an update of norm k
+    updates = {"u": jnp.asarray(np.stack([np.eye(1, 10, 0)[0] * n for n in norms]).astype(np.float32))}
+    target, lr, count_std = 0.3, 0.2, 1e-6
+    cfg = _cfg(mode="central", adaptive_clipping=True).privacy
+    knobs = _knobs(0.0, 4.5, target_quantile=target, clip_lr=lr, clipped_count_stddev=count_std)
+    context = CONTEXT._replace(num_clients=10, cohort_size=10)
+    agg = privacy.build_central_aggregator(cfg, knobs, context)
+    step = jax.jit(agg.aggregate)
+    mask = jnp.ones(10, bool)
+    state = agg.init(None)
+    _, state, diag = step(updates, jnp.ones(10), mask, state, jax.random.key(0))
+    below = (norms <= 4.5).mean()
+    np.testing.assert_allclose(state["clip_norm"], 4.5 * np.exp(-lr * (below - target)), rtol=1e-5)
+    np.testing.assert_allclose(diag["clipped_fraction"], 0.6)
+    for r in range(150):
+        _, state, _ = step(updates, jnp.ones(10), mask, state, jax.random.key(r))
+    assert 3.0 <= float(state["clip_norm"]) < 4.0  # 30% of norms at or below it
+
+
+def test_adaptive_noise_split_keeps_total_multiplier():
+    z, count_std = 1.1, 2.0
+    z_update = float(privacy.update_noise_multiplier(z, count_std))
+    np.testing.assert_allclose(z_update**-2 + (2 * count_std) ** -2, z**-2, rtol=1e-6)
+
+
+# --------------------------------------------------------------------------- DP-SGD
+
+
+def test_dpsgd_gradient_matches_numpy_clipped_mean():
+    rng = np.random.default_rng(5)
+    x = rng.normal(size=(7, 3)).astype(np.float32) * np.array([[0.1], [1], [3], [0.2], [2], [5], [1]], np.float32)
+    y = rng.normal(size=7).astype(np.float32)
+    valid = np.array([1, 1, 1, 1, 1, 0, 0], bool)
+    x[6] = np.nan  # padding must not contribute
+    w = rng.normal(size=3).astype(np.float32)
+
+    def loss(p, xi, yi):
+        return 0.5 * (jnp.dot(p, xi) - yi) ** 2
+
+    clip, expected_batch = 0.3, 4.0
+    grad_fn = privacy.dpsgd_gradient(0.0, clip)
+    mean_loss, grads = jax.jit(grad_fn, static_argnums=0)(
+        loss,
+        jnp.asarray(w),
+        jnp.asarray(x),
+        jnp.asarray(y),
+        jnp.asarray(valid),
+        jax.random.key(0),
+        expected_batch,
+    )
+    residual = x[valid] @ w - y[valid]
+    per_example = residual[:, None] * x[valid]
+    assert (np.linalg.norm(per_example, axis=1) > clip).sum() >= 2
+    np.testing.assert_allclose(grads, _numpy_clip(per_example, clip).sum(0) / expected_batch, rtol=1e-5)
+    np.testing.assert_allclose(mean_loss, np.mean(0.5 * residual**2), rtol=1e-5)
+
+
+def test_builders_return_none_outside_their_mode():
+    knobs = _knobs(1.0, 1.0)
+    for mode in privacy.MODES:
+        p = _cfg(mode=mode).privacy
+        assert (privacy.build_client_privatizer(p, knobs) is None) == (mode != "local")
+        assert (privacy.build_central_aggregator(p, knobs, CONTEXT) is None) == (mode != "central")
+        assert (privacy.build_gradient_fn(p, knobs) is None) == (mode != "dpsgd")
+
+
+# --------------------------------------------------------------------------- accounting
+
+
+@pytest.mark.parametrize("q, sigma, steps, delta", [(0.01, 1.1, 1000, 1e-5), (0.2, 2.0, 50, 1e-6)])
+def test_epsilon_matches_dp_accounting(q, sigma, steps, delta):
+    event = dp_accounting.PoissonSampledDpEvent(q, dp_accounting.GaussianDpEvent(sigma))
+    for name, accountant in (("pld", pld.PLDAccountant()), ("rdp", rdp.RdpAccountant())):
+        expected = accountant.compose(event, steps).get_epsilon(delta)
+        assert privacy.epsilon(sigma, q, steps, delta, accountant=name) == pytest.approx(expected, rel=1e-9)
+
+
+def test_epsilon_without_sampling_is_one_gaussian():
+    sigma, steps, delta = 5.0, 30, 1e-5
+    exact = dp_accounting.get_epsilon_gaussian(sigma / np.sqrt(steps), delta)
+    assert privacy.epsilon(sigma, 1.0, steps, delta, "pld") == pytest.approx(exact, rel=1e-9)
+    event = dp_accounting.PoissonSampledDpEvent(1.0, dp_accounting.GaussianDpEvent(sigma))
+    assert exact == pytest.approx(pld.PLDAccountant().compose(event, steps).get_epsilon(delta), rel=1e-4)
+    direct_rdp = rdp.RdpAccountant().compose(event, steps).get_epsilon(delta)
+    assert privacy.epsilon(sigma, 1.0, steps, delta, "rdp") == pytest.approx(direct_rdp, rel=1e-9)
+
+
+def test_tiny_noise_falls_back_to_rdp_instead_of_a_huge_pld():
+    event = dp_accounting.PoissonSampledDpEvent(0.1, dp_accounting.GaussianDpEvent(0.01))
+    direct = rdp.RdpAccountant().compose(event, 10).get_epsilon(1e-5)
+    assert privacy.epsilon(0.01, 0.1, 10, 1e-5, "pld") == pytest.approx(direct, rel=1e-9)
+
+
+def test_fixed_size_sampling_uses_replace_one_with_double_sensitivity():
+    # 10 of 100 clients per round; replace-one moves a clipped sum by 2 S, so the event carries sigma / 2.
+    sigma, steps, delta = 3.0, 40, 1e-5
+    accountant = rdp.RdpAccountant(neighboring_relation=dp_accounting.NeighboringRelation.REPLACE_ONE)
+    accountant.compose(
+        dp_accounting.SampledWithoutReplacementDpEvent(100, 10, dp_accounting.GaussianDpEvent(sigma / 2)),
+        steps,
+    )
+    expected = accountant.get_epsilon(delta)
+    assert privacy.epsilon(sigma, 0.1, steps, delta, sampling="fixed") == pytest.approx(expected, rel=1e-9)
+    assert "REPLACE_ONE" in privacy.describe_accounting(0.1, "pld", "fixed")
+
+
+def test_epsilon_edge_cases():
+    assert privacy.epsilon(0.0, 0.1, 10, 1e-5) == np.inf
+    assert privacy.epsilon(1.0, 0.1, 0, 1e-5) == 0.0
+    with pytest.raises(ValueError, match="sampling_rate"):
+        privacy.epsilon(1.0, 1.5, 10, 1e-5)
+
+
+@pytest.mark.parametrize("q, sampling, accountant", [(0.05, "poisson", "rdp"), (1.0, "fixed", "pld")])
+def test_calibrate_noise_inverts_epsilon(q, sampling, accountant):
+    steps, delta, target = 200, 1e-5, 3.0
+    sigma = privacy.calibrate_noise(target, delta, q, steps, accountant=accountant, sampling=sampling, tol=1e-3)
+    assert privacy.epsilon(sigma, q, steps, delta, accountant, sampling) <= target
+    assert privacy.epsilon(sigma - 5e-3, q, steps, delta, accountant, sampling) > target
+
+
+def test_run_report_central_local_dpsgd():
+    delta = 1e-5
+    cfg = _cfg(mode="central", noise_multiplier=1.2, clip_norm=1.0, delta=delta, accountant="rdp")
+    cfg.cohort_size, cfg.rounds, cfg.aggregator.name = 10, 30, "mean"
+    report = privacy.run_privacy_report(cfg, num_clients=100, cohort_sampling="poisson")
+    direct = (
+        rdp.RdpAccountant()
+        .compose(dp_accounting.PoissonSampledDpEvent(0.1, dp_accounting.GaussianDpEvent(1.2)), 30)
+        .get_epsilon(delta)
+    )
+    assert report["epsilon"] == pytest.approx(direct, rel=1e-9)
+    assert report["unit"] == "client" and report["delta"] == delta and report["steps"] == 30
+
+    cfg.privacy.mode = "local"
+    accounting = privacy.accounting_for_run(cfg, num_clients=100)
+    direct = rdp.RdpAccountant().compose(dp_accounting.GaussianDpEvent(1.2 / 2), 12).get_epsilon(delta)
+    assert accounting.epsilon_after(12) == pytest.approx(direct, rel=1e-6)
+
+    cfg.privacy.mode, cfg.aggregator.name = "dpsgd", "weighted_mean"
+    cfg.local.sampling, cfg.local.epochs, cfg.local.steps, cfg.local.batch_size = "poisson", 0, 5, 16
+    report = privacy.run_privacy_report(cfg, num_clients=4, client_sizes=[400, 160, 800, 320], rounds=20)
+    direct = (
+        rdp.RdpAccountant()
+        .compose(dp_accounting.PoissonSampledDpEvent(16 / 160, dp_accounting.GaussianDpEvent(1.2)), 100)
+        .get_epsilon(delta)
+    )
+    assert report["unit"] == "record" and report["epsilon"] == pytest.approx(direct, rel=1e-9)
+
+    cfg.privacy.mode = "none"
+    assert privacy.run_privacy_report(cfg, num_clients=4)["epsilon"] == np.inf
+
+
+# --------------------------------------------------------------------------- refusals
+
+
+@pytest.mark.parametrize(
+    "fields, match",
+    [
+        ({"mode": "central", "clip_norm": float("inf")}, "without clipping"),
+        ({"mode": "local", "clip_norm": 1.0, "delta": 0.2}, "delta"),
+        ({"mode": "central", "clip_norm": 1.0, "noise_multiplier": -1.0}, "noise_multiplier"),
+        ({"mode": "shuffle"}, "mode"),
+        ({"mode": "local", "clip_norm": 1.0, "adaptive_clipping": True}, "adaptive_clipping"),
+        (
+            {"mode": "central", "clip_norm": 1.0, "noise_multiplier": 3.0, "adaptive_clipping": True},
+            "clipped_count_stddev",
+        ),
+        ({"mode": "central", "clip_norm": 1.0, "accountant": "moments"}, "accountant"),
+    ],
+)
+def test_validate_config_refuses(fields, match):
+    with pytest.raises(ValueError, match=match):
+        privacy.validate_config(_cfg(**fields).privacy, CONTEXT)
+
+
+def test_validate_config_accepts_sane_settings():
+    privacy.validate_config(_cfg().privacy, CONTEXT)
+    privacy.validate_config(_cfg(mode="central", clip_norm=1.0, noise_multiplier=1.0).privacy, CONTEXT)
+
+
+def test_record_delta_and_cross_section_refusals():
+    cfg = _cfg(mode="dpsgd", clip_norm=1.0, noise_multiplier=1.0)
+    privacy.validate_config(cfg.privacy, CONTEXT)
+    with pytest.raises(ValueError, match="local.sampling"):
+        privacy.validate_with_run(cfg)
+    cfg.local.sampling, cfg.local.epochs, cfg.local.steps = "fixed", 0, 3
+    privacy.validate_with_run(cfg, client_sizes=[100, 15])
+    cfg.privacy.delta = 0.1
+    with pytest.raises(ValueError, match="records"):
+        privacy.validate_with_run(cfg, client_sizes=[100, 15])
+    central = _cfg(mode="central", clip_norm=1.0, noise_multiplier=1.0)
+    with pytest.raises(ValueError, match="aggregator.name"):
+        privacy.validate_with_run(central)
+    central.aggregator.name = "mean"
+    privacy.validate_with_run(central)
