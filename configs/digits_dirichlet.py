@@ -1,5 +1,8 @@
 """Digits (8x8, 10 classes) split over 20 clients with Dirichlet(0.5) label skew.
 
+Beside FedAvg: local-only, pooled and the personalised methods (FedPer keeps
+the output layer ``head`` local).
+
     python -m medfed_jax --config=configs/digits_dirichlet.py --workdir=runs/digits --seeds=5
 """
 
@@ -21,5 +24,5 @@ def get_config():
     cfg.local.epochs = 1
     cfg.local.batch_size = 16
     cfg.local.lr = 0.05
-    cfg.baselines = ("local_only", "pooled")
+    cfg.baselines = ("local_only", "pooled", "finetune", "ditto", "fedper", "apfl")
     return cfg

@@ -96,10 +96,12 @@ def pooled_training_view(dataset: FederatedDataset) -> FederatedDataset:
 
 
 def pooled_config(cfg: Any) -> Any:
-    """The run config for centralised training: one client, no attack, no DP, plain mean."""
+    """The run config for centralised training: one client, no attack, no DP, plain mean, no personalisation."""
     cfg = cfg.copy_and_resolve_references()
     cfg.cohort_size = 0
-    cfg.attack = config_lib.default_config().attack
-    cfg.aggregator = config_lib.default_config().aggregator
-    cfg.privacy = config_lib.default_config().privacy
+    defaults = config_lib.default_config()
+    cfg.attack = defaults.attack
+    cfg.aggregator = defaults.aggregator
+    cfg.privacy = defaults.privacy
+    cfg.personalization = defaults.personalization
     return cfg

@@ -65,6 +65,22 @@ class LocalHParams(NamedTuple):
     prox_mu: Array
 
 
+class Anchor(NamedTuple):
+    """A pull of strength ``strength`` (lambda) toward fixed parameters ``params`` (Ditto's global model).
+
+    Applied after every optimizer step as the exact proximal map of
+    ``lambda/2 ||v - params||^2`` at step size ``lr``:
+    ``v <- (v + lr lambda params) / (1 + lr lambda)``. This is the implicit form
+    of the explicit step ``v <- v - lr (grad F(v) + lambda (v - params))``:
+    identical at ``lambda = 0``, equal to first order in ``lr lambda``, and
+    stable for every ``lambda`` (the explicit step diverges once
+    ``lr lambda > 2``); ``lambda -> inf`` gives ``v = params``.
+    """
+
+    params: Params
+    strength: Array
+
+
 def make_client_optimizer(name: str, hparams: LocalHParams) -> optax.GradientTransformation:
     """The client optimizer: ``'sgd'``, ``'momentum'`` (heavy ball) or ``'adam'``."""
     if name == "sgd":
@@ -132,7 +148,7 @@ def _batch_rows(spec: LocalSpec, key: Array, step: Array, count: Array, epoch_or
 def make_local_update(
     model: Model, spec: LocalSpec, gradient_fn: GradientFn | None = None
 ) -> Callable[..., tuple[Params, dict[str, Array]]]:
-    """Build ``local_update(params, data, key, hparams) -> (delta, metrics)``.
+    """Build ``local_update(params, data, key, hparams, anchor=None) -> (delta, metrics)``.
 
     Args:
       model: the model's pure init/apply pair.
@@ -144,10 +160,13 @@ def make_local_update(
     ``data`` is one client's ``(x[N_max, ...], y[N_max], count)``; ``delta`` is
     the trained parameters minus ``params``. ``metrics`` holds the mean batch
     loss over the client's real steps (``train_loss``) and their number.
+    ``hparams.prox_mu`` (FedProx) pulls toward the starting ``params``; an
+    optional `Anchor` adds a pull toward other parameters (Ditto's personal
+    update starts from the personal model and is pulled toward the global one).
     """
     gradient_fn = gradient_fn or masked_mean_gradient(model)
 
-    def local_update(params: Params, data: Any, key: Array, hparams: LocalHParams):
+    def local_update(params: Params, data: Any, key: Array, hparams: LocalHParams, anchor: Anchor | None = None):
         x, y, count = data
         order_key, step_key, noise_key = jax.random.split(key, 3)
         if spec.sampling == "shuffle":
@@ -165,6 +184,9 @@ def make_local_update(
             grads = jax.tree.map(lambda g, w, w0: g + hparams.prox_mu * (w - w0), grads, local_params, params)
             updates, new_opt_state = optimizer.update(grads, opt_state, local_params)
             new_params = optax.apply_updates(local_params, updates)
+            if anchor is not None:
+                shrink = hparams.lr * anchor.strength
+                new_params = jax.tree.map(lambda v, a: (v + shrink * a) / (1 + shrink), new_params, anchor.params)
             keep = lambda new, old: jnp.where(active, new, old)  # noqa: E731
             carry = (jax.tree.map(keep, new_params, local_params), jax.tree.map(keep, new_opt_state, opt_state))
             return carry, (jnp.where(active, loss, 0.0), active)

@@ -2,7 +2,7 @@
 
 A config is an ``ml_collections.ConfigDict`` with one section per part
 (``data``, ``model``, ``local``, ``server``, ``aggregator``, ``attack``,
-``privacy``) plus top-level run settings. Each part's module owns its section:
+``privacy``, ``personalization``) plus top-level run settings. Each part's module owns its section:
 it provides ``default_config()``, ``validate_config(section, context)`` and
 ``NUMERIC_FIELDS``, the fields that are *numeric knobs*.
 
@@ -21,7 +21,7 @@ from typing import Any, NamedTuple
 import jax.numpy as jnp
 import ml_collections
 
-from medfed_jax import aggregators, attacks, privacy
+from medfed_jax import aggregators, attacks, personalize, privacy
 from medfed_jax.types import Knobs
 
 CLIENT_OPTIMIZERS = ("sgd", "momentum", "adam")
@@ -93,6 +93,7 @@ def default_config() -> ml_collections.ConfigDict:
     cfg.aggregator = aggregators.default_config()
     cfg.attack = attacks.default_config()
     cfg.privacy = privacy.default_config()
+    cfg.personalization = personalize.default_config()
     cfg.sweep = ml_collections.ConfigDict()
     return cfg
 
@@ -105,6 +106,7 @@ def numeric_fields() -> tuple[str, ...]:
         + tuple(f"aggregator.{f}" for f in aggregators.NUMERIC_FIELDS)
         + tuple(f"attack.{f}" for f in attacks.NUMERIC_FIELDS)
         + tuple(f"privacy.{f}" for f in privacy.NUMERIC_FIELDS)
+        + tuple(f"personalization.{f}" for f in personalize.NUMERIC_FIELDS)
     )
 
 
@@ -190,6 +192,7 @@ def validate(cfg: Any, context: BuildContext) -> None:
     aggregators.validate_config(cfg.aggregator, context)
     attacks.validate_config(cfg.attack, context)
     privacy.validate_config(cfg.privacy, context)
+    personalize.validate_config(cfg.personalization, context)
 
 
 def to_json(cfg: Any) -> str:

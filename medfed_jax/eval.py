@@ -21,14 +21,20 @@ def client_sums(model: Model, params: Params, x: Array, y: Array, count: Array) 
 
 
 def summarize(sums: dict[str, Array]) -> dict[str, Array]:
-    """Per-client and pooled accuracy/loss from per-client sums (leaves ``[C]``)."""
+    """Per-client and pooled accuracy/loss from per-client sums (leaves ``[C]``).
+
+    ``worst_client_accuracy`` is the lowest ``client_accuracy`` among clients
+    with at least one test row.
+    """
     count = sums["count"].astype(jnp.float32)
     total = jnp.maximum(jnp.sum(count), 1.0)
+    client_accuracy = sums["correct"] / jnp.maximum(count, 1.0)
     return {
         "test_accuracy": jnp.sum(sums["correct"]) / total,
         "test_loss": jnp.sum(sums["loss"]) / total,
-        "client_accuracy": sums["correct"] / jnp.maximum(count, 1.0),
+        "client_accuracy": client_accuracy,
         "client_loss": sums["loss"] / jnp.maximum(count, 1.0),
+        "worst_client_accuracy": jnp.min(jnp.where(count > 0, client_accuracy, jnp.inf)),
     }
 
 
@@ -48,17 +54,36 @@ def make_evaluate(model: Model, parallelism: str = "vmap", chunk: int = 1) -> Ca
     return evaluate
 
 
-def make_evaluate_per_client_models(model: Model) -> Callable[[Params, ClientData], dict]:
-    """Evaluate one model per client (leading client axis on ``params``).
+def make_evaluate_personal(model: Model, parallelism: str = "vmap", chunk: int = 1) -> Callable[..., dict]:
+    """``evaluate(client_params, test) -> metrics`` for one model per client (personalised FL).
 
-    Returns each client's accuracy on its own test split (``client_accuracy``)
-    and each client model's accuracy on the pooled test set
-    (``pooled_accuracy``, ``[C]``), plus their means.
+    ``client_params`` has a leading client axis; client ``c``'s model is
+    evaluated on client ``c``'s own test split only. ``client_accuracy`` /
+    ``client_loss`` are ``[C]``; ``test_accuracy`` / ``test_loss`` pool every
+    client's own test rows, each predicted by its own client's model (the
+    count-weighted mean of ``client_accuracy``); ``worst_client_accuracy`` is
+    the lowest client.
     """
 
     def evaluate(client_params: Params, test: ClientData) -> dict[str, Array]:
-        own = jax.vmap(lambda p, x, y, n: client_sums(model, p, x, y, n))(client_params, *test)
-        own_metrics = summarize(own)
+        fn = lambda p, x, y, n: client_sums(model, p, x, y, n)  # noqa: E731
+        return summarize(map_clients(fn, (client_params, *test), (0, 0, 0, 0), parallelism, chunk))
+
+    return evaluate
+
+
+def make_evaluate_per_client_models(model: Model) -> Callable[[Params, ClientData], dict]:
+    """Evaluate one model per client (leading client axis on ``params``).
+
+    Returns each client's accuracy on its own test split (``client_accuracy``,
+    their count-weighted pool ``own_test_accuracy`` and the lowest
+    ``worst_client_accuracy``) and each client model's accuracy on the pooled
+    test set (``pooled_accuracy``, ``[C]``), plus their means.
+    """
+    evaluate_own = make_evaluate_personal(model)
+
+    def evaluate(client_params: Params, test: ClientData) -> dict[str, Array]:
+        own_metrics = evaluate_own(client_params, test)
 
         def on_pooled(p):
             sums = jax.vmap(lambda x, y, n: client_sums(model, p, x, y, n))(*test)
@@ -69,6 +94,7 @@ def make_evaluate_per_client_models(model: Model) -> Callable[[Params, ClientDat
             "client_accuracy": own_metrics["client_accuracy"],
             "client_loss": own_metrics["client_loss"],
             "own_test_accuracy": own_metrics["test_accuracy"],
+            "worst_client_accuracy": own_metrics["worst_client_accuracy"],
             "pooled_accuracy": pooled["test_accuracy"],
             "test_accuracy": jnp.mean(pooled["test_accuracy"]),
             "test_loss": jnp.mean(pooled["test_loss"]),

@@ -18,14 +18,15 @@ from typing import Any
 import jax
 import numpy as np
 
-from medfed_jax import baselines
+from medfed_jax import baselines, personalize, privacy
 from medfed_jax import config as config_lib
 from medfed_jax import data as data_lib
 from medfed_jax.models import check_input_fits, make_model
 from medfed_jax.server import Engine, build_engine, static_config
 from medfed_jax.types import FederatedDataset, Knobs
 
-METHODS = ("federated", "local_only", "pooled")
+# federated (as configured), the baselines, and the personalised methods of `medfed_jax.personalize`.
+METHODS = ("federated", "local_only", "pooled", *personalize.PERSONAL_METHODS)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -36,6 +37,7 @@ class Prepared:
     dataset: FederatedDataset
     context: config_lib.BuildContext
     knobs: Knobs
+    accounting: privacy.Accounting  # the (epsilon, delta) bookkeeping of the run's DP settings
 
 
 def build_context(cfg: Any, dataset: FederatedDataset) -> config_lib.BuildContext:
@@ -56,13 +58,19 @@ def prepare(cfg: Any, dataset: FederatedDataset | None = None) -> Prepared:
     data_lib.validate_dataset(dataset)
     context = build_context(cfg, dataset)
     config_lib.validate(cfg, context)
-    check_input_fits(
-        make_model(cfg.model.name, dataset.num_classes, tuple(cfg.model.widths)), cfg.model.name, dataset.feature_shape
-    )
+    client_sizes = [int(n) for n in np.asarray(dataset.train.count)]
+    privacy.validate_with_run(cfg, client_sizes)
+    accounting = privacy.accounting_for_run(cfg, dataset.num_clients, client_sizes)
+    model = make_model(cfg.model.name, dataset.num_classes, tuple(cfg.model.widths))
+    check_input_fits(model, cfg.model.name, dataset.feature_shape)
     for name in cfg.baselines:
         if name not in METHODS[1:]:
             raise ValueError(f"baselines={tuple(cfg.baselines)!r}: {name!r} is unknown; choose from {METHODS[1:]}.")
-    return Prepared(cfg, dataset, context, config_lib.knobs_from_config(cfg))
+    if "fedper" in (cfg.personalization.method, *cfg.baselines):
+        example = jax.ShapeDtypeStruct((1, *dataset.feature_shape), np.float32)
+        params = jax.eval_shape(model.init, jax.random.key(0), example)
+        personalize.validate_local_paths(cfg.personalization, personalize.param_paths(params))
+    return Prepared(cfg, dataset, context, config_lib.knobs_from_config(cfg), accounting)
 
 
 def engine_for(method: str, prepared: Prepared) -> tuple[Engine, FederatedDataset, Any]:
@@ -76,6 +84,10 @@ def engine_for(method: str, prepared: Prepared) -> tuple[Engine, FederatedDatase
         pooled_cfg = baselines.pooled_config(cfg)
         view = baselines.pooled_training_view(dataset)
         return build_engine(static_config(pooled_cfg), build_context(pooled_cfg, view)), view, pooled_cfg
+    if method in personalize.PERSONAL_METHODS:
+        personal_cfg = cfg.copy_and_resolve_references()
+        personal_cfg.personalization.method = method
+        return build_engine(static_config(personal_cfg), prepared.context), dataset, personal_cfg
     raise ValueError(f"unknown method {method!r}; choose one of {METHODS}.")
 
 
@@ -143,10 +155,13 @@ def train_method(
     while int(state.round) < cfg.rounds:
         chunk_start = time.perf_counter()
         state, metrics = engine.run_rounds(state, train, prepared.knobs, cfg.eval_every)
-        evaluation = engine.evaluate(state.params, test)
+        evaluation = engine.evaluate(engine.eval_params(state, train, prepared.knobs), test)
         last = jax.tree.map(lambda m: m[-1], metrics)
         elapsed = previous + time.perf_counter() - start
         row = _row({**last, **evaluation}, method, int(state.round), elapsed, view.client_names)
+        private = cfg.privacy.mode != "none" and method != "local_only"
+        if private:
+            row["epsilon"] = prepared.accounting.epsilon_after(row["round"])
         history.append(row)
         if checkpoint:
             save_checkpoint(checkpoint, state, history)
@@ -155,7 +170,8 @@ def train_method(
             log(
                 f"[{method}] round {row['round']:4d}/{cfg.rounds}  acc {row['test_accuracy']:.4f}  "
                 f"loss {row['test_loss']:.4f}  train_loss {row['train_loss']:.4f}  "
-                f"elapsed {elapsed:7.1f}s  {rate:6.1f} rounds/s"
+                + (f"eps {row['epsilon']:.3g} (delta {cfg.privacy.delta:g})  " if private else "")
+                + f"elapsed {elapsed:7.1f}s  {rate:6.1f} rounds/s"
             )
     return history
 

@@ -3,7 +3,11 @@
 ``round_step(state, train, knobs) -> (state, metrics)``: sample a cohort,
 poison labels (data attacks), train every cohort client locally (vmapped or
 chunk-mapped), privatise (local DP), replace malicious updates (model
-attacks), aggregate, and apply the server optimizer. ``train`` is the full
+attacks), aggregate, and apply the server optimizer. Personalisation
+(`medfed_jax.personalize`) hooks in through a `Personalizer`: the cohort's
+personal state is gathered from ``FedState.clients``, updated by the local
+step and scattered back, and only the *shared* part of each update reaches
+the privatizer, attack, aggregator and server optimizer. ``train`` is the full
 population's `ClientData`; ``knobs`` the traced numeric settings. The engine is
 built once per *structural* config (`build_engine`, cached) and every function
 it returns is jitted with no static arguments, so numeric knobs never
@@ -21,15 +25,15 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
-from medfed_jax import aggregators, attacks, privacy
+from medfed_jax import aggregators, attacks, personalize, privacy
 from medfed_jax import config as config_lib
-from medfed_jax.client import LocalHParams, LocalSpec, make_local_update, map_clients
-from medfed_jax.eval import make_evaluate
+from medfed_jax.client import LocalHParams, LocalSpec, example_loss_fn, map_clients
+from medfed_jax.eval import make_evaluate, make_evaluate_personal
 from medfed_jax.models import make_model
 from medfed_jax.types import Array, AttackContext, ClientData, Knobs, Metrics, Params
 
 # Purposes of the per-round keys, folded into the round key.
-_SAMPLE, _LOCAL, _PRIVACY, _ATTACK, _AGGREGATE = range(5)
+_SAMPLE, _LOCAL, _PRIVACY, _ATTACK, _AGGREGATE, _PERSONAL = range(6)
 
 
 class FedState(NamedTuple):
@@ -42,7 +46,8 @@ class FedState(NamedTuple):
       round: number of rounds done (int32 scalar).
       key: the run's base PRNG key; round ``r`` uses ``fold_in(key, r)``.
       malicious: ``[C]`` bool, the run's malicious clients (fixed for a run).
-      clients: per-client state on the client axis (personal models), or ().
+      clients: per-client state on the client axis (personal models, see
+        `medfed_jax.personalize`), or ().
     """
 
     params: Params
@@ -105,6 +110,12 @@ def default_parallelism(cfg: Any) -> tuple[str, int]:
     return mode, (cfg.client_chunk or 8)
 
 
+def global_params(state: Any, train: ClientData, knobs: Knobs) -> Any:
+    """What an engine without personal models evaluates: ``state.params``."""
+    del train, knobs
+    return state.params
+
+
 class Engine(NamedTuple):
     """The jitted pure functions of one structural config.
 
@@ -114,7 +125,11 @@ class Engine(NamedTuple):
     (``num_rounds`` static);
     ``evaluate(params, test) -> metrics``;
     ``program(seed, train, test, knobs) -> history`` (the whole run, evaluation
-    every ``eval_every`` rounds, one XLA program: what sweeps vmap).
+    every ``eval_every`` rounds, one XLA program: what sweeps vmap);
+    ``eval_params(state, train, knobs) -> params``: what ``evaluate`` takes
+    for a state, ``state.params`` unless the engine has one model per client
+    (personalised methods: the personal models ``[C, ...]``). Evaluate a state
+    with ``evaluate(eval_params(state, train, knobs), test)``.
     """
 
     init: Callable
@@ -123,20 +138,30 @@ class Engine(NamedTuple):
     evaluate: Callable
     program: Callable
     context: config_lib.BuildContext
+    eval_params: Callable = global_params
 
 
-def make_program(init: Callable, run_rounds: Callable, evaluate: Callable, rounds: int, eval_every: int):
+def make_program(
+    init: Callable,
+    run_rounds: Callable,
+    evaluate: Callable,
+    rounds: int,
+    eval_every: int,
+    eval_params: Callable = global_params,
+):
     """A whole run as one function: init, then scans of ``eval_every`` rounds, each evaluated.
 
     Returns ``program(seed, train, test, knobs) -> history`` whose leaves have a
     leading axis of ``rounds // eval_every`` evaluations; the last round's
-    training metrics stand for each chunk.
+    training metrics stand for each chunk. Each evaluation is
+    ``evaluate(eval_params(state, train, knobs), test)``.
     """
 
     def program(seed: Array, train: ClientData, test: ClientData, knobs: Knobs) -> Metrics:
         def chunk_step(state, _):
             state, metrics = run_rounds(state, train, knobs, eval_every)
-            return state, {**jax.tree.map(lambda m: m[-1], metrics), **evaluate(state.params, test)}
+            evaluation = evaluate(eval_params(state, train, knobs), test)
+            return state, {**jax.tree.map(lambda m: m[-1], metrics), **evaluation}
 
         _, history = jax.lax.scan(chunk_step, init(seed, train, knobs), None, length=rounds // eval_every)
         return history
@@ -156,7 +181,7 @@ def build_engine(cfg: ml_collections.FrozenConfigDict, context: config_lib.Build
     num_clients, cohort = context.num_clients, context.cohort_size
     sampled = cohort < num_clients
 
-    def components(knobs: Knobs, max_count: int):
+    def build_personalizer(knobs: Knobs, max_count: int) -> personalize.Personalizer:
         spec = LocalSpec(
             cfg.local.epochs,
             cfg.local.steps,
@@ -165,11 +190,16 @@ def build_engine(cfg: ml_collections.FrozenConfigDict, context: config_lib.Build
             cfg.local.sampling,
             max_count,
         )
-        local_update = make_local_update(model, spec, privacy.build_gradient_fn(cfg.privacy, knobs))
+        gradient_fn = privacy.build_gradient_fn(cfg.privacy, knobs)  # DP-SGD's, over per-example losses
+        if gradient_fn is not None:
+            gradient_fn = functools.partial(gradient_fn, example_loss_fn(model))
+        return personalize.build_personalizer(cfg.personalization, knobs, model, spec, gradient_fn, parallelism, chunk)
+
+    def components(knobs: Knobs, max_count: int):
         aggregator = privacy.build_central_aggregator(cfg.privacy, knobs, context)
         aggregator = aggregator or aggregators.build_aggregator(cfg.aggregator, knobs)
         return (
-            local_update,
+            build_personalizer(knobs, max_count),
             privacy.build_client_privatizer(cfg.privacy, knobs),
             attacks.build_attack(cfg.attack, knobs),
             aggregator,
@@ -180,19 +210,21 @@ def build_engine(cfg: ml_collections.FrozenConfigDict, context: config_lib.Build
         key = jax.random.PRNGKey(seed)
         model_key, attack_key, run_key = jax.random.split(key, 3)
         params = model.init(model_key, jnp.zeros((1, *train.x.shape[2:]), jnp.float32))
-        _, _, _, aggregator, server_opt = components(knobs, train.y.shape[1])
+        personal, _, _, aggregator, server_opt = components(knobs, train.y.shape[1])
         malicious = attacks.attack_mask(cfg.attack, attack_key, knobs, num_clients)
+        shared = personal.shared(params)
         return FedState(
             params=params,
-            server_opt_state=server_opt.init(params),
-            agg_state=aggregator.init(params),
+            server_opt_state=server_opt.init(shared),
+            agg_state=aggregator.init(shared),
             round=jnp.zeros((), jnp.int32),
             key=run_key,
             malicious=malicious,
+            clients=personal.init(params, num_clients),
         )
 
     def round_step(state: FedState, train: ClientData, knobs: Knobs) -> tuple[FedState, Metrics]:
-        local_update, privatizer, attack, aggregator, server_opt = components(knobs, train.y.shape[1])
+        personal, privatizer, attack, aggregator, server_opt = components(knobs, train.y.shape[1])
         round_key = jax.random.fold_in(state.key, state.round)
         key_for = lambda purpose: jax.random.fold_in(round_key, purpose)  # noqa: E731
         if sampled:
@@ -200,15 +232,19 @@ def build_engine(cfg: ml_collections.FrozenConfigDict, context: config_lib.Build
             data, malicious = train.take(index), state.malicious[index]
         else:
             index, data, malicious = jnp.arange(num_clients), train, state.malicious
+        cohort_clients = jax.tree.map(lambda s: s[index], state.clients) if sampled else state.clients
         labels = attack.poison_labels(data.y, malicious, context.num_classes)
         client_keys = jax.vmap(lambda i: jax.random.fold_in(key_for(_LOCAL), i))(index)
-        deltas, local_metrics = map_clients(
-            local_update,
-            (state.params, (data.x, labels, data.count), client_keys, local_hparams(knobs)),
-            (None, 0, 0, None),
+        deltas, cohort_clients, local_metrics = map_clients(
+            personal.client_update,
+            (state.params, cohort_clients, (data.x, labels, data.count), client_keys, local_hparams(knobs)),
+            (None, 0, 0, 0, None),
             parallelism,
             chunk,
         )
+        clients = cohort_clients
+        if sampled:  # clients outside the cohort keep their personal state
+            clients = jax.tree.map(lambda s, new: s.at[index].set(new), state.clients, cohort_clients)
         if privatizer is not None:
             deltas = jax.vmap(privatizer)(deltas, jax.random.split(key_for(_PRIVACY), index.shape[0]))
         weights, mask = data.count, data.count > 0
@@ -217,12 +253,14 @@ def build_engine(cfg: ml_collections.FrozenConfigDict, context: config_lib.Build
             deltas, weights, mask, state.agg_state, key_for(_AGGREGATE)
         )
         pseudo_gradient = jax.tree.map(jnp.negative, update)
-        server_updates, opt_state = server_opt.update(pseudo_gradient, state.server_opt_state, state.params)
+        shared = personal.shared(state.params)
+        server_updates, opt_state = server_opt.update(pseudo_gradient, state.server_opt_state, shared)
         new_state = state._replace(
-            params=optax.apply_updates(state.params, server_updates),
+            params=personal.merge(state.params, optax.apply_updates(shared, server_updates)),
             server_opt_state=opt_state,
             agg_state=agg_state,
             round=state.round + 1,
+            clients=clients,
         )
         honest = mask & ~malicious
         loss_weight = jnp.where(honest, weights, 0).astype(jnp.float32)
@@ -236,8 +274,16 @@ def build_engine(cfg: ml_collections.FrozenConfigDict, context: config_lib.Build
     def run_rounds(state: FedState, train: ClientData, knobs: Knobs, num_rounds: int):
         return jax.lax.scan(lambda s, _: round_step(s, train, knobs), state, None, length=num_rounds)
 
-    evaluate = make_evaluate(model, parallelism, chunk)
-    program = make_program(init, run_rounds, evaluate, cfg.rounds, cfg.eval_every)
+    def personal_params(state: FedState, train: ClientData, knobs: Knobs):
+        personal = build_personalizer(knobs, train.y.shape[1])
+        key = jax.random.fold_in(jax.random.fold_in(state.key, state.round), _PERSONAL)
+        return personal.personal_params(state.params, state.clients, train, key, local_hparams(knobs))
+
+    if cfg.personalization.method in personalize.PERSONAL_METHODS:
+        evaluate, eval_params = make_evaluate_personal(model, parallelism, chunk), personal_params
+    else:
+        evaluate, eval_params = make_evaluate(model, parallelism, chunk), global_params
+    program = make_program(init, run_rounds, evaluate, cfg.rounds, cfg.eval_every, eval_params)
 
     return Engine(
         init=jax.jit(init),
@@ -246,4 +292,5 @@ def build_engine(cfg: ml_collections.FrozenConfigDict, context: config_lib.Build
         evaluate=jax.jit(evaluate),
         program=jax.jit(program),
         context=context,
+        eval_params=jax.jit(eval_params),
     )
