@@ -30,5 +30,18 @@ format: $(STAMP)
 bench: $(STAMP)
 	$(PY) benchmarks/round_throughput.py
 
+# The README's Results section from scratch: collaboration (local-only vs federated vs pooled), security
+# (25% sign flip, mean vs median) and privacy-utility sweeps, 5 seeds each, their reports, then the section.
+REPRO := runs/reproduce
+REPRO_SWEEPS := collaboration signflip_attack privacy_utility
+reproduce: $(STAMP)
+	rm -rf $(REPRO)
+	start=$$(date +%s) && \
+	for name in $(REPRO_SWEEPS); do \
+	  $(PY) -m medfed_jax --config=configs/$$name.py --workdir=$(REPRO)/$$name || exit 1; \
+	done && \
+	$(PY) -m medfed_jax.report $(foreach name,$(REPRO_SWEEPS),--workdir=$(REPRO)/$(name)) \
+	  --readme=README.md --assets=benchmarks/figures --command="make reproduce" --wall_seconds=$$(( $$(date +%s) - start ))
+
 clean:
 	rm -rf runs build *.egg-info .pytest_cache

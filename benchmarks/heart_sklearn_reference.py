@@ -1,6 +1,6 @@
 """Independent reference for the heart headline: scikit-learn logistic regression on pooled training rows.
 
-    python benchmarks/heart_sklearn_reference.py
+python benchmarks/heart_sklearn_reference.py
 """
 
 from __future__ import annotations

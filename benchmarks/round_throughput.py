@@ -31,7 +31,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from medfed_jax import config as config_lib, runner
+from medfed_jax import config as config_lib
+from medfed_jax import runner
 from medfed_jax.data.synthetic import mnist_like
 from medfed_jax.models import make_model
 from medfed_jax.server import build_engine, static_config
@@ -122,8 +123,10 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2, help="rounds per scanned engine call")
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
-    print(f"# W1 round throughput, {datetime.date.today()}, {platform.processor() or platform.machine()}, "
-          f"{jax.device_count()} x {jax.devices()[0].device_kind}, jax {jax.__version__}")
+    print(
+        f"# W1 round throughput, {datetime.date.today()}, {platform.processor() or platform.machine()}, "
+        f"{jax.device_count()} x {jax.devices()[0].device_kind}, jax {jax.__version__}"
+    )
     print("| C | implementation | s/round | GFLOP/s | compile s | loop / this |")
     print("|---|---|---|---|---|---|")
     for num_clients in map(int, args.clients.split(",")):
@@ -138,8 +141,11 @@ def main() -> None:
             compile_s, seconds = engine_seconds(dataset, parallelism, int(chunk or 0), args.rounds, args.repeats)
             rows.append((f"engine, {strategy}", compile_s, seconds))
         for name, compile_s, seconds in rows:
-            print(f"| {num_clients} | {name} | {seconds:.3f} | {flops / seconds / 1e9:.1f} | {compile_s:.1f} | "
-                  f"{loop / seconds:.2f} |", flush=True)
+            print(
+                f"| {num_clients} | {name} | {seconds:.3f} | {flops / seconds / 1e9:.1f} | {compile_s:.1f} | "
+                f"{loop / seconds:.2f} |",
+                flush=True,
+            )
 
 
 if __name__ == "__main__":

@@ -1,5 +1,10 @@
 """Command line: ``python -m medfed_jax --config=configs/<name>.py --workdir=<dir>``.
 
+A config with a non-empty ``sweep`` runs as a sweep (`medfed_jax.sweep`):
+``results.csv``, ``summary.csv``, ``sweep.json`` and per-chunk results in the
+workdir, resumed after a crash by running the same command again; ``--seeds=N``
+adds a seed axis. Otherwise it is one run per method:
+
 Any config field can be overridden (``--config.rounds=50``). With
 ``--seeds=N`` every method runs N seeds as one compiled program each and the
 run ends with a mean +- std table. The workdir receives ``config.json``,
@@ -23,7 +28,7 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from medfed_jax import config as config_lib
-from medfed_jax import runner
+from medfed_jax import report, runner, sweep
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a config file (configs/*.py).")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for results, checkpoints and the resolved config.")
@@ -73,7 +78,7 @@ def format_table(header: list[str], rows: list[list[str]]) -> str:
 
 
 def final_accuracy_table(finals: dict[str, dict[str, np.ndarray]], client_names: tuple[str, ...]) -> str:
-    """Methods x (each client's own test split, pooled test set), mean +- std in %."""
+    """Methods x (each client's own test split, their mean and worst, pooled test set), mean +- std in %."""
 
     def cell(values: np.ndarray) -> str:
         values = 100 * np.asarray(values, np.float64)
@@ -87,10 +92,11 @@ def final_accuracy_table(finals: dict[str, dict[str, np.ndarray]], client_names:
                 method,
                 *(cell(per_client[:, c]) for c in range(len(client_names))),
                 cell(per_client.mean(1)),
+                cell(per_client.min(1)),
                 cell(final["test_accuracy"]),
             ]
         )
-    return format_table(["method", *client_names, "mean of clients", "pooled test"], rows)
+    return format_table(["method", *client_names, "mean of clients", "worst client", "pooled test"], rows)
 
 
 def run_single(cfg: Any, workdir: str | None) -> dict:
@@ -161,6 +167,22 @@ def _finish(workdir, prepared, rows, finals, seeds) -> dict:
     return summary
 
 
+def run_sweep_command(cfg: Any, workdir: str | None, num_seeds: int, overwrite: bool) -> sweep.SweepResult:
+    """Check the sweep and its data (refusing bad input before anything is written), then run it."""
+    try:
+        prepared = sweep.prepare_sweep(cfg, num_seeds)
+    except ValueError as e:
+        raise app.UsageError(str(e)) from None
+    if workdir:
+        prepare_workdir(workdir, cfg, overwrite, {"seeds": num_seeds} if num_seeds > 1 else None)
+    result = sweep.run_prepared(prepared, workdir)
+    print(f"\nFinal round, mean ± std over seeds (%):\n\n{report.final_table(result.summary, result.plan.knobs)}")
+    if workdir:
+        print(f"\nwrote {workdir}/results.csv, summary.csv, sweep.json")
+        print(f"figures and report.md: python -m medfed_jax.report --workdir={workdir}")
+    return result
+
+
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
@@ -170,6 +192,9 @@ def main(argv: list[str]) -> None:
     if _SEEDS.value < 1:
         raise app.UsageError(f"--seeds={_SEEDS.value} must be >= 1.")
     workdir = _WORKDIR.value
+    if sweep.is_sweep(cfg):
+        run_sweep_command(cfg, workdir, _SEEDS.value, _OVERWRITE.value)
+        return
     if workdir:
         prepare_workdir(workdir, cfg, _OVERWRITE.value, {"seeds": _SEEDS.value} if _SEEDS.value > 1 else None)
     if _SEEDS.value > 1:

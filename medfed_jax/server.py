@@ -98,7 +98,8 @@ def static_config(cfg: Any) -> ml_collections.FrozenConfigDict:
         for part in parents:
             section = section[part]
         section.pop(leaf, None)
-    plain.pop("sweep", None)
+    for run_level in ("sweep", "seed", "name", "baselines"):  # host-side only: never change the program
+        plain.pop(run_level, None)
     return ml_collections.FrozenConfigDict(plain)
 
 

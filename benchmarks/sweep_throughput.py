@@ -1,0 +1,162 @@
+"""Sweep throughput: the robustness matrix as a vmapped sweep vs loops of single-run calls.
+
+The matrix: 6 aggregators x 6 attacks x malicious fractions {0.1, 0.2, 0.3} x
+5 seeds = 540 cells, 100 rounds each, digits over 20 Dirichlet(0.5) clients
+(`configs/robustness_matrix.py`). Timed in the same run:
+
+- *sweep*: `medfed_jax.sweep.run_sweep`, one compiled program per
+  (aggregator, attack) with its 15 cells vmapped, compile included;
+- *CLI per cell*: ``python -m medfed_jax --config=configs/digits_dirichlet.py
+  --config.<knob>=...`` in a fresh process per cell, the way a shell loop
+  over the grid would run it;
+- *in-process loop*: every cell as its own single-run call in one process,
+  ``runner.train_method('federated', runner.prepare(cell_config))``; the
+  engine cache keeps what it can (it is keyed by the whole structural config,
+  seed included, so each seed compiles again);
+- *warm loop*: the same calls with the seed passed as an argument, so each
+  (aggregator, attack) compiles once, as in the sweep: the best a Python loop
+  over this library does.
+
+The loops run a subset of the cells (``--loop_programs`` (aggregator, attack)
+pairs spread over the matrix; ``--cli_cells`` cells for the CLI) and are
+extrapolated to the whole matrix by cell count; the output says so. Every
+loop cell's final accuracy is checked against the sweep's.
+
+    python benchmarks/sweep_throughput.py                      # writes benchmarks/sweep_results.md
+    python benchmarks/sweep_throughput.py --rounds=20 --loop_programs=1 --cli_cells=1 --out=/tmp/quick.md
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import runpy
+import subprocess
+import sys
+import tempfile
+import time
+
+import jax
+from absl import app, flags
+
+from medfed_jax import report, runner, sweep
+from medfed_jax.server import build_engine
+
+AGGREGATORS = ("mean", "coordinate_median", "trimmed_mean", "krum", "geometric_median", "centered_clipping")
+ATTACKS = ("sign_flip", "ipm", "alie", "gaussian", "scaling", "label_flip")
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+_ROUNDS = flags.DEFINE_integer("rounds", 100, "Rounds per cell.")
+_LOOP_PROGRAMS = flags.DEFINE_integer("loop_programs", 3, "(aggregator, attack) pairs whose cells the loops run.")
+_CLI_CELLS = flags.DEFINE_integer("cli_cells", 3, "Cells run through the CLI, one process each.")
+_OUT = flags.DEFINE_string("out", os.path.join(ROOT, "benchmarks", "sweep_results.md"), "Markdown results file.")
+
+
+def matrix_config(rounds: int):
+    path = os.path.join(ROOT, "configs", "robustness_matrix.py")
+    return runpy.run_path(path)["matrix_config"](AGGREGATORS, ATTACKS, rounds=rounds)
+
+
+def spread(programs: tuple, k: int) -> list:
+    """``k`` programs spread over the matrix, each with another aggregator and attack."""
+    step = len(programs) // k
+    return [programs[(i * step + i) % len(programs)] for i in range(k)]
+
+
+def time_loop(cfg, plan: sweep.Plan, cells: list[int], warm: bool, result: sweep.SweepResult) -> tuple[float, float]:
+    """Each cell as one single-run call in this process: (seconds, largest |final accuracy - sweep's|).
+
+    Starts with empty compilation caches, so that nothing compiled before counts.
+    """
+    jax.clear_caches()
+    build_engine.cache_clear()
+    start, gap = time.perf_counter(), 0.0
+    for index in cells:
+        values = dict(plan.cells[index].values)
+        seed = values.pop("seed") if warm else None
+        history = runner.train_method(
+            "federated", runner.prepare(sweep.with_overrides(cfg, values)), seed=seed, log=None
+        )
+        gap = max(gap, abs(history[-1]["test_accuracy"] - float(result.histories[index]["test_accuracy"][-1])))
+    return time.perf_counter() - start, gap
+
+
+def time_cli(plan: sweep.Plan, cells: list[int], result: sweep.SweepResult) -> tuple[float, float]:
+    """Each cell as its own ``python -m medfed_jax`` process: (seconds, largest accuracy gap)."""
+    start, gap = time.perf_counter(), 0.0
+    for index in cells:
+        values = plan.cells[index].values
+        overrides = [f"--config.{k}={v}" for k, v in values.items()]
+        with tempfile.TemporaryDirectory() as workdir:
+            subprocess.run(
+                [sys.executable, "-m", "medfed_jax", "--config=configs/digits_dirichlet.py", f"--workdir={workdir}"]
+                + [f"--config.rounds={_ROUNDS.value}", "--config.aggregator.f=4", "--config.baselines=()", *overrides],
+                cwd=ROOT,
+                check=True,
+                capture_output=True,
+            )
+            with open(os.path.join(workdir, "summary.json")) as f:
+                accuracy = json.load(f)["final"]["federated"]["test_accuracy_mean"]
+        gap = max(gap, abs(accuracy - float(result.histories[index]["test_accuracy"][-1])))
+    return time.perf_counter() - start, gap
+
+
+def main(argv):
+    del argv
+    load_before = os.getloadavg()[0]
+    cfg = matrix_config(_ROUNDS.value)
+    result = sweep.run_sweep(cfg, log=print)
+    plan, total = result.plan, len(result.plan.cells)
+    subset = spread(plan.programs, _LOOP_PROGRAMS.value)
+    loop_cells = [i for spec in subset for i in spec.cells]
+    rows = [("sweep (vmapped, one program per aggregator x attack)", total, result.seconds, "all cells")]
+    gaps = []
+    for name, timer, cells in (
+        ("CLI per cell (a fresh process each)", lambda c: time_cli(plan, c, result), loop_cells[: _CLI_CELLS.value]),
+        ("in-process loop of single-run calls", lambda c: time_loop(cfg, plan, c, False, result), loop_cells),
+        ("warm loop (seed as an argument)", lambda c: time_loop(cfg, plan, c, True, result), loop_cells),
+    ):
+        seconds, gap = timer(cells)
+        gaps.append(gap)
+        print(f"[{name}] {len(cells)} cells in {seconds:.1f}s; largest |final accuracy - sweep's| = {gap:.2g}")
+        rows.append((name, len(cells), seconds, f"{len(cells)} cells timed, x{total / len(cells):.0f}"))
+    pairs = ", ".join(f"{s.structural['aggregator.name']} x {s.structural['attack.name']}" for s in subset)
+    table = [
+        "| way | cells timed | wall (s) | whole matrix (s) | cells/s | sweep is x faster | extrapolation |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for name, cells, seconds, how in rows:
+        whole = seconds * total / cells
+        table.append(
+            f"| {name} | {cells} | {seconds:.1f} | {whole:.0f} | {total / whole:.2f} | {whole / result.seconds:.1f} "
+            f"| {how} |"
+        )
+    text = "\n".join(
+        [
+            "## Sweep throughput: robustness matrix (`benchmarks/sweep_throughput.py`)",
+            "",
+            f"{len(AGGREGATORS)} aggregators x {len(ATTACKS)} attacks x fractions {{0.1, 0.2, 0.3}} x 5 seeds = "
+            f"{total} cells, {_ROUNDS.value} rounds each, digits over 20 Dirichlet(0.5) clients, "
+            f"{len(plan.programs)} compiled programs. {datetime.date.today().isoformat()}, {report.machine()}; "
+            f"1-minute load average {load_before:.1f} at the start, {os.getloadavg()[0]:.1f} at the end "
+            "(a machine shared with other jobs).",
+            "",
+            f"Command: `python benchmarks/sweep_throughput.py --rounds={_ROUNDS.value} "
+            f"--loop_programs={_LOOP_PROGRAMS.value} --cli_cells={_CLI_CELLS.value}`",
+            "",
+            *table,
+            "",
+            f"Sweep: {result.programs_compiled} programs compiled in {result.compile_seconds:.0f}s (one ahead, on a "
+            f"background thread), {total} cells run in {result.run_seconds:.0f}s, wall {result.seconds:.0f}s. "
+            f"The loops ran the cells of {len(subset)} (aggregator, attack) pairs ({pairs}); the CLI the first "
+            f"{_CLI_CELLS.value} of them; both extrapolated by cell count. Every loop cell's final test accuracy "
+            f"equals the sweep's (largest difference {max(gaps):.1g}).",
+        ]
+    )
+    runner.write_text_atomic(_OUT.value, text + "\n")
+    print("\n" + text)
+
+
+if __name__ == "__main__":
+    app.run(main)

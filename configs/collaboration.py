@@ -1,0 +1,24 @@
+"""Collaboration: local-only vs federated (FedAvg) vs pooled training, 5 seeds, as one sweep.
+
+On the four heart-disease hospitals (`heart_fedavg.py`) and on digits over 20
+Dirichlet(0.5) clients (`digits_dirichlet.py`), with those configs' settings:
+2 datasets x 3 methods = 6 compiled programs, the 5 seeds of each vmapped.
+
+    python -m medfed_jax --config=configs/collaboration.py --workdir=runs/collaboration
+    python -m medfed_jax.report --workdir=runs/collaboration
+"""
+
+import os
+
+from medfed_jax import sweep
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def get_config():
+    heart, digits = (sweep.load_config(os.path.join(HERE, f)) for f in ("heart_fedavg.py", "digits_dirichlet.py"))
+    cfg = heart.copy_and_resolve_references()
+    cfg.name = "collaboration"
+    cfg.sweep.cells = sweep.variant_cells([heart, digits])
+    cfg.sweep.grid = {"method": ("local_only", "federated", "pooled"), "seed": (0, 1, 2, 3, 4)}
+    return cfg

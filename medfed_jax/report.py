@@ -1,0 +1,528 @@
+"""Figures and ``report.md`` from a sweep's workdir (``sweep.json``, ``summary.csv``).
+
+    python -m medfed_jax.report --workdir=runs/signflip
+    python -m medfed_jax.report --workdir=runs/a --workdir=runs/b --readme=README.md
+
+Each figure is drawn when the sweep's columns call for it:
+
+- ``curves.png``: test accuracy vs round, mean with a 95% confidence band over seeds;
+- ``heatmap.png``: final accuracy, aggregator x attack (one panel per other setting);
+- ``fraction.png``: final accuracy vs malicious fraction, one line per aggregator;
+- ``epsilon.png``: final accuracy vs the privacy budget epsilon (non-private runs dashed);
+- ``clients.png``: final accuracy on each client's own test split (hospitals).
+
+``final.csv`` holds the final-round rows of ``summary.csv``. With ``--readme``,
+the README's Results section (between ``<!-- results:start -->`` and
+``<!-- results:end -->``) is rewritten from the same tables, figures copied
+under ``--assets``.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import datetime
+import json
+import math
+import os
+import platform
+import re
+import shutil
+from collections.abc import Sequence
+
+import numpy as np
+from absl import app, flags
+
+from medfed_jax import runner, sweep
+
+START, END = "<!-- results:start -->", "<!-- results:end -->"
+METRIC = "test_accuracy"
+MAX_LINES, MAX_PANELS, MAX_CLIENTS = 10, 9, 24
+NAMES = {
+    "aggregator.name": "aggregator",
+    "attack.name": "attack",
+    "attack.fraction": "malicious fraction",
+    "data.name": "dataset",
+    "privacy.mode": "DP",
+    "privacy.noise_multiplier": "noise multiplier",
+    "local.lr": "client lr",
+    "server.lr": "server lr",
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class SweepTables:
+    """A sweep's outputs as read back from its workdir (CSV cells stay strings)."""
+
+    workdir: str
+    meta: dict
+    summary: list[dict]
+
+    @property
+    def knobs(self) -> list[str]:
+        return [k for k in self.meta["knobs"] if k != "seed"]
+
+    @property
+    def final(self) -> list[dict]:
+        return final_rows(self.summary, self.meta["knobs"])
+
+
+def read_csv(path: str) -> list[dict]:
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def load(workdir: str) -> SweepTables:
+    """Read ``sweep.json`` and ``summary.csv``; says what is missing and how to make it."""
+    for name in ("sweep.json", "summary.csv"):
+        if not os.path.exists(os.path.join(workdir, name)):
+            raise ValueError(
+                f"{workdir} has no {name}: run a sweep there first "
+                f"(python -m medfed_jax --config=configs/<sweep>.py --workdir={workdir})."
+            )
+    with open(os.path.join(workdir, "sweep.json")) as f:
+        meta = json.load(f)
+    return SweepTables(workdir, meta, read_csv(os.path.join(workdir, "summary.csv")))
+
+
+def final_rows(summary: Sequence[dict], knobs: Sequence[str]) -> list[dict]:
+    """The last evaluation of every knob combination (seed excluded), in first-seen order."""
+    keys = [k for k in knobs if k != "seed"]
+    last: dict[tuple, dict] = {}
+    for row in summary:
+        key = tuple(row[k] for k in keys)
+        if key not in last or int(row["round"]) > int(last[key]["round"]):
+            last[key] = row
+    return list(last.values())
+
+
+def value(row: dict, column: str) -> float:
+    """A CSV cell as a float; nan when absent or empty."""
+    text = row.get(column, "")
+    return float(text) if text not in ("", None) else math.nan
+
+
+def describe(row: dict, knobs: Sequence[str]) -> str:
+    return ", ".join(f"{NAMES.get(k, k)}={row[k]}" for k in knobs) or "all runs"
+
+
+def _groups(rows: Sequence[dict], knobs: Sequence[str]) -> dict[tuple, list[dict]]:
+    groups: dict[tuple, list[dict]] = {}
+    for row in rows:
+        groups.setdefault(tuple(row[k] for k in knobs), []).append(row)
+    return groups
+
+
+def _pct(row: dict, stat: str, metric: str = METRIC) -> float:
+    return 100 * value(row, f"{metric}_{stat}")
+
+
+def _bars(pairs: Sequence[tuple[dict, str]]) -> tuple[np.ndarray, np.ndarray]:
+    """Means (%) of each (summary row, metric) and the 95% CI as error bars clipped to [0, 100]."""
+    mean = np.array([100 * value(r, f"{m}_mean") for r, m in pairs])
+    ci = np.nan_to_num([100 * value(r, f"{m}_ci95") for r, m in pairs])
+    return mean, np.stack([np.clip(ci, 0, mean), np.clip(ci, 0, 100 - mean)])
+
+
+# --------------------------------------------------------------------------- tables
+
+
+def format_mean_std(row: dict, metric: str = METRIC) -> str:
+    mean, std = _pct(row, "mean", metric), _pct(row, "std", metric)
+    if math.isnan(mean):
+        return "—"
+    return f"{mean:.1f} ± {std:.1f}" if not math.isnan(std) else f"{mean:.1f}"
+
+
+def _epsilon_text(row: dict) -> str:
+    eps = value(row, "epsilon")
+    return "∞ (no DP)" if math.isnan(eps) or math.isinf(eps) else f"{eps:.3g}"
+
+
+def final_table(summary: Sequence[dict], knobs: Sequence[str]) -> str:
+    """Markdown: one row per knob combination, final-round test accuracy (%) mean ± std, 95% CI, n."""
+    rows = final_rows(summary, knobs)
+    if not rows:
+        return "(no finished cells yet)"
+    labels = sweep.label_knobs(rows, [k for k in knobs if k != "seed"])
+    private = "epsilon" in rows[0]
+    header = [NAMES.get(k, k) for k in labels] + (["ε"] if private else [])
+    header += ["round", "test accuracy (%)", "95% CI (±)", "n"]
+    body = []
+    for row in rows:
+        ci = _pct(row, "ci95")
+        body.append(
+            [row[k] for k in labels]
+            + ([_epsilon_text(row)] if private else [])
+            + [row["round"], format_mean_std(row), "—" if math.isnan(ci) else f"{ci:.1f}", row["n"]]
+        )
+    widths = [max(len(r[i]) for r in [header, *body]) for i in range(len(header))]
+    line = lambda cells: "| " + " | ".join(c.ljust(w) for c, w in zip(cells, widths)) + " |"  # noqa: E731
+    return "\n".join([line(header), "|" + "|".join("-" * (w + 2) for w in widths) + "|", *map(line, body)])
+
+
+# --------------------------------------------------------------------------- figures
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _axes(num_panels: int, width: float = 5.2, height: float = 3.8):
+    plt = _pyplot()
+    cols = min(num_panels, 3)
+    rows = -(-num_panels // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(width * cols, height * rows), squeeze=False)
+    for ax in axes.flat[num_panels:]:
+        ax.set_visible(False)
+    return fig, list(axes.flat[:num_panels])
+
+
+def _save(fig, path: str, title: str) -> str:
+    fig.suptitle(title, fontsize=12)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    _pyplot().close(fig)
+    return path
+
+
+def _facets(rows: Sequence[dict], labels: list[str]) -> tuple[list[str], list[str]] | None:
+    """Split label knobs into (panel knobs, line knobs) so that no panel has too many lines."""
+    if len(_groups(rows, labels)) <= MAX_LINES:
+        data = [k for k in labels if k.startswith("data.")][:1]
+        return data, [k for k in labels if k not in data]
+    for knob in labels:
+        panels = _groups(rows, [knob])
+        lines = max(len(_groups(g, labels)) for g in panels.values())
+        if len(panels) <= MAX_PANELS and lines <= MAX_LINES:
+            return [knob], [k for k in labels if k != knob]
+    return None
+
+
+def plot_curves(tables: SweepTables, path: str) -> str | None:
+    """Test accuracy vs round: mean over seeds with a 95% CI band, one line per setting."""
+    labels = sweep.label_knobs(tables.final, tables.knobs)
+    split = _facets(tables.final, labels)
+    if split is None:
+        return None
+    panel_knobs, line_knobs = split
+    panels = _groups(tables.summary, panel_knobs)
+    fig, axes = _axes(len(panels))
+    for ax, rows in zip(axes, panels.values()):
+        for points in _groups(rows, line_knobs).values():
+            points = sorted(points, key=lambda r: int(r["round"]))
+            x = [int(r["round"]) for r in points]
+            mean = np.array([_pct(r, "mean") for r in points])
+            ci = np.nan_to_num(np.array([_pct(r, "ci95") for r in points]))
+            (handle,) = ax.plot(x, mean, marker="o", ms=3, label=describe(points[0], line_knobs))
+            ax.fill_between(
+                x, np.clip(mean - ci, 0, 100), np.clip(mean + ci, 0, 100), color=handle.get_color(), alpha=0.2
+            )
+        ax.set_title(describe(rows[0], panel_knobs) if panel_knobs else "")
+        ax.set_xlabel("round")
+        ax.set_ylabel("test accuracy (%)")
+        ax.set_ylim(0, 102)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    n = tables.final[0]["n"]
+    return _save(fig, path, f"Test accuracy vs round (mean, 95% CI band over {n} seeds)")
+
+
+def _reference(row: dict, attack_knob: str) -> bool:
+    return row.get(attack_knob) == "none"
+
+
+def _panel_rows(rows: Sequence[dict], others: list[str]) -> dict[tuple, list[dict]]:
+    """Group rows into panels by ``others``; no-attack rows join every attack's and fraction's panel."""
+    real = [r for r in rows if not _reference(r, "attack.name")] or list(rows)
+    attack_knobs = ("attack.name", "attack.fraction")
+    panels = {}
+    for key in _groups(real, others):
+        match = lambda r, key=key: all(  # noqa: E731
+            r[k] == v for k, v in zip(others, key) if not (k in attack_knobs and _reference(r, "attack.name"))
+        )
+        panels[key] = [r for r in rows if match(r)]
+    return panels
+
+
+def heatmap_matrix(rows: Sequence[dict]) -> tuple[list[str], list[str], np.ndarray]:
+    """(aggregators, attacks, final accuracy % [aggregator, attack]) of one panel; nan where missing."""
+    aggregators = list(dict.fromkeys(r["aggregator.name"] for r in rows))
+    attacks = list(dict.fromkeys(r["attack.name"] for r in rows))
+    attacks.sort(key=lambda a: a != "none")
+    matrix = np.full((len(aggregators), len(attacks)), np.nan)
+    for r in rows:
+        matrix[aggregators.index(r["aggregator.name"]), attacks.index(r["attack.name"])] = _pct(r, "mean")
+    return aggregators, attacks, matrix
+
+
+def plot_heatmap(tables: SweepTables, path: str) -> str | None:
+    """Final accuracy, aggregator (rows) x attack (columns); panels by the remaining settings."""
+    axes_knobs = ["aggregator.name", "attack.name"]
+    if not all(k in tables.knobs for k in axes_knobs):
+        return None
+    others = sweep.label_knobs(tables.final, tables.knobs, fixed=axes_knobs)
+    panels = _panel_rows(tables.final, others)
+    if len(panels) > MAX_PANELS:
+        return None
+    fig, axes = _axes(len(panels), width=3.0 + 0.9 * len({r["attack.name"] for r in tables.final}), height=4.2)
+    for ax, rows in zip(axes, panels.values()):
+        aggregators, attacks, matrix = heatmap_matrix(rows)
+        image = ax.imshow(matrix, cmap="viridis", vmin=0, vmax=100, aspect="auto")
+        for (i, j), v in np.ndenumerate(matrix):
+            if not math.isnan(v):
+                ax.text(j, i, f"{v:.1f}", ha="center", va="center", fontsize=8, color="white" if v < 60 else "black")
+        ax.set_xticks(range(len(attacks)), attacks, rotation=35, ha="right")
+        ax.set_yticks(range(len(aggregators)), aggregators)
+        ax.set_xlabel("attack")
+        ax.set_ylabel("aggregator")
+        ax.set_title(describe(next((r for r in rows if not _reference(r, "attack.name")), rows[0]), others))
+        fig.colorbar(image, ax=ax, label="final test accuracy (%)")
+    return _save(fig, path, "Final test accuracy (%) by aggregator and attack (mean over seeds)")
+
+
+def plot_fraction(tables: SweepTables, path: str) -> str | None:
+    """Final accuracy vs malicious fraction, one line per aggregator; no-attack runs at 0%."""
+    final = tables.final
+    if "attack.fraction" not in tables.knobs or len({r["attack.fraction"] for r in final}) < 2:
+        return None
+    lines = ["aggregator.name"] if "aggregator.name" in tables.knobs else []
+    attack = ["attack.name"] if "attack.name" in tables.knobs else []
+    others = sweep.label_knobs(final, tables.knobs, fixed=["attack.fraction", *lines, *attack])
+    panels = _panel_rows(final, [*attack, *others])
+    if not panels or len(panels) > MAX_PANELS:
+        return None
+    fig, axes = _axes(len(panels))
+    for ax, rows in zip(axes, panels.values()):
+        for points in _groups(rows, lines).values():
+            points = sorted(points, key=lambda r: float(r["attack.fraction"]) * (not _reference(r, "attack.name")))
+            x = [100 * float(r["attack.fraction"]) * (not _reference(r, "attack.name")) for r in points]
+            mean, err = _bars([(r, METRIC) for r in points])
+            ax.errorbar(x, mean, yerr=err, marker="o", capsize=3, label=describe(points[0], lines))
+        ax.set_title(describe(next(r for r in rows if not _reference(r, "attack.name")), [*attack, *others]))
+        ax.set_xlabel("malicious clients (% of all clients)")
+        ax.set_ylabel("final test accuracy (%)")
+        ax.set_ylim(0, 102)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    return _save(fig, path, "Final test accuracy vs malicious fraction (mean, 95% CI over seeds)")
+
+
+def plot_epsilon(tables: SweepTables, path: str) -> str | None:
+    """Final accuracy vs epsilon (log scale), one line per remaining setting; non-private runs dashed."""
+    final = tables.final
+    private = [r for r in final if math.isfinite(value(r, "epsilon"))]
+    if not private:
+        return None
+    candidates = [k for k in tables.knobs if not k.startswith("privacy.")]
+    lines = sweep.label_knobs(final, candidates)
+    fig, axes = _axes(1, width=6.5, height=4.4)
+    ax = axes[0]
+    for rows in _groups(final, lines).values():
+        points = sorted((r for r in rows if math.isfinite(value(r, "epsilon"))), key=lambda r: value(r, "epsilon"))
+        label = describe(rows[0], lines)
+        color = None
+        if points:
+            mean, err = _bars([(r, METRIC) for r in points])
+            x = [value(r, "epsilon") for r in points]
+            handle = ax.errorbar(x, mean, yerr=err, marker="o", capsize=3, label=label)
+            color = handle.lines[0].get_color()
+        for r in rows:
+            if not math.isfinite(value(r, "epsilon")):
+                ax.axhline(_pct(r, "mean"), ls="--", color=color, label=f"{label}: no DP")
+    ax.set_xscale("log")
+    note = tables.meta.get("privacy", "")
+    ax.set_xlabel(f"privacy budget ε (log scale){', ' + note.split(';')[0] if note else ''}")
+    ax.set_ylabel("final test accuracy (%)")
+    ax.set_ylim(0, 102)
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=7)
+    return _save(fig, path, "Final test accuracy vs privacy budget (mean, 95% CI over seeds)")
+
+
+def client_columns(row: dict) -> list[str]:
+    """Client names with a final per-client accuracy in this summary row."""
+    return [m.group(1) for c in row for m in [re.fullmatch(r"client_accuracy\[(.+)\]_mean", c)] if m and row[c] != ""]
+
+
+def plot_clients(tables: SweepTables, path: str) -> str | None:
+    """Grouped bars: final accuracy on each client's own test split, one bar per setting."""
+    final = [r for r in tables.final if client_columns(r)]
+    by_clients: dict[tuple, list[dict]] = {}
+    for r in final:
+        by_clients.setdefault(tuple(client_columns(r)), []).append(r)
+    panels = {k: v for k, v in by_clients.items() if len(k) <= MAX_CLIENTS}
+    panels = {k: v for k, v in panels.items() if len(_groups(v, sweep.label_knobs(v, tables.knobs))) <= 8}
+    if not panels:
+        return None
+    fig, axes = _axes(len(panels), width=7.0, height=4.0)
+    for ax, (clients, rows) in zip(axes, panels.items()):
+        bars = sweep.label_knobs(rows, tables.knobs)
+        groups = _groups(rows, bars)
+        width = 0.8 / len(groups)
+        for g, members in enumerate(groups.values()):
+            row = members[0]
+            mean, err = _bars([(row, f"client_accuracy[{c}]") for c in clients])
+            x = np.arange(len(clients)) + (g - (len(groups) - 1) / 2) * width
+            ax.bar(x, mean, width, yerr=err, capsize=2, label=describe(row, bars))
+        rotate = len(clients) > 6
+        ax.set_xticks(range(len(clients)), clients, rotation=30 if rotate else 0, ha="right" if rotate else "center")
+        ax.set_xlabel("client (its own test split)")
+        ax.set_ylabel("final test accuracy (%)")
+        ax.set_ylim(0, 105)
+        ax.grid(alpha=0.3, axis="y")
+        ax.legend(fontsize=7)
+        others = sweep.label_knobs(tables.final, tables.knobs)
+        ax.set_title(describe(rows[0], [k for k in others if k not in bars]))
+    return _save(fig, path, "Per-client final test accuracy (mean, 95% CI over seeds)")
+
+
+FIGURES = (
+    ("curves.png", plot_curves, "Test accuracy vs round"),
+    ("heatmap.png", plot_heatmap, "Aggregator x attack heatmap"),
+    ("fraction.png", plot_fraction, "Accuracy vs malicious fraction"),
+    ("epsilon.png", plot_epsilon, "Accuracy vs privacy budget"),
+    ("clients.png", plot_clients, "Per-client accuracy"),
+)
+
+
+# --------------------------------------------------------------------------- report.md and README
+
+
+def sweep_sentence(tables: SweepTables) -> str:
+    meta = tables.meta
+    numeric = ", ".join(f"`{k}`" for k in meta["numeric_knobs"]) or "none"
+    structural = ", ".join(f"`{k}`" for k in meta["structural_knobs"]) or "none"
+    return (
+        f"{meta['cells']} cells in {len(meta['programs'])} compiled program(s). Numeric knobs (vmapped "
+        f"experiment axis): {numeric}; structural knobs (one program each): {structural}."
+    )
+
+
+def write_report(workdir: str) -> tuple[str, list[str]]:
+    """Write ``final.csv``, the figures that apply and ``report.md``; returns (report path, figure paths)."""
+    tables = load(workdir)
+    runner.write_text_atomic(os.path.join(workdir, "final.csv"), sweep.to_csv(tables.final))
+    figures, notes, lines = [], [], []
+    for name, plot, title in FIGURES:
+        made = plot(tables, os.path.join(workdir, name))
+        if made:
+            figures.append(made)
+            lines += [f"### {title}", "", f"![{title}]({name})", ""]
+        else:
+            notes.append(f"- {title}: not drawn (the sweep does not vary what it needs, or has too many settings).")
+    text = "\n".join(
+        [
+            f"# Sweep report: {tables.meta['name']}",
+            "",
+            sweep_sentence(tables),
+            "",
+            *([f"Privacy accounting: {tables.meta['privacy']}.", ""] if tables.meta.get("privacy") else []),
+            "## Final results",
+            "",
+            "Final evaluation round; test accuracy on the pooled test set, mean ± sample std over seeds, "
+            "t-based 95% confidence half-width, n seeds (from `summary.csv`; all rows in `final.csv`).",
+            "",
+            final_table(tables.summary, tables.meta["knobs"]),
+            "",
+            "## Figures",
+            "",
+            *lines,
+            *(["## Not drawn", "", *notes, ""] if notes else []),
+        ]
+    )
+    path = os.path.join(workdir, "report.md")
+    runner.write_text_atomic(path, text)
+    return path, figures
+
+
+def machine() -> str:
+    """CPU model and core count, OS, jax version and backend."""
+    import jax
+
+    cpu = platform.processor() or platform.machine()
+    if os.path.exists("/proc/cpuinfo"):
+        with open("/proc/cpuinfo") as f:
+            models = re.findall(r"model name\s*:\s*(.+)", f.read())
+        cpu = models[0].strip() if models else cpu
+    return f"{cpu}, {os.cpu_count()} cores, {platform.system()}, jax {jax.__version__} ({jax.default_backend()})"
+
+
+def results_section(workdirs: Sequence[str], readme_dir: str, assets: str, command: str, wall: str) -> str:
+    """The README's Results section, built from each workdir's tables and figures."""
+    lines = [
+        START,
+        "## Results",
+        "",
+        f"Generated by `{command}` on {datetime.date.today().isoformat()} ({machine()}){wall}. "
+        "Tables: final evaluation round, test accuracy (%) on the pooled test set, mean ± sample std over "
+        "seeds, with the t-based 95% confidence half-width; each is `summary.csv` of the workdir named "
+        "(all rows: `final.csv`; per-round, per-seed: `results.csv`).",
+        "",
+    ]
+    for workdir in workdirs:
+        _, figures = write_report(workdir)
+        tables = load(workdir)
+        target = os.path.join(assets, os.path.basename(os.path.normpath(workdir)))
+        os.makedirs(target, exist_ok=True)
+        lines += [f"### {tables.meta['name']} (`{workdir}`)", "", sweep_sentence(tables), ""]
+        if tables.meta.get("privacy"):
+            lines += [f"Privacy accounting: {tables.meta['privacy']}.", ""]
+        lines += [final_table(tables.summary, tables.meta["knobs"]), ""]
+        for figure in figures:
+            copy = os.path.join(target, os.path.basename(figure))
+            shutil.copyfile(figure, copy)
+            lines += [f"![{tables.meta['name']}: {os.path.basename(figure)}]({os.path.relpath(copy, readme_dir)})", ""]
+    return "\n".join([*lines, END])
+
+
+def update_readme(path: str, section: str) -> None:
+    """Replace the marked Results section of ``path`` (appended when the markers are absent)."""
+    with open(path) as f:
+        text = f.read()
+    if START in text and END in text:
+        head, rest = text.split(START, 1)
+        text = head + section + rest.split(END, 1)[1]
+    else:
+        text = text.rstrip("\n") + "\n\n" + section + "\n"
+    runner.write_text_atomic(path, text)
+
+
+def define_flags() -> None:
+    """The command line's flags (defined only when run as a program, so `cli` can import this module)."""
+    flags.DEFINE_multi_string("workdir", None, "Sweep workdir(s) to report on.")
+    flags.DEFINE_string("readme", None, "Rewrite this README's Results section from the workdirs.")
+    flags.DEFINE_string("assets", "benchmarks/figures", "Where --readme copies the figures.")
+    flags.DEFINE_string("command", "make reproduce", "The command named in the Results section.")
+    flags.DEFINE_float("wall_seconds", None, "Wall time of the whole command, stated in the section.")
+
+
+def main(argv: list[str]) -> None:
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    args = flags.FLAGS
+    if not args.workdir:
+        raise app.UsageError("--workdir=<sweep workdir> is required (repeat it for several).")
+    try:
+        if args.readme:
+            wall = f"; the sweeps took {args.wall_seconds / 60:.1f} min" if args.wall_seconds else ""
+            readme_dir = os.path.dirname(os.path.abspath(args.readme))
+            section = results_section(args.workdir, readme_dir, args.assets, args.command, wall)
+            update_readme(args.readme, section)
+            print(f"updated the Results section of {args.readme}")
+        else:
+            for workdir in args.workdir:
+                path, figures = write_report(workdir)
+                print(f"wrote {path} and {len(figures)} figure(s): {', '.join(map(os.path.basename, figures))}")
+    except ValueError as e:
+        raise app.UsageError(str(e)) from None
+
+
+if __name__ == "__main__":
+    define_flags()
+    app.run(main)

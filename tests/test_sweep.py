@@ -1,0 +1,213 @@
+"""Sweeps: vmapped cells equal single runs, resume is byte-identical, bad grids are refused."""
+
+from __future__ import annotations
+
+import math
+import os
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import scipy.stats
+
+from medfed_jax import config as config_lib
+from medfed_jax import runner, sweep
+from medfed_jax.server import build_engine, static_config
+from medfed_jax.types import ClientData
+
+SEEDS, LRS, NOISES, FRACTIONS = (0, 1), (0.05, 0.3), (0.1, 2.0), (0.0, 0.25)
+
+
+def tiny_config():
+    """4 synthetic clients, logistic model, central DP and a sign-flip attack: one small program."""
+    cfg = config_lib.default_config()
+    cfg.data.samples_per_client = 16
+    cfg.model.name = "logistic"
+    cfg.rounds, cfg.eval_every = 4, 2
+    cfg.local.batch_size = 8
+    cfg.client_parallelism = "vmap"
+    cfg.baselines = ()
+    cfg.aggregator.name = "mean"
+    cfg.attack.name = "sign_flip"
+    cfg.privacy.mode = "central"
+    cfg.privacy.clip_norm = 1.0
+    cfg.privacy.noise_multiplier = 0.5
+    return cfg
+
+
+def tiny_sweep():
+    """16 cells (seed x client lr x noise multiplier x malicious fraction) in chunks of 4."""
+    cfg = tiny_config()
+    cfg.sweep.grid = {
+        "seed": SEEDS,
+        "local": {"lr": LRS},
+        "privacy": {"noise_multiplier": NOISES},
+        "attack": {"fraction": FRACTIONS},
+    }
+    cfg.sweep.chunk_size = 4
+    return cfg
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory):
+    """An uninterrupted run of `tiny_sweep` in a workdir."""
+    workdir = str(tmp_path_factory.mktemp("uninterrupted"))
+    return workdir, sweep.run_sweep(tiny_sweep(), workdir, log=None)
+
+
+def test_plan_orders_cells_and_groups_programs():
+    cfg = tiny_sweep()
+    cfg.sweep.grid.aggregator = {"name": ("mean", "coordinate_median")}
+    cfg.privacy.mode = "none"
+    plan = sweep.plan_sweep(cfg)
+    assert plan.knobs == ("aggregator.name", "attack.fraction", "local.lr", "privacy.noise_multiplier", "seed")
+    assert len(plan.cells) == 2 * 16
+    # Sorted knobs, the last varying fastest: cell 1 differs from cell 0 in its seed only.
+    assert [c.values["seed"] for c in plan.cells[:3]] == [0, 1, 0]
+    assert [p.structural for p in plan.programs] == [
+        {"aggregator.name": "mean"},
+        {"aggregator.name": "coordinate_median"},
+    ]
+    assert [len(p.cells) for p in plan.programs] == [16, 16]
+    assert sweep.chunk_bounds(10, 4) == [(0, 4), (4, 8), (8, 10)]
+    assert sweep.chunk_bounds(9, 8) == [(0, 5), (5, 9)]  # two balanced chunks, not 8 + 1
+
+
+def _alone(cell_values):
+    """The cell's whole run as one un-vmapped program, built by the engine directly."""
+    cfg = sweep.with_overrides(tiny_config(), cell_values)
+    prepared = runner.prepare(cfg)
+    engine = build_engine(static_config(cfg), prepared.context)
+    train = ClientData(*map(jnp.asarray, prepared.dataset.train))
+    test = ClientData(*map(jnp.asarray, prepared.dataset.test))
+    return engine.program(cfg.seed, train, test, config_lib.knobs_from_config(cfg))
+
+
+def test_each_vmapped_cell_equals_the_cell_run_alone(finished):
+    _, result = finished
+    worst = 0.0
+    for cell in result.plan.cells:
+        alone = _alone(cell.values)
+        swept = result.histories[cell.index]
+        assert set(swept) == set(alone)
+        for name, value in alone.items():
+            np.testing.assert_allclose(swept[name], np.asarray(value), rtol=1e-5, atol=1e-5, err_msg=name)
+            worst = max(worst, float(np.max(np.abs(swept[name] - np.asarray(value)), initial=0.0)))
+    print(f"largest |vmapped - alone| over every metric of every cell: {worst:g}")
+
+
+@pytest.mark.parametrize("knob", ["local.lr", "privacy.noise_multiplier", "attack.fraction", "seed"])
+def test_every_swept_knob_changes_the_result(finished, knob):
+    """Cells that differ in one knob only must differ (so the equality above is not vacuous)."""
+    _, result = finished
+    cells = result.plan.cells
+    for a in cells:
+        b = next(
+            c
+            for c in cells
+            if c.values[knob] != a.values[knob]
+            and all(c.values[k] == a.values[k] for k in result.plan.knobs if k != knob)
+        )
+        assert not np.array_equal(result.histories[a.index]["test_loss"], result.histories[b.index]["test_loss"])
+
+
+def test_results_and_summary_tables(finished):
+    workdir, result = finished
+    rows = sweep.to_csv(result.rows)
+    with open(os.path.join(workdir, "results.csv")) as f:
+        assert f.read() == rows
+    header = rows.splitlines()[0].split(",")
+    assert header[:7] == ["cell", "attack.fraction", "local.lr", "privacy.noise_multiplier", "seed", "round", "epsilon"]
+    assert "client_accuracy[client3]" in header and "test_accuracy" in header
+    assert len(result.rows) == 16 * 2  # cells x evaluations
+    # One summary row per (knobs without seed, round), over the 2 seeds: mean, ddof-1 std, t-based CI.
+    assert len(result.summary) == 8 * 2
+    row = result.summary[-1]
+    values = [
+        float(r["test_accuracy"])
+        for r in result.rows
+        if all(r[k] == row[k] for k in ("attack.fraction", "local.lr", "privacy.noise_multiplier", "round"))
+    ]
+    assert len(values) == 2 and row["n"] == "2"
+    mean, std = sum(values) / 2, abs(values[0] - values[1]) / math.sqrt(2)
+    assert float(row["test_accuracy_mean"]) == pytest.approx(mean, rel=1e-5)
+    assert float(row["test_accuracy_std"]) == pytest.approx(std, rel=1e-5, abs=1e-9)
+    assert float(row["test_accuracy_ci95"]) == pytest.approx(12.7062047 * std / math.sqrt(2), rel=1e-5, abs=1e-9)
+    assert scipy.stats.t.ppf(0.975, 1) == pytest.approx(12.7062047)
+
+
+def test_epsilon_column_matches_the_accountant(finished):
+    _, result = finished
+    from medfed_jax import privacy
+
+    for r in result.rows[:4]:
+        cfg = sweep.with_overrides(tiny_config(), {"privacy.noise_multiplier": float(r["privacy.noise_multiplier"])})
+        # 4 clients, all in every round: Poisson(1.0)-composed Gaussian, one step per round.
+        expected = privacy.epsilon(cfg.privacy.noise_multiplier, 1.0, int(r["round"]), cfg.privacy.delta)
+        assert float(r["epsilon"]) == pytest.approx(expected, rel=1e-6)
+
+
+def test_resume_after_an_interruption_is_byte_identical(finished, tmp_path):
+    reference, _ = finished
+    workdir = str(tmp_path)
+
+    def crash(k):
+        if k == 2:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        sweep.run_sweep(tiny_sweep(), workdir, log=None, on_chunk=crash)
+    assert len(os.listdir(os.path.join(workdir, "chunks"))) == 2
+    with open(os.path.join(workdir, "results.csv")) as f:
+        assert len(f.read().splitlines()) == 1 + 8 * 2  # header + the 8 finished cells x 2 evaluations
+    computed = []
+    sweep.run_sweep(tiny_sweep(), workdir, log=None, on_chunk=computed.append)
+    assert computed == [1, 2]  # only the two missing chunks ran
+    for name in ("results.csv", "summary.csv", "sweep.json"):
+        with open(os.path.join(workdir, name), "rb") as a, open(os.path.join(reference, name), "rb") as b:
+            assert a.read() == b.read(), name
+
+
+def _sweep_with(**fields):
+    cfg = tiny_config()
+    for key, value in fields.items():
+        cfg.sweep[key] = value
+    return cfg
+
+
+@pytest.mark.parametrize(
+    "fields, message",
+    [
+        ({"grid": {"local": {"lrr": (0.1,)}}}, "'local.lrr' is unknown.*'local.lr'"),
+        ({"grid": {"seed": ()}}, r"sweep.grid.seed is empty"),
+        ({"chunk_size": 2}, "the sweep is empty"),
+        ({"grid": {"local": {"steps": (1, 2)}}, "numeric": ("local.steps",)}, "local.steps is structural"),
+        ({"grid": {"local": {"lr": ("fast",)}}}, "numeric knob"),
+        ({"grid": {"local": {"lr": 0.1}}}, "must be a list or tuple"),
+        ({"cells": [{"seed": 1}], "grid": {"seed": (0,)}}, "in both sweep.cells and sweep.grid"),
+        ({"cells": [{"seed": 1}, {"seed": 1}]}, "cells 0 and 1 are identical"),
+        ({"cells": [{"method": "centralised"}]}, "choose from"),
+        ({"grid": {"seed": (0,)}, "chunks": 3}, "unknown fields"),
+    ],
+)
+def test_grid_errors_name_the_problem(fields, message):
+    with pytest.raises(ValueError, match=message):
+        sweep.plan_sweep(_sweep_with(**fields))
+
+
+def test_seeds_flag_adds_an_axis_and_conflicts_with_a_seed_knob():
+    cfg = _sweep_with(grid={"local": {"lr": (0.1, 0.2)}})
+    cfg.seed = 7
+    plan = sweep.plan_sweep(cfg, num_seeds=3)
+    assert [c.values["seed"] for c in plan.cells] == [7, 8, 9, 7, 8, 9]
+    with pytest.raises(ValueError, match="--seeds=3 conflicts"):
+        sweep.plan_sweep(_sweep_with(grid={"seed": (0, 1)}), num_seeds=3)
+
+
+def test_bad_cell_values_are_refused_before_compiling():
+    cfg = _sweep_with(cells=[{"attack.fraction": 0.25}, {"attack.fraction": 1.5}])
+    with pytest.raises(ValueError, match=r"sweep cell 1 \(attack.fraction=1.5\): attack.fraction=1.5"):
+        sweep.prepare_sweep(cfg)
+    cfg = _sweep_with(cells=[{"aggregator.name": "coordinate_median"}])
+    with pytest.raises(ValueError, match="privacy.mode='central' with aggregator.name='coordinate_median'"):
+        sweep.prepare_sweep(cfg)
