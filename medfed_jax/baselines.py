@@ -50,14 +50,7 @@ def build_local_only(cfg: ml_collections.FrozenConfigDict, context: config_lib.B
         return LocalOnlyState(stacked, jnp.zeros((), jnp.int32), run_key)
 
     def round_step(state: LocalOnlyState, train: ClientData, knobs: Knobs):
-        spec = LocalSpec(
-            cfg.local.epochs,
-            cfg.local.steps,
-            cfg.local.batch_size,
-            cfg.local.optimizer,
-            cfg.local.sampling,
-            train.y.shape[1],
-        )
+        spec = LocalSpec.from_config(cfg.local, train.y.shape[1])
         local_update = make_local_update(model, spec)
         round_key = jax.random.fold_in(state.key, state.round)
         keys = jax.vmap(lambda i: jax.random.fold_in(round_key, i))(jnp.arange(context.num_clients))

@@ -40,6 +40,11 @@ class LocalSpec(NamedTuple):
     sampling: str
     max_count: int  # N_max, the padded client size
 
+    @classmethod
+    def from_config(cls, local: Any, max_count: int) -> LocalSpec:
+        """The spec of a config's ``local`` section for clients padded to ``max_count`` rows."""
+        return cls(local.epochs, local.steps, local.batch_size, local.optimizer, local.sampling, max_count)
+
     @property
     def num_steps(self) -> int:
         """Length of the step loop: the largest client's step count."""

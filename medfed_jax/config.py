@@ -117,6 +117,14 @@ def get_path(cfg: Any, path: str) -> Any:
     return cfg
 
 
+def set_path(cfg: Any, path: str, value: Any) -> None:
+    """``set_path(cfg, 'local.lr', 0.1)`` sets ``cfg.local.lr = 0.1``."""
+    *parents, leaf = path.split(".")
+    for part in parents:
+        cfg = cfg[part]
+    cfg[leaf] = value
+
+
 def knobs_from_config(cfg: Any) -> Knobs:
     """The numeric knobs of a config as float32 scalars (traced in programs)."""
     return {path: jnp.asarray(float(get_path(cfg, path)), jnp.float32) for path in numeric_fields()}

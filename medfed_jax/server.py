@@ -183,14 +183,7 @@ def build_engine(cfg: ml_collections.FrozenConfigDict, context: config_lib.Build
     sampled = cohort < num_clients
 
     def build_personalizer(knobs: Knobs, max_count: int) -> personalize.Personalizer:
-        spec = LocalSpec(
-            cfg.local.epochs,
-            cfg.local.steps,
-            cfg.local.batch_size,
-            cfg.local.optimizer,
-            cfg.local.sampling,
-            max_count,
-        )
+        spec = LocalSpec.from_config(cfg.local, max_count)
         gradient_fn = privacy.build_gradient_fn(cfg.privacy, knobs)  # DP-SGD's, over per-example losses
         if gradient_fn is not None:
             gradient_fn = functools.partial(gradient_fn, example_loss_fn(model))

@@ -44,11 +44,7 @@ def small_config(**overrides):
     cfg.local.lr = 0.1
     cfg.baselines = ()
     for path, value in overrides.items():
-        *parents, leaf = path.split(".")
-        section = cfg
-        for part in parents:
-            section = section[part]
-        section[leaf] = value
+        config_lib.set_path(cfg, path, value)
     return cfg
 
 

@@ -50,11 +50,7 @@ def make_config(method, **overrides):
     cfg.baselines = ()
     cfg.personalization.method = method
     for path, value in overrides.items():
-        *parents, leaf = path.split(".")
-        section = cfg
-        for part in parents:
-            section = section[part]
-        section[leaf] = value
+        config_lib.set_path(cfg, path, value)
     return cfg
 
 
