@@ -149,6 +149,7 @@ def _finish(workdir, prepared, rows, finals, seeds) -> dict:
         "client_names": list(names),
         "seeds": seeds,
         "rounds": prepared.cfg.rounds,
+        "privacy": prepared.accounting.report(prepared.cfg.rounds),
         "final": {
             m: {
                 "test_accuracy_mean": float(np.mean(f["test_accuracy"])),

@@ -264,3 +264,16 @@ def test_program_equals_chunked_run():
     program = runner.run_seeds(prepared, "federated", [4])
     np.testing.assert_allclose([r["test_accuracy"] for r in rows], program["test_accuracy"][0], atol=1e-6)
     np.testing.assert_allclose([r["test_loss"] for r in rows], program["test_loss"][0], rtol=1e-5)
+
+
+def test_workdir_with_a_different_config_is_refused_unless_overwrite(tmp_path):
+    from medfed_jax import cli
+
+    workdir = str(tmp_path / "run")
+    cli.prepare_workdir(workdir, small_config(), overwrite=False)
+    cli.prepare_workdir(workdir, small_config(), overwrite=False)  # same config: resume is allowed
+    with pytest.raises(SystemExit, match="different config"):
+        cli.prepare_workdir(workdir, small_config(**{"local.lr": 0.2}), overwrite=False)
+    cli.prepare_workdir(workdir, small_config(**{"local.lr": 0.2}), overwrite=True)
+    with open(f"{workdir}/config.json") as f:
+        assert '"lr": 0.2' in f.read()
