@@ -163,7 +163,9 @@ def _finish(workdir, prepared, rows, finals, seeds) -> dict:
     }
     if workdir:
         runner.write_text_atomic(os.path.join(workdir, "history.csv"), rows_to_csv(rows))
-        runner.write_text_atomic(os.path.join(workdir, "summary.json"), json.dumps(summary, indent=2))
+        runner.write_text_atomic(
+            os.path.join(workdir, "summary.json"), json.dumps(config_lib.json_safe(summary), indent=2)
+        )
         print(f"\nwrote {workdir}/history.csv, summary.json, config.json")
     return summary
 

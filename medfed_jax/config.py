@@ -205,14 +205,15 @@ def validate(cfg: Any, context: BuildContext) -> None:
 
 def to_json(cfg: Any) -> str:
     """A canonical JSON rendering (sorted keys), used to compare workdirs."""
-    return json.dumps(_plain(cfg.to_dict()), sort_keys=True, indent=2)
+    return json.dumps(json_safe(cfg.to_dict()), sort_keys=True, indent=2)
 
 
-def _plain(value: Any) -> Any:
+def json_safe(value: Any) -> Any:
+    """Nested dicts and lists with non-finite floats as strings ("inf", "nan"): strict JSON."""
     if isinstance(value, dict):
-        return {k: _plain(v) for k, v in value.items()}
+        return {k: json_safe(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
+        return [json_safe(v) for v in value]
     if isinstance(value, float) and not math.isfinite(value):
         return str(value)
     return value
