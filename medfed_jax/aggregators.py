@@ -43,6 +43,7 @@ spread of finite client update norms, ``norm_min``, ``norm_median``,
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 from typing import Any, NamedTuple
@@ -52,7 +53,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from medfed_jax.types import Aggregator, Knobs, Metrics
+from medfed_jax.types import Aggregator, Knobs, Metrics, numeric_setting
 
 _HIGHEST = jax.lax.Precision.HIGHEST
 _TINY = float(jnp.finfo(jnp.float32).tiny)
@@ -616,13 +617,7 @@ def chain(*stages: PreAggregator | Aggregator) -> Aggregator:
 # Config section.
 
 
-def _knob(cfg: Any, knobs: Knobs, field: str) -> Any:
-    """A numeric setting: the traced knob when given, else the config's value.
-
-    The engine's static config drops numeric fields, so the config is read only without a knob.
-    """
-    path = f"aggregator.{field}"
-    return knobs[path] if path in knobs else cfg[field]
+_knob = functools.partial(numeric_setting, "aggregator")  # (cfg, knobs, field) -> value
 
 
 _RULES: dict[str, Callable[[Any, Knobs], Aggregator]] = {

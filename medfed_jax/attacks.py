@@ -16,6 +16,7 @@ them. Strength parameters may be traced (numeric knobs).
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any
 
@@ -25,7 +26,7 @@ import ml_collections
 import numpy as np
 
 from medfed_jax.aggregators import broadcast_clients
-from medfed_jax.types import Attack, AttackContext, Knobs, Updates
+from medfed_jax.types import Attack, AttackContext, Knobs, Updates, numeric_setting
 
 
 def _replace(updates: Updates, malicious: jax.Array, new: Updates) -> Updates:
@@ -188,13 +189,7 @@ def num_malicious(fraction: Any, num_clients: int) -> Any:
     return jnp.round(fraction * num_clients).astype(jnp.int32)
 
 
-def _knob(cfg: Any, knobs: Knobs, field: str) -> Any:
-    """A numeric setting: the traced knob when given, else the config's value.
-
-    The engine's static config drops numeric fields, so the config is read only without a knob.
-    """
-    path = f"attack.{field}"
-    return knobs[path] if path in knobs else cfg[field]
+_knob = functools.partial(numeric_setting, "attack")  # (cfg, knobs, field) -> value
 
 
 def attack_mask(cfg: Any, key: jax.Array, knobs: Knobs, num_clients: int) -> jax.Array:

@@ -22,6 +22,16 @@ Metrics = dict[str, Array]
 Knobs = dict[str, Array]  # numeric, traced hyper-parameters keyed by config path
 
 
+def numeric_setting(section: str, cfg: Any, knobs: Knobs, field: str) -> Any:
+    """``section.field``: the traced knob when given, else the config's value.
+
+    The engine's static config drops numeric fields, so the config is read only
+    when no knob is given (a component built outside the engine).
+    """
+    path = f"{section}.{field}"
+    return knobs[path] if path in knobs else cfg[field]
+
+
 class ClientData(NamedTuple):
     """Stacked, padded client data.
 

@@ -212,12 +212,7 @@ BAD_CONFIGS = [
 
 
 @pytest.mark.parametrize("overrides,message", BAD_CONFIGS)
-def test_config_errors_raise_before_compiling(overrides, message, monkeypatch):
-    def no_compile(*args, **kwargs):
-        raise AssertionError("compiled before validating")
-
-    monkeypatch.setattr(runner, "build_engine", no_compile)
-    monkeypatch.setattr(runner.baselines, "build_local_only", no_compile)
+def test_config_errors_raise_before_compiling(overrides, message, forbid_compile):
     with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
         runner.run(small_config(**overrides), federation([4] * 8), log=None)
 

@@ -368,11 +368,6 @@ BAD = [
 
 
 @pytest.mark.parametrize("overrides,message", BAD)
-def test_bad_personalisation_config_raises_before_compiling(overrides, message, monkeypatch):
-    def no_compile(*args, **kwargs):
-        raise AssertionError("compiled before validating")
-
-    monkeypatch.setattr(runner, "build_engine", no_compile)
-    monkeypatch.setattr(runner.baselines, "build_local_only", no_compile)
+def test_bad_personalisation_config_raises_before_compiling(overrides, message, forbid_compile):
     with pytest.raises(ValueError, match=message):
         runner.run(make_config("none", **overrides), federation([4, 5, 6]), log=None)
