@@ -4,23 +4,24 @@ The matrix: 6 aggregators x 6 attacks x malicious fractions {0.1, 0.2, 0.3} x
 5 seeds = 540 cells, 100 rounds each, digits over 20 Dirichlet(0.5) clients
 (`configs/robustness_matrix.py`). Timed in the same run:
 
-- *sweep*: `medfed_jax.sweep.run_sweep`, one compiled program per
-  (aggregator, attack) with its 15 cells vmapped, compile included;
+- *sweep*: `medfed_jax.sweep.run_sweep`, compile included: ONE program with
+  the aggregator and the attack as run-time switches, the 15 cells of each
+  (aggregator, attack) vmapped, one chunk per core at once;
+- *sweep, one program per (aggregator, attack)*: the same with
+  ``sweep.switch = ()`` (the earlier design), on the loop's subset;
 - *CLI per cell*: ``python -m medfed_jax --config=configs/digits_dirichlet.py
   --config.<knob>=...`` in a fresh process per cell, the way a shell loop
   over the grid would run it;
 - *in-process loop*: every cell as its own single-run call in one process,
   ``runner.train_method('federated', runner.prepare(cell_config))``; the
-  engine cache keeps what it can (it is keyed by the whole structural config,
-  seed included, so each seed compiles again);
-- *warm loop*: the same calls with the seed passed as an argument, so each
-  (aggregator, attack) compiles once, as in the sweep: the best a Python loop
-  over this library does.
+  engine cache compiles each (aggregator, attack) once, as a careful user's
+  Python loop over this library would.
 
-The loops run a subset of the cells (``--loop_programs`` (aggregator, attack)
-pairs spread over the matrix; ``--cli_cells`` cells for the CLI) and are
-extrapolated to the whole matrix by cell count; the output says so. Every
-loop cell's final accuracy is checked against the sweep's.
+All but the sweep run a subset of the cells (``--loop_programs``
+(aggregator, attack) pairs spread over the matrix, 15 cells each;
+``--cli_cells`` cells for the CLI) and are extrapolated to the whole matrix by
+cell count; the output says so. Every loop cell's final accuracy is checked
+against the sweep's.
 
     python benchmarks/sweep_throughput.py                      # writes benchmarks/sweep_results.md
     python benchmarks/sweep_throughput.py --rounds=20 --loop_programs=1 --cli_cells=1 --out=/tmp/quick.md
@@ -38,6 +39,7 @@ import tempfile
 import time
 
 import jax
+import ml_collections
 from absl import app, flags
 
 from medfed_jax import report, runner, sweep
@@ -64,22 +66,37 @@ def spread(programs: tuple, k: int) -> list:
     return [programs[(i * step + i) % len(programs)] for i in range(k)]
 
 
-def time_loop(cfg, plan: sweep.Plan, cells: list[int], warm: bool, result: sweep.SweepResult) -> tuple[float, float]:
-    """Each cell as one single-run call in this process: (seconds, largest |final accuracy - sweep's|).
-
-    Starts with empty compilation caches, so that nothing compiled before counts.
-    """
+def clear_compiled() -> None:
+    """Empty every compilation cache, so that nothing compiled before counts."""
     jax.clear_caches()
     build_engine.cache_clear()
+    sweep._COMPILED.clear()
+
+
+def time_loop(cfg, plan: sweep.Plan, cells: list[int], result: sweep.SweepResult) -> tuple[float, float]:
+    """Each cell as one single-run call in this process: (seconds, largest |final accuracy - sweep's|)."""
+    clear_compiled()
     start, gap = time.perf_counter(), 0.0
     for index in cells:
-        values = dict(plan.cells[index].values)
-        seed = values.pop("seed") if warm else None
-        history = runner.train_method(
-            "federated", runner.prepare(sweep.with_overrides(cfg, values)), seed=seed, log=None
-        )
+        prepared = runner.prepare(sweep.with_overrides(cfg, plan.cells[index].values))
+        history = runner.train_method("federated", prepared, log=None)
         gap = max(gap, abs(history[-1]["test_accuracy"] - float(result.histories[index]["test_accuracy"][-1])))
     return time.perf_counter() - start, gap
+
+
+def time_per_choice_sweep(cfg, plan: sweep.Plan, cells: list[int], result) -> tuple[float, float]:
+    """The sweep of ``cells`` with ``sweep.switch = ()``: one compiled program per (aggregator, attack)."""
+    clear_compiled()
+    subset = cfg.copy_and_resolve_references()
+    subset.sweep = ml_collections.ConfigDict({"cells": [plan.cells[i].values for i in cells], "switch": ()})
+    start = time.perf_counter()
+    own = sweep.run_sweep(subset, log=None)
+    seconds = time.perf_counter() - start
+    gap = max(
+        abs(float(own.histories[j]["test_accuracy"][-1]) - float(result.histories[i]["test_accuracy"][-1]))
+        for j, i in enumerate(cells)
+    )
+    return seconds, gap
 
 
 def time_cli(plan: sweep.Plan, cells: list[int], result: sweep.SweepResult) -> tuple[float, float]:
@@ -106,16 +123,29 @@ def main(argv):
     del argv
     load_before = os.getloadavg()[0]
     cfg = matrix_config(_ROUNDS.value)
+    clear_compiled()
     result = sweep.run_sweep(cfg, log=print)
     plan, total = result.plan, len(result.plan.cells)
     subset = spread(plan.programs, _LOOP_PROGRAMS.value)
     loop_cells = [i for spec in subset for i in spec.cells]
-    rows = [("sweep (vmapped, one program per aggregator x attack)", total, result.seconds, "all cells")]
+    workers = sweep.run_workers()
+    rows = [
+        (
+            f"sweep: 1 program, aggregator and attack switched at run time, {workers} chunks at once",
+            total,
+            result.seconds,
+            "all cells",
+        )
+    ]
     gaps = []
     for name, timer, cells in (
+        (
+            "sweep, one program per (aggregator, attack) (`sweep.switch = ()`)",
+            lambda c: time_per_choice_sweep(cfg, plan, c, result),
+            loop_cells,
+        ),
         ("CLI per cell (a fresh process each)", lambda c: time_cli(plan, c, result), loop_cells[: _CLI_CELLS.value]),
-        ("in-process loop of single-run calls", lambda c: time_loop(cfg, plan, c, False, result), loop_cells),
-        ("warm loop (seed as an argument)", lambda c: time_loop(cfg, plan, c, True, result), loop_cells),
+        ("in-process loop of single-run calls", lambda c: time_loop(cfg, plan, c, result), loop_cells),
     ):
         seconds, gap = timer(cells)
         gaps.append(gap)
@@ -137,21 +167,20 @@ def main(argv):
             "## Sweep throughput: robustness matrix (`benchmarks/sweep_throughput.py`)",
             "",
             f"{len(AGGREGATORS)} aggregators x {len(ATTACKS)} attacks x fractions {{0.1, 0.2, 0.3}} x 5 seeds = "
-            f"{total} cells, {_ROUNDS.value} rounds each, digits over 20 Dirichlet(0.5) clients, "
-            f"{len(plan.programs)} compiled programs. {datetime.date.today().isoformat()}, {report.machine()}; "
-            f"1-minute load average {load_before:.1f} at the start, {os.getloadavg()[0]:.1f} at the end "
-            "(a machine shared with other jobs).",
+            f"{total} cells, {_ROUNDS.value} rounds each, digits over 20 Dirichlet(0.5) clients. "
+            f"{datetime.date.today().isoformat()}, {report.machine()}; 1-minute load average {load_before:.1f} at "
+            f"the start, {os.getloadavg()[0]:.1f} at the end.",
             "",
             f"Command: `python benchmarks/sweep_throughput.py --rounds={_ROUNDS.value} "
             f"--loop_programs={_LOOP_PROGRAMS.value} --cli_cells={_CLI_CELLS.value}`",
             "",
             *table,
             "",
-            f"Sweep: {result.programs_compiled} programs compiled in {result.compile_seconds:.0f}s (one ahead, on a "
-            f"background thread), {total} cells run in {result.run_seconds:.0f}s, wall {result.seconds:.0f}s. "
-            f"The loops ran the cells of {len(subset)} (aggregator, attack) pairs ({pairs}); the CLI the first "
-            f"{_CLI_CELLS.value} of them; both extrapolated by cell count. Every loop cell's final test accuracy "
-            f"equals the sweep's (largest difference {max(gaps):.1g}).",
+            f"Sweep: {result.programs_compiled} program compiled in {result.compile_seconds:.0f}s, {total} cells "
+            f"run in {result.run_seconds:.0f}s of chunk time ({workers} chunks at once), wall {result.seconds:.0f}s. "
+            f"The other rows ran the cells of {len(subset)} (aggregator, attack) pairs ({pairs}); the CLI the "
+            f"first {_CLI_CELLS.value} of them; all extrapolated by cell count. Every cell they ran ends with the "
+            f"sweep's final test accuracy (largest difference {max(gaps):.1g}).",
         ]
     )
     runner.write_text_atomic(_OUT.value, text + "\n")

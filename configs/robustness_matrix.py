@@ -5,8 +5,9 @@ Digits over 20 Dirichlet(0.5) clients (the settings of `digits_dirichlet.py`),
 the number of Byzantine clients use ``aggregator.f = 4``, the most Bulyan
 allows with 20 clients (n >= 4f + 3): it matches 20% attackers and
 under-states 30% (6 attackers), as a defender who guessed low would. One
-compiled program per (aggregator, attack); the fractions and seeds of each
-are vmapped. The report writes ``final.csv`` and ``heatmap.png``.
+compiled program for the whole matrix: the aggregator and the attack are
+run-time switches, the fractions and seeds of each pair are vmapped. The
+report writes ``final.csv`` and ``heatmap.png``.
 
     python -m medfed_jax --config=configs/robustness_matrix.py --workdir=runs/robustness_matrix
     python -m medfed_jax.report --workdir=runs/robustness_matrix

@@ -45,7 +45,7 @@ from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
 import jax
@@ -611,6 +611,49 @@ def chain(*stages: PreAggregator | Aggregator) -> Aggregator:
         return update, state, {**d, **diag, **raw}
 
     return Aggregator(final.init, aggregate)
+
+
+def switch(choices: Sequence[Aggregator], index: Any) -> Aggregator:
+    """One of ``choices``, picked at run time by the traced integer ``index`` (`jax.lax.switch`).
+
+    Every choice is compiled into the program; with an ``index`` that is not
+    batched (one value for a whole vmapped sweep chunk) only the chosen one
+    runs. State: a tuple holding every choice's state (only the chosen one's
+    changes). Diagnostics: the union over the choices, as float32, NaN where
+    the chosen rule does not report a key.
+    """
+    choices = tuple(choices)
+
+    def init(params):
+        return tuple(choice.init(params) for choice in choices)
+
+    def aggregate(updates, weights, mask, state, key):
+        def chosen(i):
+            def run(updates, weights, mask, state, key):
+                update, own, diag = choices[i].aggregate(updates, weights, mask, state[i], key)
+                return update, (*state[:i], own, *state[i + 1 :]), diag
+
+            return run
+
+        operands = (updates, weights, mask, state, key)
+        union = {}
+        for i in range(len(choices)):
+            union.update(jax.eval_shape(chosen(i), *operands)[2])
+
+        def branch(i):
+            def run(*operands):
+                update, new_state, diag = chosen(i)(*operands)
+                filled = {
+                    k: diag[k].astype(jnp.float32) if k in diag else jnp.full(v.shape, jnp.nan)
+                    for k, v in union.items()
+                }
+                return update, new_state, filled
+
+            return run
+
+        return jax.lax.switch(index, [branch(i) for i in range(len(choices))], *operands)
+
+    return Aggregator(init, aggregate)
 
 
 # --------------------------------------------------------------------------

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import functools
 import math
+from collections.abc import Sequence
 from typing import Any
 
 import jax
@@ -203,6 +204,25 @@ def attack_mask(cfg: Any, key: jax.Array, knobs: Knobs, num_clients: int) -> jax
         mask[list(cfg.clients)] = True
         return jnp.asarray(mask)
     return malicious_mask(key, num_clients, num_malicious(_knob(cfg, knobs, "fraction"), num_clients))
+
+
+def switch(choices: Sequence[Attack], index: Any) -> Attack:
+    """One of ``choices``, picked at run time by the traced integer ``index`` (`jax.lax.switch`).
+
+    Every choice is compiled into the program; with an ``index`` that is not
+    batched (one value for a whole vmapped sweep chunk) only the chosen one runs.
+    """
+    choices = tuple(choices)
+
+    def apply(updates, malicious, key, context):
+        branches = [lambda u, m, k, c=c: c.apply(u, m, k, context) for c in choices]
+        return jax.lax.switch(index, branches, updates, malicious, key)
+
+    def poison_labels(y, malicious, num_classes):
+        branches = [lambda y, m, c=c: c.poison_labels(y, m, num_classes) for c in choices]
+        return jax.lax.switch(index, branches, y, malicious)
+
+    return Attack(apply, poison_labels)
 
 
 # --------------------------------------------------------------------------

@@ -396,11 +396,15 @@ FIGURES = (
 
 def sweep_sentence(tables: SweepTables) -> str:
     meta = tables.meta
+    switched = meta.get("switched_knobs", [])
     numeric = ", ".join(f"`{k}`" for k in meta["numeric_knobs"]) or "none"
-    structural = ", ".join(f"`{k}`" for k in meta["structural_knobs"]) or "none"
+    structural = ", ".join(f"`{k}`" for k in meta["structural_knobs"] if k not in switched) or "none"
+    picked = ", ".join(f"`{k}`" for k in switched)
     return (
-        f"{meta['cells']} cells in {len(meta['programs'])} compiled program(s). Numeric knobs (vmapped "
-        f"experiment axis): {numeric}; structural knobs (one program each): {structural}."
+        f"{meta['cells']} cells in {meta.get('compiled_programs', len(meta['programs']))} compiled program(s). "
+        f"Numeric knobs (vmapped experiment axis): {numeric}; "
+        + (f"switched knobs (compiled together, picked at run time): {picked}; " if switched else "")
+        + f"structural knobs (one program each): {structural}."
     )
 
 

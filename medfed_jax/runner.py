@@ -22,7 +22,7 @@ from medfed_jax import baselines, personalize, privacy
 from medfed_jax import config as config_lib
 from medfed_jax import data as data_lib
 from medfed_jax.models import check_input_fits, make_model
-from medfed_jax.server import Engine, build_engine, static_config
+from medfed_jax.server import Engine, Switches, build_engine, static_config
 from medfed_jax.types import FederatedDataset, Knobs
 
 # federated (as configured), the baselines, and the personalised methods of `medfed_jax.personalize`.
@@ -73,13 +73,19 @@ def prepare(cfg: Any, dataset: FederatedDataset | None = None) -> Prepared:
     return Prepared(cfg, dataset, context, config_lib.knobs_from_config(cfg), accounting)
 
 
-def engine_for(method: str, prepared: Prepared) -> tuple[Engine, FederatedDataset, Any]:
-    """The engine, data view and config of one method of a prepared run."""
+def engine_for(method: str, prepared: Prepared, switches: Switches = ()) -> tuple[Engine, FederatedDataset, Any]:
+    """The engine, data view and config of one method of a prepared run.
+
+    ``switches`` (`medfed_jax.server.build_engine`): structural choices the
+    program picks at run time from ``knobs``; pooled training ignores them (it
+    has no attack and a plain mean), local-only training has no use for them.
+    """
     cfg, dataset = prepared.cfg, prepared.dataset
+    switched = [path for path, _ in switches]
     if method == "federated":
-        return build_engine(static_config(cfg), prepared.context), dataset, cfg
+        return build_engine(static_config(cfg, switched), prepared.context, switches), dataset, cfg
     if method == "local_only":
-        return baselines.build_local_only(static_config(cfg), prepared.context), dataset, cfg
+        return baselines.build_local_only(static_config(cfg, switched), prepared.context), dataset, cfg
     if method == "pooled":
         pooled_cfg = baselines.pooled_config(cfg)
         view = baselines.pooled_training_view(dataset)
@@ -87,7 +93,8 @@ def engine_for(method: str, prepared: Prepared) -> tuple[Engine, FederatedDatase
     if method in personalize.PERSONAL_METHODS:
         personal_cfg = cfg.copy_and_resolve_references()
         personal_cfg.personalization.method = method
-        return build_engine(static_config(personal_cfg), prepared.context), dataset, personal_cfg
+        engine = build_engine(static_config(personal_cfg, switched), prepared.context, switches)
+        return engine, dataset, personal_cfg
     raise ValueError(f"unknown method {method!r}; choose one of {METHODS}.")
 
 

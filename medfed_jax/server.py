@@ -17,7 +17,7 @@ recompile.
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
 import jax
@@ -31,6 +31,10 @@ from medfed_jax.client import LocalHParams, LocalSpec, example_loss_fn, map_clie
 from medfed_jax.eval import make_evaluate, make_evaluate_personal
 from medfed_jax.models import make_model
 from medfed_jax.types import Array, AttackContext, ClientData, Knobs, Metrics, Params
+
+# Structural fields a program can switch between at run time (see `build_engine`).
+SWITCHABLE = ("aggregator.name", "attack.name")
+Switches = tuple[tuple[str, tuple[str, ...]], ...]
 
 # Purposes of the per-round keys, folded into the round key.
 _SAMPLE, _LOCAL, _PRIVACY, _ATTACK, _AGGREGATE, _PERSONAL = range(6)
@@ -85,14 +89,15 @@ def local_hparams(knobs: Knobs) -> LocalHParams:
     return LocalHParams(knobs["local.lr"], knobs["local.momentum"], knobs["local.prox_mu"])
 
 
-def static_config(cfg: Any) -> ml_collections.FrozenConfigDict:
+def static_config(cfg: Any, switched: Sequence[str] = ()) -> ml_collections.FrozenConfigDict:
     """The structural part of a config: numeric knobs removed, frozen, hashable.
 
     Reading a numeric field from it fails loudly, so code inside a program can
-    only see numeric settings through the traced ``knobs``.
+    only see numeric settings through the traced ``knobs``. ``switched`` fields
+    (see `build_engine`) are removed too: the program reads them from ``knobs``.
     """
     plain = cfg.to_dict()
-    for path in config_lib.numeric_fields():
+    for path in (*config_lib.numeric_fields(), *switched):
         *parents, leaf = path.split(".")
         section = plain
         for part in parents:
@@ -174,10 +179,34 @@ def _scalar_metrics(metrics: Metrics) -> Metrics:
     return {k: v for k, v in metrics.items() if jnp.ndim(v) == 0}
 
 
+def _switchable(cfg: Any, switches: Switches, section: str, build: Callable, combine: Callable) -> Callable:
+    """``knobs -> component``: the section's component, or a run-time switch over the ``switches`` choices."""
+    choices = dict(switches).get(f"{section}.name")
+    if not choices:
+        return lambda knobs: build(cfg[section], knobs)
+    variants = [ml_collections.ConfigDict({**cfg[section].to_dict(), "name": name}) for name in choices]
+    return lambda knobs: combine([build(v, knobs) for v in variants], knobs[f"{section}.name"])
+
+
 @functools.lru_cache(maxsize=32)
-def build_engine(cfg: ml_collections.FrozenConfigDict, context: config_lib.BuildContext) -> Engine:
-    """Build (and cache) the engine for a structural config; see `Engine`."""
+def build_engine(
+    cfg: ml_collections.FrozenConfigDict, context: config_lib.BuildContext, switches: Switches = ()
+) -> Engine:
+    """Build (and cache) the engine for a structural config; see `Engine`.
+
+    ``switches``: ``(('aggregator.name', names), ('attack.name', names))``
+    (either, both or none). Each switched choice is compiled into the program
+    as a `jax.lax.switch` branch, and ``knobs['<section>.name']`` (an int32
+    index into ``names``, traced) picks one at run time; ``cfg`` then lacks
+    that field (`static_config` with ``switched``). Sweeps use this to compile
+    the aggregator x attack matrix once.
+    """
+    unknown = [path for path, _ in switches if path not in SWITCHABLE]
+    if unknown:
+        raise ValueError(f"build_engine: {unknown} cannot be switched at run time; switchable: {SWITCHABLE}.")
     model = make_model(cfg.model.name, context.num_classes, tuple(cfg.model.widths))
+    build_rule = _switchable(cfg, switches, "aggregator", aggregators.build_aggregator, aggregators.switch)
+    build_attack = _switchable(cfg, switches, "attack", attacks.build_attack, attacks.switch)
     parallelism, chunk = default_parallelism(cfg)
     num_clients, cohort = context.num_clients, context.cohort_size
     sampled = cohort < num_clients
@@ -191,11 +220,11 @@ def build_engine(cfg: ml_collections.FrozenConfigDict, context: config_lib.Build
 
     def components(knobs: Knobs, max_count: int):
         aggregator = privacy.build_central_aggregator(cfg.privacy, knobs, context)
-        aggregator = aggregator or aggregators.build_aggregator(cfg.aggregator, knobs)
+        aggregator = aggregator or build_rule(knobs)
         return (
             build_personalizer(knobs, max_count),
             privacy.build_client_privatizer(cfg.privacy, knobs),
-            attacks.build_attack(cfg.attack, knobs),
+            build_attack(knobs),
             aggregator,
             make_server_optimizer(cfg.server.optimizer, knobs),
         )

@@ -9,7 +9,9 @@ A config declares its sweep in ``cfg.sweep``:
   each one cell; with a ``grid`` too, every listed cell is crossed with it;
 - ``numeric`` (optional): knobs that must ride the vmapped experiment axis; a
   structural knob listed here is refused (a guard for sweeps meant to compile once);
-- ``chunk_size``: cells per vmapped call, 0 = automatic.
+- ``chunk_size``: cells per vmapped call, 0 = automatic;
+- ``switch`` (optional): the switched knobs (below); unset = every switchable
+  knob the sweep varies, ``()`` = compile one program per value instead.
 
 A knob is a config field (``'local.lr'``), ``'seed'`` (the run seed) or
 ``'method'`` (`medfed_jax.runner.METHODS`: ``'federated'``, the default, the
@@ -33,10 +35,19 @@ a CPU in `tests/test_sweep.py`).
 model, every ``data.*`` field (dataset, client count, partition, its seed),
 ``local.epochs``/``steps``/``batch_size``/``optimizer`` (loop lengths and batch
 shapes), ``rounds``, ``eval_every``, ``cohort_size``. Each combination compiles
-one program, reused for all its numeric cells; the next program compiles on a
-background thread while the current one runs. On a CPU, compiling (~15 s a
-program) dominates: vmapping does not speed up the cells themselves there,
-it saves the compiles a loop over seeds would make (`benchmarks/sweep_results.md`).
+one program, reused for all its numeric cells.
+
+**Switched knobs** (``aggregator.name``, ``attack.name``) change code but not
+shapes: a sweep over several of them compiles every choice into one program as
+`jax.lax.switch` branches (`medfed_jax.server.build_engine`) and passes the
+choice as an int32 index that is *shared* by the cells of a chunk (not
+vmapped), so only the chosen branch runs. The 6 x 6 aggregator x attack matrix
+is then one compile instead of 36. Chunks never mix choices.
+
+Programs compile in order on a background thread; on a CPU one chunk per core
+runs at once (one XLA run keeps about one core busy). On a CPU, vmapping does
+not speed up the cells themselves much: a sweep wins by compiling once and by
+filling every core (`benchmarks/sweep_results.md`).
 
 Results (workdir): ``results.csv``, one row per cell x evaluation (every knob
 a column, then ``round``, ``epsilon`` for private runs, the metrics and
@@ -62,6 +73,7 @@ import json
 import math
 import os
 import runpy
+import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -75,15 +87,14 @@ import scipy.stats
 from medfed_jax import baselines, privacy, runner
 from medfed_jax import config as config_lib
 from medfed_jax import data as data_lib
-from medfed_jax.server import Engine
+from medfed_jax.server import SWITCHABLE, Engine, Switches
 from medfed_jax.types import ClientData, FederatedDataset
 
-SWEEP_FIELDS = ("grid", "cells", "numeric", "chunk_size")
+SWEEP_FIELDS = ("grid", "cells", "numeric", "chunk_size", "switch")
 SPECIAL_KNOBS = ("seed", "method")
 AUTO_CHUNK = {"cpu": 32}  # cells per chunk when chunk_size = 0; accelerators: 256
 AUTO_CHUNK_DEFAULT = 256
 CHUNK_DIR = "chunks"
-COMPILE_WORKERS = 1  # programs compiled on background threads while the current one runs
 
 
 def numeric_knobs() -> tuple[str, ...]:
@@ -109,7 +120,11 @@ class Cell:
 
 @dataclasses.dataclass(frozen=True)
 class ProgramSpec:
-    """One structural combination: a compiled program and the cells it runs."""
+    """One structural combination and its cells, run in vmapped chunks.
+
+    Specs that differ only in switched knobs (`Plan.switches`) share one
+    compiled program, each with its own switch setting.
+    """
 
     structural: dict[str, Any]
     cells: tuple[int, ...]
@@ -122,16 +137,35 @@ class ProgramSpec:
 
 @dataclasses.dataclass(frozen=True)
 class Plan:
-    """A parsed sweep: knob columns, cells in order, programs, chunk size."""
+    """A parsed sweep: knob columns, cells in order, structural combinations, chunk size, switches.
+
+    ``switches``: ``(knob, choices)`` for each structural knob that the
+    compiled programs pick at run time (`medfed_jax.server.build_engine`)
+    instead of compiling once per value.
+    """
 
     knobs: tuple[str, ...]
     cells: tuple[Cell, ...]
     programs: tuple[ProgramSpec, ...]
     chunk_size: int
+    switches: Switches = ()
 
     @property
     def structural(self) -> tuple[str, ...]:
         return tuple(k for k in self.knobs if k not in numeric_knobs())
+
+    @property
+    def switched(self) -> tuple[str, ...]:
+        return tuple(k for k, _ in self.switches)
+
+    @property
+    def num_compiled(self) -> int:
+        """Programs to compile: structural combinations, switched knobs aside."""
+        compiled = {
+            json.dumps([_canonical(v) for k, v in p.structural.items() if k not in self.switched])
+            for p in self.programs
+        }
+        return len(compiled)
 
 
 def flatten(mapping: Mapping, prefix: str = "") -> dict[str, Any]:
@@ -249,7 +283,29 @@ def _raw_sweep(cfg: Any, num_seeds: int) -> tuple[list[dict], dict[str, list], t
     chunk_size = sweep.get("chunk_size", 0)
     if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 0:
         raise ValueError(f"sweep.chunk_size={chunk_size!r} must be 0 (automatic) or a positive integer.")
-    return cells, grid, numeric, chunk_size
+    switch = sweep.get("switch")
+    if switch is not None and (isinstance(switch, str) or not isinstance(switch, Sequence)):
+        raise ValueError(f"sweep.switch={switch!r} must be a tuple of knobs (e.g. ('aggregator.name',)) or ().")
+    return cells, grid, numeric, chunk_size, switch
+
+
+def _switches(declared: Sequence[str] | None, knobs: tuple[str, ...], values: list[dict]) -> Switches:
+    """``(knob, choices)`` of the switched knobs: ``declared``, or every switchable knob with 2+ values."""
+    for knob in declared or ():
+        if knob not in SWITCHABLE:
+            raise ValueError(
+                f"sweep.switch lists {knob!r}; only {SWITCHABLE} can be switched at run time. Other "
+                "structural knobs compile one program per value."
+            )
+        if knob not in knobs:
+            raise ValueError(f"sweep.switch lists {knob!r}, which the sweep does not vary; remove it.")
+    candidates = SWITCHABLE if declared is None else tuple(declared)
+    switches = []
+    for knob in (k for k in candidates if k in knobs):
+        choices = tuple(dict.fromkeys(v[knob] for v in values))
+        if len(choices) > 1 or declared is not None:
+            switches.append((knob, choices))
+    return tuple(switches)
 
 
 def _check_declared_numeric(declared: tuple[str, ...], knobs: tuple[str, ...]) -> None:
@@ -267,7 +323,7 @@ def _check_declared_numeric(declared: tuple[str, ...], knobs: tuple[str, ...]) -
 
 def plan_sweep(cfg: Any, num_seeds: int = 1) -> Plan:
     """Parse and check ``cfg.sweep`` (no data, no compile); ``num_seeds > 1`` adds a seed axis."""
-    cells, grid, declared, chunk_size = _raw_sweep(cfg, num_seeds)
+    cells, grid, declared, chunk_size, switch = _raw_sweep(cfg, num_seeds)
     knobs: list[str] = []
     for entry in cells:
         knobs.extend(k for k in entry if k not in knobs)
@@ -295,7 +351,8 @@ def plan_sweep(cfg: Any, num_seeds: int = 1) -> Plan:
     for i, v in enumerate(values):
         groups.setdefault(json.dumps([_canonical(v[k]) for k in structural]), []).append(i)
     programs = tuple(ProgramSpec({k: values[idx[0]][k] for k in structural}, tuple(idx)) for idx in groups.values())
-    return Plan(knobs, tuple(Cell(i, v) for i, v in enumerate(values)), programs, chunk_size)
+    cells = tuple(Cell(i, v) for i, v in enumerate(values))
+    return Plan(knobs, cells, programs, chunk_size, _switches(switch, knobs, values))
 
 
 def _determined(rows: Sequence[Mapping], by: Sequence[str], knob: str) -> bool:
@@ -373,6 +430,7 @@ class PreparedProgram:
     knobs: dict[str, np.ndarray]  # path -> [n] float32
     epsilon: tuple[tuple[float, ...] | None, ...]  # per cell: epsilon after each evaluation, None if no DP
     privacy_note: str  # how epsilon is accounted (unit, delta, accountant); '' without DP
+    switch_index: dict[str, int] = dataclasses.field(default_factory=dict)  # switched knob -> choice index
 
 
 def _dataset(cfg: Any, cache: dict) -> FederatedDataset:
@@ -405,7 +463,7 @@ def prepare_program(cfg: Any, plan: Plan, spec: ProgramSpec, datasets: dict) -> 
         prepared = runner.prepare(struct_cfg, _dataset(struct_cfg, datasets))
     except ValueError as e:
         raise ValueError(f"sweep program {spec.label()}: {e}") from None
-    engine, view, _ = runner.engine_for(method, prepared)
+    engine, view, _ = runner.engine_for(method, prepared, plan.switches)
     rounds = tuple(range(struct_cfg.eval_every, struct_cfg.rounds + 1, struct_cfg.eval_every))
     seeds, knobs, epsilons, notes = [], [], [], []
     for index in spec.cells:
@@ -432,6 +490,7 @@ def prepare_program(cfg: Any, plan: Plan, spec: ProgramSpec, datasets: dict) -> 
         knobs={k: np.asarray([kn[k] for kn in knobs], np.float32) for k in config_lib.numeric_fields()},
         epsilon=tuple(epsilons),
         privacy_note="; ".join(notes),
+        switch_index={knob: choices.index(spec.structural[knob]) for knob, choices in plan.switches},
     )
 
 
@@ -455,8 +514,10 @@ def effective_chunk_size(plan: Plan) -> int:
 
 
 @functools.lru_cache(maxsize=64)
-def _vmapped(program: Callable) -> Callable:
-    return jax.jit(jax.vmap(program, in_axes=(0, None, None, 0)))
+def _vmapped(program: Callable, switched: tuple[str, ...]) -> Callable:
+    """The program vmapped over cells: seeds and numeric knobs batched, data and switch indices shared."""
+    knob_axes = {**{k: 0 for k in config_lib.numeric_fields()}, **{k: None for k in switched}}
+    return jax.jit(jax.vmap(program, in_axes=(0, None, None, knob_axes)))
 
 
 def _spec_of(tree: Any) -> Any:
@@ -466,17 +527,21 @@ def _spec_of(tree: Any) -> Any:
 _COMPILED: dict[tuple, Any] = {}
 
 
-def compile_batched(engine: Engine, batch: int, train_spec: ClientData, test_spec: ClientData) -> tuple[Any, bool]:
+def compile_batched(
+    engine: Engine, batch: int, train_spec: ClientData, test_spec: ClientData, switched: tuple[str, ...] = ()
+) -> tuple[Any, bool]:
     """The engine's whole-run program vmapped over ``batch`` cells, compiled; and whether it was compiled now.
 
+    ``switched``: knobs the program reads as shared int32 switch indices.
     Compiled programs are kept for the life of the process.
     """
-    key = (engine, batch, train_spec, test_spec)
+    key = (engine, batch, train_spec, test_spec, switched)
     if key in _COMPILED:
         return _COMPILED[key], False
     seeds = jax.ShapeDtypeStruct((batch,), jnp.uint32)
     knobs = {k: jax.ShapeDtypeStruct((batch,), jnp.float32) for k in config_lib.numeric_fields()}
-    _COMPILED[key] = _vmapped(engine.program).lower(seeds, train_spec, test_spec, knobs).compile()
+    knobs.update({k: jax.ShapeDtypeStruct((), jnp.int32) for k in switched})
+    _COMPILED[key] = _vmapped(engine.program, switched).lower(seeds, train_spec, test_spec, knobs).compile()
     return _COMPILED[key], True
 
 
@@ -484,18 +549,20 @@ def run_chunk(program: PreparedProgram, start: int, stop: int, batch: int, compi
     """Histories of the program's cells ``[start, stop)``, padded to ``batch`` with the last cell."""
     take = np.minimum(np.arange(start, start + batch), stop - 1)
     knobs = {k: v[take] for k, v in program.knobs.items()}
+    knobs.update({k: np.int32(i) for k, i in program.switch_index.items()})
     history = jax.device_get(compiled(program.seeds[take], program.train, program.test, knobs))
     return {k: np.asarray(v)[: stop - start] for k, v in history.items()}
 
 
-def chunk_key(cfg_json: str, spec: ProgramSpec, cells: Sequence[Cell], batch: int) -> str:
-    """A stable hash naming a chunk: the base config, its program, its cells and batch size."""
+def chunk_key(cfg_json: str, spec: ProgramSpec, cells: Sequence[Cell], batch: int, switches: Switches = ()) -> str:
+    """A stable hash naming a chunk: the base config, its program and switches, its cells and batch size."""
     payload = json.dumps(
         [
             cfg_json,
             _canonical(list(spec.structural.items())),
             [_canonical(list(c.values.items())) for c in cells],
             batch,
+            *([_canonical(list(switches))] if switches else []),
         ]
     )
     return hashlib.sha256(payload.encode()).hexdigest()[:24]
@@ -515,31 +582,38 @@ def _load_chunk(path: str) -> tuple[list[int], dict[str, np.ndarray]]:
 # --------------------------------------------------------------------------- tables
 
 
+def cell_rows(plan: Plan, program: PreparedProgram, index: int, history: Mapping[str, np.ndarray], private: bool):
+    """The rows of one finished cell, one per evaluation (strings, ready for CSV)."""
+    j = program.spec.cells.index(index)
+    rows = []
+    for e, round_done in enumerate(program.rounds):
+        row = {"cell": str(index), **{k: format_value(plan.cells[index].values[k]) for k in plan.knobs}}
+        row["round"] = str(round_done)
+        if private:
+            eps = program.epsilon[j]
+            row["epsilon"] = "" if eps is None else format_float(eps[e])
+        for name, values in history.items():
+            value = values[e]
+            if value.ndim == 0:
+                row[name] = format_float(value)
+            elif value.shape == (len(program.client_names),):
+                row.update({f"{name}[{c}]": format_float(v) for c, v in zip(program.client_names, value)})
+        rows.append(row)
+    return rows
+
+
+def _program_of(programs: Sequence[PreparedProgram]) -> dict[int, PreparedProgram]:
+    return {index: p for p in programs for index in p.spec.cells}
+
+
+def _is_private(programs: Sequence[PreparedProgram]) -> bool:
+    return any(e is not None for p in programs for e in p.epsilon)
+
+
 def result_rows(plan: Plan, programs: Sequence[PreparedProgram], histories: Mapping[int, dict]) -> list[dict]:
     """One row per finished cell x evaluation, in cell order (strings, ready for CSV)."""
-    info = {}
-    for p in programs:
-        for j, index in enumerate(p.spec.cells):
-            info[index] = (p, j)
-    private = any(e is not None for p in programs for e in p.epsilon)
-    rows = []
-    for index in sorted(histories):
-        program, j = info[index]
-        history = histories[index]
-        for e, round_done in enumerate(program.rounds):
-            row = {"cell": str(index), **{k: format_value(plan.cells[index].values[k]) for k in plan.knobs}}
-            row["round"] = str(round_done)
-            if private:
-                eps = program.epsilon[j]
-                row["epsilon"] = "" if eps is None else format_float(eps[e])
-            for name, values in history.items():
-                value = values[e]
-                if value.ndim == 0:
-                    row[name] = format_float(value)
-                elif value.shape == (len(program.client_names),):
-                    row.update({f"{name}[{c}]": format_float(v) for c, v in zip(program.client_names, value)})
-            rows.append(row)
-    return rows
+    program_of, private = _program_of(programs), _is_private(programs)
+    return [row for i in sorted(histories) for row in cell_rows(plan, program_of[i], i, histories[i], private)]
 
 
 def format_float(value: Any) -> str:
@@ -547,44 +621,89 @@ def format_float(value: Any) -> str:
     return str(np.float32(value))
 
 
+def summary_keys(plan: Plan, private: bool) -> list[str]:
+    """The columns a summary row is grouped by: the knobs but the seed, the round, epsilon."""
+    return [k for k in plan.knobs if k != "seed"] + ["round"] + (["epsilon"] if private else [])
+
+
 def summary_rows(plan: Plan, rows: Sequence[dict]) -> list[dict]:
     """Aggregate result rows over seeds: mean, sample std, t-based 95% CI half-width, n."""
-    keys = [k for k in plan.knobs if k != "seed"] + ["round"] + (["epsilon"] if rows and "epsilon" in rows[0] else [])
-    skip = {"cell", "seed", *keys}
-    metrics: list[str] = []
-    for row in rows:
-        metrics.extend(k for k in row if k not in skip and k not in metrics)
+    keys = summary_keys(plan, bool(rows) and "epsilon" in rows[0])
     groups: dict[tuple, list[dict]] = {}
     for row in rows:
         groups.setdefault(tuple(row[k] for k in keys), []).append(row)
-    out = []
-    for key, members in groups.items():
-        summary = {**dict(zip(keys, key)), "n": str(len(members))}
-        for name in metrics:
-            values = np.asarray([float(r[name]) for r in members if r.get(name, "") != ""], np.float64)
-            for stat, value in zip(("mean", "std", "ci95"), mean_std_ci(values)):
-                summary[f"{name}_{stat}"] = "" if values.size == 0 else f"{value:.6g}"
-        out.append(summary)
-    return out
+    return [summarize(keys, members) for members in groups.values()]
 
 
-def mean_std_ci(values: np.ndarray) -> tuple[float, float, float]:
-    """Mean, sample standard deviation (ddof 1) and the t-based 95% CI half-width (nan for n < 2)."""
-    n = values.size
-    if n == 0:
-        return math.nan, math.nan, math.nan
-    mean = float(np.mean(values))
-    if n < 2:
-        return mean, math.nan, math.nan
-    std = float(np.std(values, ddof=1))
-    return mean, std, float(scipy.stats.t.ppf(0.975, n - 1) * std / math.sqrt(n))
+def summarize(keys: Sequence[str], members: Sequence[dict]) -> dict:
+    """One summary row over the result rows ``members`` (which agree on ``keys``)."""
+    skip = {"cell", "seed", *keys}
+    metrics = list(dict.fromkeys(k for row in members for k in row if k not in skip))
+    present = np.asarray([[r.get(m, "") != "" for m in metrics] for r in members], bool).reshape(-1, len(metrics))
+    values = np.asarray([[float(r[m]) if r.get(m, "") != "" else 0.0 for m in metrics] for r in members])
+    stats = [values.tolist() for values in mean_std_ci(values.reshape(present.shape), present)]
+    found = present.any(axis=0).tolist()
+    summary = {**{k: members[0][k] for k in keys}, "n": str(len(members))}
+    for j, name in enumerate(metrics):
+        for stat, value in zip(("mean", "std", "ci95"), stats):
+            summary[f"{name}_{stat}"] = f"{value[j]:.6g}" if found[j] else ""
+    return summary
+
+
+class Tables:
+    """``results.csv`` and ``summary.csv`` kept up to date as cells finish.
+
+    Each cell's rows and each group's summary are computed once (a group
+    again only when one of its cells arrives), so rebuilding both tables after
+    every chunk stays linear in the sweep's size. Equal to `result_rows` and
+    `summary_rows` of the finished cells.
+    """
+
+    def __init__(self, plan: Plan, programs: Sequence[PreparedProgram]):
+        self.plan, self.program_of, self.private = plan, _program_of(programs), _is_private(programs)
+        self.keys = summary_keys(plan, self.private)
+        self.cells: dict[int, list[dict]] = {}
+        self.members: dict[tuple, dict[int, dict]] = {}  # group -> cell -> row
+        self.summaries: dict[tuple, dict] = {}
+
+    def add(self, histories: Mapping[int, dict]) -> None:
+        """Add finished cells (index -> history) and refresh the summaries they touch."""
+        touched = set()
+        for index, history in histories.items():
+            self.cells[index] = cell_rows(self.plan, self.program_of[index], index, history, self.private)
+            for row in self.cells[index]:
+                key = tuple(row[k] for k in self.keys)
+                self.members.setdefault(key, {})[index] = row
+                touched.add(key)
+        for key in touched:
+            members = self.members[key]
+            self.summaries[key] = summarize(self.keys, [members[i] for i in sorted(members)])
+
+    def rows(self) -> list[dict]:
+        return [row for index in sorted(self.cells) for row in self.cells[index]]
+
+    def summary(self) -> list[dict]:
+        order = dict.fromkeys(tuple(row[k] for k in self.keys) for row in self.rows())
+        return [self.summaries[key] for key in order]
+
+
+def mean_std_ci(values: np.ndarray, present: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per column of ``values [n, m]``, over its ``present`` entries: mean, sample std (ddof 1), t-based 95% CI.
+
+    The half-width is ``t_{0.975, n-1} * std / sqrt(n)``; std and CI are nan
+    for fewer than two entries, the mean is nan for none.
+    """
+    n = present.sum(axis=0)
+    mean = np.where(present, values, 0.0).sum(axis=0) / np.maximum(n, 1)
+    std = np.sqrt(np.square(np.where(present, values - mean, 0.0)).sum(axis=0) / np.maximum(n - 1, 1))
+    ci = scipy.stats.t.ppf(0.975, np.maximum(n - 1, 1)) * std / np.sqrt(np.maximum(n, 1))
+    few = n < 2
+    return np.where(n == 0, math.nan, mean), np.where(few, math.nan, std), np.where(few, math.nan, ci)
 
 
 def to_csv(rows: Sequence[dict]) -> str:
     """CSV text; columns are the union of the rows' keys in first-seen order."""
-    columns: list[str] = []
-    for row in rows:
-        columns.extend(k for k in row if k not in columns)
+    columns = list(dict.fromkeys(k for row in rows for k in row))
     out = io.StringIO()
     writer = csv.DictWriter(out, columns, restval="", lineterminator="\n")
     writer.writeheader()
@@ -635,7 +754,9 @@ def _metadata(cfg: Any, plan: Plan, programs: Sequence[PreparedProgram]) -> dict
         "knobs": list(plan.knobs),
         "numeric_knobs": [k for k in plan.knobs if k in numeric_knobs()],
         "structural_knobs": list(plan.structural),
+        "switched_knobs": list(plan.switched),
         "cells": len(plan.cells),
+        "compiled_programs": plan.num_compiled,
         "privacy": " | ".join(dict.fromkeys(p.privacy_note for p in programs if p.privacy_note)),
         "programs": [
             {"structural": _canonical(p.spec.structural), "cells": len(p.spec.cells), "clients": list(p.client_names)}
@@ -644,25 +765,49 @@ def _metadata(cfg: Any, plan: Plan, programs: Sequence[PreparedProgram]) -> dict
     }
 
 
+def shared_batch(sizes: Sequence[int], chunk_size: int) -> int:
+    """One batch size for groups of ``sizes`` cells that share a compiled program.
+
+    Among the groups' own chunk sizes, the one that pads the fewest cells (the
+    larger on a tie): groups of 5 and 15 cells run as chunks of 5, not 15.
+    """
+    natural = {hi - lo for n in sizes for lo, hi in chunk_bounds(n, chunk_size)[:1]}
+    padded = lambda b: sum(-(-n // b) * b for n in sizes)  # noqa: E731
+    return min(natural, key=lambda b: (padded(b), -b))
+
+
 def _chunks(cfg: Any, plan: Plan, programs: Sequence[PreparedProgram], chunk_dir: str | None) -> list[_Chunk]:
-    """Every chunk of every program, in program order; each program's chunks share one batch size."""
+    """Every chunk of every program, in program order; programs sharing a compiled one share its batch size."""
     cfg_json = config_lib.to_json(cfg)
+    sizes: dict[Engine, list[int]] = {}
+    for program in programs:
+        sizes.setdefault(program.engine, []).append(len(program.spec.cells))
+    batches = {engine: shared_batch(n, effective_chunk_size(plan)) for engine, n in sizes.items()}
     chunks = []
     for program in programs:
-        bounds = chunk_bounds(len(program.spec.cells), effective_chunk_size(plan))
-        batch = bounds[0][1] - bounds[0][0]
-        for lo, hi in bounds:
+        batch = batches[program.engine]
+        for lo, hi in chunk_bounds(len(program.spec.cells), batch):
             cells = [plan.cells[i] for i in program.spec.cells[lo:hi]]
-            name = f"{chunk_key(cfg_json, program.spec, cells, batch)}.json"
+            name = f"{chunk_key(cfg_json, program.spec, cells, batch, plan.switches)}.json"
             chunks.append(_Chunk(program, lo, hi, batch, os.path.join(chunk_dir, name) if chunk_dir else None))
     return chunks
 
 
+def _compile_key(chunk: _Chunk) -> tuple:
+    program = chunk.program
+    return (program.engine, chunk.batch, _spec_of(program.train), _spec_of(program.test), tuple(program.switch_index))
+
+
 def _compile_job(chunk: _Chunk) -> tuple[Any, float, bool]:
     """(compiled program, seconds, whether it was compiled now rather than found)."""
-    start, program = time.perf_counter(), chunk.program
-    compiled, fresh = compile_batched(program.engine, chunk.batch, _spec_of(program.train), _spec_of(program.test))
+    start = time.perf_counter()
+    compiled, fresh = compile_batched(*_compile_key(chunk))
     return compiled, time.perf_counter() - start, fresh
+
+
+def run_workers() -> int:
+    """Chunks run at once: one per core on a CPU (one XLA run keeps about one core busy), else 1."""
+    return max(1, os.cpu_count() or 1) if jax.default_backend() == "cpu" else 1
 
 
 @dataclasses.dataclass(frozen=True)
@@ -704,10 +849,11 @@ def run_prepared(
     """Run a prepared sweep chunk by chunk; see the module docstring.
 
     With a ``workdir``, finished chunks found there are reused and every new
-    chunk is saved, then ``results.csv`` and ``summary.csv`` are rebuilt. The
-    next program compiles on a background thread while the current one runs.
-    ``on_chunk(k)`` is called after the k-th chunk computed in this call (tests
-    use it to simulate a crash).
+    chunk is saved, then ``results.csv`` and ``summary.csv`` are rebuilt.
+    Programs compile in order on a background thread; `run_workers` chunks run
+    at once as their programs become ready. ``on_chunk(k)`` is called after
+    the k-th chunk computed in this call (tests use it to simulate a crash);
+    chunks still running when it raises are dropped, not saved.
     """
     start = time.perf_counter()
     plan, programs = prepared.plan, prepared.programs
@@ -725,66 +871,107 @@ def run_prepared(
         else:
             todo.append(chunk)
 
+    tables = Tables(plan, programs)
+    tables.add(histories)
+
     def write_tables() -> tuple[list[dict], list[dict]]:
-        rows = result_rows(plan, programs, histories)
-        summary = summary_rows(plan, rows)
+        rows, summary = tables.rows(), tables.summary()
         if workdir:
             runner.write_text_atomic(os.path.join(workdir, "results.csv"), to_csv(rows))
             runner.write_text_atomic(os.path.join(workdir, "summary.csv"), to_csv(summary))
         return rows, summary
 
+    workers = run_workers()
     if log:
         log(
-            f"[sweep] {len(plan.cells)} cells in {len(programs)} program(s); {len(histories)} cells already done, "
-            f"{len(todo)} chunk(s) to run (chunk size {effective_chunk_size(plan)}, backend {jax.default_backend()})"
+            f"[sweep] {len(plan.cells)} cells in {len(programs)} group(s), {plan.num_compiled} compiled program(s)"
+            + (f" switching {', '.join(plan.switched)} at run time" if plan.switches else "")
+            + f"; {len(histories)} cells already done, {len(todo)} chunk(s) to run (chunk size "
+            f"{effective_chunk_size(plan)}, {workers} at once, backend {jax.default_backend()})"
         )
     rows, summary = write_tables()
-    firsts = [k for k, c in enumerate(todo) if k == 0 or c.program is not todo[k - 1].program]
-    stats = {"compiled": 0, "compile_s": 0.0, "run_s": 0.0, "cells": 0}
-    with concurrent.futures.ThreadPoolExecutor(max_workers=COMPILE_WORKERS) as pool:
-        futures: dict[int, concurrent.futures.Future] = {}
-        compiled = None
-        for k, chunk in enumerate(todo):
-            if k in firsts:
-                ahead = [f for f in firsts if f >= k][: 1 + COMPILE_WORKERS]
-                futures.update({f: pool.submit(_compile_job, todo[f]) for f in ahead if f not in futures})
-                compiled, seconds, fresh = futures.pop(k).result()
-                stats["compiled"] += fresh
-                stats["compile_s"] += seconds * fresh
-            t0 = time.perf_counter()
-            history = run_chunk(chunk.program, chunk.start, chunk.stop, chunk.batch, compiled)
-            stats["run_s"] += time.perf_counter() - t0
-            stats["cells"] += chunk.stop - chunk.start
-            histories.update({i: {key: v[j] for key, v in history.items()} for j, i in enumerate(chunk.cells)})
+    progress = _Progress(todo, start)
+    compile_pool = concurrent.futures.ThreadPoolExecutor(max_workers=1)
+    run_pool = concurrent.futures.ThreadPoolExecutor(max_workers=workers)
+    try:
+        compiles: dict[tuple, concurrent.futures.Future] = {}
+        for chunk in todo:
+            key = _compile_key(chunk)
+            if key not in compiles:
+                compiles[key] = compile_pool.submit(_compile_job, chunk)
+        runs = {run_pool.submit(_run_job, chunk, compiles[_compile_key(chunk)], progress): chunk for chunk in todo}
+        for k, future in enumerate(concurrent.futures.as_completed(runs)):
+            chunk, history = runs[future], future.result()
+            new = {i: {key: v[j] for key, v in history.items()} for j, i in enumerate(chunk.cells)}
+            histories.update(new)
+            tables.add(new)
             if chunk.path:
                 _save_chunk(chunk.path, chunk.cells, history)
             rows, summary = write_tables()
             if log:
-                log(_progress(k, todo, firsts, stats, len(histories), len(plan.cells), start))
+                log(progress.line(chunk, len(histories), len(plan.cells)))
             if on_chunk:
                 on_chunk(k + 1)
+    finally:
+        run_pool.shutdown(wait=True, cancel_futures=True)
+        compile_pool.shutdown(wait=True, cancel_futures=True)
     seconds = time.perf_counter() - start
+    stats = progress.stats
     if log:
         log(
             f"[sweep] done: {len(plan.cells)} cells; {stats['compiled']} program(s) compiled in "
-            f"{stats['compile_s']:.1f}s (overlapping the runs), {stats['cells']} cells run in {stats['run_s']:.1f}s; "
-            f"wall {seconds:.1f}s"
+            f"{stats['compile_s']:.1f}s on a background thread, {stats['cells']} cells run in {stats['run_s']:.1f}s "
+            f"of chunk time ({workers} at once); wall {seconds:.1f}s"
         )
     return SweepResult(plan, histories, rows, summary, stats["compiled"], stats["compile_s"], stats["run_s"], seconds)
 
 
-def _progress(k: int, todo: list[_Chunk], firsts: list[int], stats: dict, done: int, total: int, start: float) -> str:
-    """One progress line after chunk ``k``: cells, programs compiled, elapsed, ETA, the program's settings."""
-    specs = [todo[f].program.spec for f in firsts]
-    rows = [{key: format_value(v) for key, v in p.structural.items()} for p in specs]
-    shown = label_knobs(rows, list(todo[k].program.spec.structural))
-    chunk = todo[k]
-    cells_left = sum(c.stop - c.start for c in todo[k + 1 :])
-    compiles_left = sum(1 for f in firsts if f > k)
-    run_left = cells_left * stats["run_s"] / max(stats["cells"], 1)
-    compile_left = compiles_left * stats["compile_s"] / max(stats["compiled"], 1)
-    return (
-        f"[sweep] chunk {k + 1}/{len(todo)}  cells {done}/{total}  programs compiled {stats['compiled']}/"
-        f"{len(firsts)}  elapsed {_duration(time.perf_counter() - start)}  ETA {_duration(max(run_left, compile_left))}"
-        f"  | {chunk.program.spec.label(shown)}"
-    )
+def _run_job(chunk: _Chunk, compile_future: concurrent.futures.Future, progress: _Progress) -> dict[str, np.ndarray]:
+    """Wait for the chunk's program, run the chunk, record the timings."""
+    compiled, seconds, fresh = compile_future.result()
+    progress.compiled(compile_future, seconds, fresh)
+    t0 = time.perf_counter()
+    history = run_chunk(chunk.program, chunk.start, chunk.stop, chunk.batch, compiled)
+    progress.ran(chunk, t0, time.perf_counter() - t0)
+    return history
+
+
+class _Progress:
+    """Timings shared by the run threads, and the progress line (cells, programs compiled, elapsed, ETA)."""
+
+    def __init__(self, todo: list[_Chunk], start: float):
+        self.start, self.todo = start, todo
+        self.programs = len({_compile_key(c) for c in todo})
+        self.stats = {"compiled": 0, "compile_s": 0.0, "run_s": 0.0, "cells": 0}
+        self.first_run: float | None = None
+        self.counted: set[int] = set()
+        self.lock = threading.Lock()
+
+    def compiled(self, future: concurrent.futures.Future, seconds: float, fresh: bool) -> None:
+        with self.lock:
+            if id(future) not in self.counted:
+                self.counted.add(id(future))
+                self.stats["compiled"] += fresh
+                self.stats["compile_s"] += seconds * fresh
+
+    def ran(self, chunk: _Chunk, started: float, seconds: float) -> None:
+        with self.lock:
+            self.first_run = started if self.first_run is None else min(self.first_run, started)
+            self.stats["run_s"] += seconds
+            self.stats["cells"] += chunk.stop - chunk.start
+
+    def line(self, chunk: _Chunk, done: int, total: int) -> str:
+        with self.lock:
+            stats, now = dict(self.stats), time.perf_counter()
+            finished = len(self.counted)
+        cells_left = sum(c.stop - c.start for c in self.todo) - stats["cells"]
+        rate = stats["cells"] / max(now - (self.first_run or now), 1e-9)
+        compile_left = (self.programs - finished) * stats["compile_s"] / max(stats["compiled"], 1)
+        specs = list({id(c.program): c.program.spec for c in self.todo}.values())
+        rows = [{key: format_value(v) for key, v in p.structural.items()} for p in specs]
+        shown = label_knobs(rows, list(chunk.program.spec.structural))
+        return (
+            f"[sweep] cells {done}/{total}  programs compiled {finished}/{self.programs}  "
+            f"elapsed {_duration(now - self.start)}  ETA {_duration(max(cells_left / max(rate, 1e-9), compile_left))}"
+            f"  | {chunk.program.spec.label(shown)}"
+        )

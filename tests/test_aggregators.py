@@ -505,3 +505,30 @@ def test_every_name_builds_from_config():
         out, _, diag = jax.eval_shape(a.aggregate, *args)  # traces (wiring, shapes) without compiling
         assert out["x"].shape == (3,)
         assert set(diag) == common | specific.get(name, set()) | {"norm_clip/clipped", "norm_clip/tau"}, name
+
+
+def test_switch_runs_the_chosen_rule_and_keeps_each_state():
+    """`agg.switch` with a traced index gives each rule's numpy reference; only its state moves."""
+    rng = np.random.default_rng(11)
+    u, weights, mask = make_inputs(rng, 9, 10, "continuous", masked=True)
+    v, a = u[mask], weights[mask]
+    names = ("mean", "coordinate_median", "centered_clipping", "krum")
+    switched = agg.switch([CASES[n][0]() for n in names], jnp.int32(0))  # index replaced below
+    tree = to_tree(u, "two_leaves")
+    state = switched.init(jax.tree.map(lambda x: x[0], tree))
+
+    @jax.jit
+    def aggregate(index, state):
+        rule = agg.switch([CASES[n][0]() for n in names], index)
+        return rule.aggregate(tree, jnp.asarray(weights), jnp.asarray(mask), state, jax.random.PRNGKey(0))
+
+    for i, name in enumerate(names):
+        out, new_state, diag = aggregate(jnp.int32(i), state)
+        np.testing.assert_allclose(flat(out), CASES[name][1](v, a), rtol=2e-5, atol=2e-5, err_msg=name)
+        for j, (old, new) in enumerate(zip(state, new_state)):
+            same = all(np.array_equal(x, y) for x, y in zip(jax.tree.leaves(old), jax.tree.leaves(new)))
+            assert same == (j != i or not jax.tree.leaves(old)), (name, j)
+        # Diagnostics: the union over the rules; NaN for keys the chosen rule does not report.
+        assert np.isnan(diag["selected_client"]) == (name != "krum")
+        assert np.isnan(diag["clipped"]) == (name != "centered_clipping")
+        np.testing.assert_allclose(diag["norm_max"], np.linalg.norm(v, axis=1).max(), rtol=1e-5)

@@ -143,6 +143,28 @@ def test_label_flip_poisons_labels_only():
     np.testing.assert_array_equal(attacks.sign_flip().poison_labels(jnp.asarray(y), jnp.asarray(malicious), K), y)
 
 
+def test_switch_applies_the_chosen_attack_to_updates_and_labels():
+    """`attacks.switch` with a traced index matches each attack's numpy reference."""
+    u, mal, mask = setup()
+    mu, _ = honest_stats(u, mal, mask)
+    y = np.tile(np.arange(K), (C, 2))
+    context = AttackContext(jnp.ones(C), jnp.asarray(mask), K)
+    choices = (attacks.sign_flip(2.0), attacks.ipm(0.5), attacks.label_flip())
+
+    @jax.jit
+    def run(index):
+        chosen = attacks.switch(choices, index)
+        updates = chosen.apply(to_tree(u), jnp.asarray(mal), jax.random.PRNGKey(0), context)
+        return updates, chosen.poison_labels(jnp.asarray(y), jnp.asarray(mal), K)
+
+    flipped = y.copy()
+    flipped[mal] = K - 1 - y[mal]
+    for index, (rows, labels) in enumerate(((-2.0 * u[mal], y), (-0.5 * mu, y), (u[mal], flipped))):
+        updates, poisoned = run(jnp.int32(index))
+        close(flat_rows(updates), expect(u, mal, rows))
+        np.testing.assert_array_equal(np.asarray(poisoned), labels)
+
+
 # ---------------------------------------------------------------------------
 # The malicious set and the config section.
 

@@ -71,11 +71,15 @@ def test_plan_orders_cells_and_groups_programs():
     assert [len(p.cells) for p in plan.programs] == [16, 16]
     assert sweep.chunk_bounds(10, 4) == [(0, 4), (4, 8), (8, 10)]
     assert sweep.chunk_bounds(9, 8) == [(0, 5), (5, 9)]  # two balanced chunks, not 8 + 1
+    # Groups sharing a compiled program share its batch size: the one padding the fewest cells.
+    assert sweep.shared_batch([15, 5, 15], 32) == 5  # 15 = 3 x 5: no padding, where 15 would pad 10
+    assert sweep.shared_batch([15, 15, 14], 32) == 15
+    assert sweep.shared_batch([40, 40], 32) == 20
 
 
-def _alone(cell_values):
+def _alone(cell_values, base=tiny_config):
     """The cell's whole run as one un-vmapped program, built by the engine directly."""
-    cfg = sweep.with_overrides(tiny_config(), cell_values)
+    cfg = sweep.with_overrides(base(), cell_values)
     prepared = runner.prepare(cfg)
     engine = build_engine(static_config(cfg), prepared.context)
     train = ClientData(*map(jnp.asarray, prepared.dataset.train))
@@ -188,6 +192,9 @@ def _sweep_with(**fields):
         ({"cells": [{"seed": 1}, {"seed": 1}]}, "cells 0 and 1 are identical"),
         ({"cells": [{"method": "centralised"}]}, "choose from"),
         ({"grid": {"seed": (0,)}, "chunks": 3}, "unknown fields"),
+        ({"grid": {"local": {"steps": (1, 2)}}, "switch": ("local.steps",)}, "only .* can be switched"),
+        ({"grid": {"seed": (0, 1)}, "switch": ("attack.name",)}, "does not vary"),
+        ({"grid": {"seed": (0, 1)}, "switch": "attack.name"}, "must be a tuple of knobs"),
     ],
 )
 def test_grid_errors_name_the_problem(fields, message):
@@ -211,3 +218,52 @@ def test_bad_cell_values_are_refused_before_compiling():
     cfg = _sweep_with(cells=[{"aggregator.name": "coordinate_median"}])
     with pytest.raises(ValueError, match="privacy.mode='central' with aggregator.name='coordinate_median'"):
         sweep.prepare_sweep(cfg)
+
+
+def matrix_sweep(switch=None):
+    """2 aggregators x 2 attacks x 2 seeds, no DP: 4 structural groups."""
+    cfg = tiny_config()
+    cfg.privacy.mode = "none"
+    cfg.attack.fraction = 0.25
+    cfg.sweep.grid = {
+        "aggregator": {"name": ("mean", "coordinate_median")},
+        "attack": {"name": ("sign_flip", "ipm")},
+        "seed": SEEDS,
+    }
+    if switch is not None:
+        cfg.sweep.switch = switch
+    return cfg
+
+
+def test_switched_matrix_compiles_once_and_each_cell_equals_the_cell_run_alone():
+    """Aggregator and attack picked at run time: one program, every cell as if run by its own engine."""
+    switched = sweep.plan_sweep(matrix_sweep())
+    assert switched.switches == (
+        ("aggregator.name", ("mean", "coordinate_median")),
+        ("attack.name", ("sign_flip", "ipm")),
+    )
+    assert (len(switched.programs), switched.num_compiled) == (4, 1)
+    assert sweep.plan_sweep(matrix_sweep(switch=())).num_compiled == 4  # opt out: one program per choice
+    result = sweep.run_sweep(matrix_sweep(), log=None)
+    assert result.programs_compiled <= 1  # 0 when an earlier test compiled the same program
+    finals = set()
+    for cell in result.plan.cells:
+        alone = _alone(cell.values, matrix_sweep)
+        swept = result.histories[cell.index]
+        for name, value in alone.items():
+            np.testing.assert_allclose(swept[name], np.asarray(value), rtol=1e-5, atol=1e-5, err_msg=name)
+        finals.add(float(swept["test_loss"][-1]))
+    assert len(finals) == len(result.plan.cells)  # every aggregator x attack x seed differs
+
+
+def test_incremental_tables_equal_a_full_rebuild(finished):
+    """Cells arriving in any order, a few at a time, give the tables rebuilt from scratch."""
+    _, result = finished
+    prepared = sweep.prepare_sweep(tiny_sweep())
+    tables = sweep.Tables(prepared.plan, prepared.programs)
+    order = sorted(result.histories, reverse=True)
+    for start in range(0, len(order), 3):
+        tables.add({i: result.histories[i] for i in order[start : start + 3]})
+    rows = sweep.result_rows(prepared.plan, prepared.programs, result.histories)
+    assert tables.rows() == rows
+    assert sweep.to_csv(tables.summary()) == sweep.to_csv(sweep.summary_rows(prepared.plan, rows))
