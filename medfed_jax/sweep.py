@@ -805,9 +805,12 @@ def _compile_job(chunk: _Chunk) -> tuple[Any, float, bool]:
     return compiled, time.perf_counter() - start, fresh
 
 
+MAX_CPU_WORKERS = 8  # each running chunk holds its own buffers: bound the memory on big hosts
+
+
 def run_workers() -> int:
     """Chunks run at once: one per core on a CPU (one XLA run keeps about one core busy), else 1."""
-    return max(1, os.cpu_count() or 1) if jax.default_backend() == "cpu" else 1
+    return min(MAX_CPU_WORKERS, os.cpu_count() or 1) if jax.default_backend() == "cpu" else 1
 
 
 @dataclasses.dataclass(frozen=True)
