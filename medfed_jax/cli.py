@@ -78,11 +78,14 @@ def format_table(header: list[str], rows: list[list[str]]) -> str:
 
 
 def final_accuracy_table(finals: dict[str, dict[str, np.ndarray]], client_names: tuple[str, ...]) -> str:
-    """Methods x (each client's own test split, their mean and worst, pooled test set), mean +- std in %."""
+    """Methods x (each client's own test split, their mean and worst, pooled test set) in %, and the pooled
+    ROC AUC; mean +- std over seeds."""
 
-    def cell(values: np.ndarray) -> str:
-        values = 100 * np.asarray(values, np.float64)
-        return f"{values.mean():.1f} ± {values.std():.1f}" if values.size > 1 else f"{values.mean():.1f}"
+    def cell(values: np.ndarray, scale: float = 100, digits: int = 1) -> str:
+        values = scale * np.asarray(values, np.float64)
+        if values.size > 1:
+            return f"{values.mean():.{digits}f} ± {values.std():.{digits}f}"
+        return f"{values.mean():.{digits}f}"
 
     rows = []
     for method, final in finals.items():
@@ -94,9 +97,11 @@ def final_accuracy_table(finals: dict[str, dict[str, np.ndarray]], client_names:
                 cell(per_client.mean(1)),
                 cell(per_client.min(1)),
                 cell(final["test_accuracy"]),
+                cell(final["test_auc"], scale=1, digits=3),
             ]
         )
-    return format_table(["method", *client_names, "mean of clients", "worst client", "pooled test"], rows)
+    header = ["method", *client_names, "mean of clients", "worst client", "pooled test", "pooled AUC"]
+    return format_table(header, rows)
 
 
 def run_single(cfg: Any, workdir: str | None) -> dict:
@@ -109,6 +114,7 @@ def run_single(cfg: Any, workdir: str | None) -> dict:
         last = histories[method][-1]
         finals[method] = {
             "test_accuracy": np.asarray(last["test_accuracy"]),
+            "test_auc": np.asarray(last["test_auc"]),
             "client_accuracy": np.asarray([last[f"accuracy[{c}]"] for c in prepared.dataset.client_names]),
         }
     rows = [row for method in histories for row in histories[method]]
@@ -127,7 +133,7 @@ def run_many_seeds(cfg: Any, workdir: str | None, num_seeds: int) -> dict:
             f"[{method}] {num_seeds} seeds x {cfg.rounds} rounds in {time.perf_counter() - start:.1f}s "
             f"(compile included)"
         )
-        finals[method] = {k: history[k][:, -1] for k in ("test_accuracy", "client_accuracy")}
+        finals[method] = {k: history[k][:, -1] for k in ("test_accuracy", "test_auc", "client_accuracy")}
         for s, seed in enumerate(seeds):
             for e in range(history["test_accuracy"].shape[1]):
                 metrics = {k: v[s, e] for k, v in history.items()}
@@ -141,7 +147,8 @@ def _finish(workdir, prepared, rows, finals, seeds) -> dict:
     table = final_accuracy_table(finals, names)
     print(
         f"\nFinal test accuracy (%) on {prepared.dataset.name}, {len(seeds)} seed(s), "
-        f"{prepared.cfg.rounds} rounds: each client's own test split, their mean, and the pooled test set\n"
+        f"{prepared.cfg.rounds} rounds: each client's own test split, their mean, and the pooled test set; "
+        "then the pooled test set's ROC AUC (macro one-vs-rest)\n"
     )
     print(table)
     summary = {
@@ -154,6 +161,8 @@ def _finish(workdir, prepared, rows, finals, seeds) -> dict:
             m: {
                 "test_accuracy_mean": float(np.mean(f["test_accuracy"])),
                 "test_accuracy_std": float(np.std(f["test_accuracy"])),
+                "test_auc_mean": float(np.mean(f["test_auc"])),
+                "test_auc_std": float(np.std(f["test_auc"])),
                 "client_accuracy_mean": np.asarray(f["client_accuracy"]).reshape(-1, len(names)).mean(0).tolist(),
                 "client_accuracy_std": np.asarray(f["client_accuracy"]).reshape(-1, len(names)).std(0).tolist(),
             }

@@ -1,4 +1,4 @@
-"""Evaluation: per-client and pooled accuracy and loss, padding excluded."""
+"""Evaluation: per-client and pooled accuracy, loss and ROC AUC, padding excluded."""
 
 from __future__ import annotations
 
@@ -12,21 +12,55 @@ from medfed_jax.types import Array, ClientData, Model, Params
 
 
 def client_sums(model: Model, params: Params, x: Array, y: Array, count: Array) -> dict[str, Array]:
-    """Correct predictions, summed loss and row count of one client's real rows."""
+    """Correct predictions, summed loss and row count of one client's real rows; every row's probabilities."""
     logits = model.apply(params, x)
     valid = jnp.arange(y.shape[0]) < count
     correct = jnp.where(valid, jnp.argmax(logits, -1) == y, False)
     loss = jnp.where(valid, cross_entropy(logits, y), 0.0)
-    return {"correct": jnp.sum(correct), "loss": jnp.sum(loss), "count": count}
+    return {
+        "correct": jnp.sum(correct),
+        "loss": jnp.sum(loss),
+        "count": count,
+        "probs": jax.nn.softmax(logits, axis=-1),
+        "labels": y,
+        "valid": valid,
+    }
+
+
+def roc_auc(probs: Array, labels: Array, valid: Array) -> Array:
+    """Area under the ROC curve over the ``valid`` rows: the macro mean of one-vs-rest AUCs.
+
+    Each class's AUC is the Mann-Whitney statistic of its probability, positives
+    (``labels == k``) against the rest, ties counting one half; classes without
+    both positives and negatives are skipped (NaN when none has both). With two
+    classes this is the usual binary AUC of ``probs[:, 1]``; with more, sklearn's
+    ``roc_auc_score(multi_class='ovr', average='macro')``.
+    """
+    scores = jnp.where(valid[:, None], probs, jnp.inf)  # padding ranks above every real row
+    ordered = jnp.sort(scores, axis=0)
+    below = jax.vmap(lambda o, s: jnp.searchsorted(o, s, side="left"), in_axes=1, out_axes=1)(ordered, scores)
+    upto = jax.vmap(lambda o, s: jnp.searchsorted(o, s, side="right"), in_axes=1, out_axes=1)(ordered, scores)
+    rank = (below + upto + 1) / 2.0  # 1-based, ties averaged
+    positive = valid[:, None] & (labels[:, None] == jnp.arange(probs.shape[1]))
+    n_pos = jnp.sum(positive, axis=0).astype(jnp.float32)
+    n_neg = jnp.sum(valid).astype(jnp.float32) - n_pos
+    rank_sum = jnp.sum(jnp.where(positive, rank, 0.0), axis=0)
+    both = (n_pos > 0) & (n_neg > 0)
+    auc = (rank_sum - n_pos * (n_pos + 1) / 2) / jnp.maximum(n_pos * n_neg, 1.0)
+    finite = jnp.all(jnp.isfinite(jnp.where(valid[:, None], probs, 0.0)))  # a diverged model has no AUC
+    return jnp.where(
+        finite & jnp.any(both), jnp.sum(jnp.where(both, auc, 0.0)) / jnp.maximum(jnp.sum(both), 1), jnp.nan
+    )
 
 
 def summarize(sums: dict[str, Array]) -> dict[str, Array]:
     """Per-client and pooled accuracy/loss from per-client sums (leaves ``[C]``).
 
     ``worst_client_accuracy`` is the lowest ``client_accuracy`` among clients
-    with at least one test row.
+    with at least one test row; ``test_auc`` the `roc_auc` of all real rows.
     """
     count = sums["count"].astype(jnp.float32)
+    probs = sums["probs"]
     total = jnp.maximum(jnp.sum(count), 1.0)
     client_accuracy = sums["correct"] / jnp.maximum(count, 1.0)
     return {
@@ -35,15 +69,16 @@ def summarize(sums: dict[str, Array]) -> dict[str, Array]:
         "client_accuracy": client_accuracy,
         "client_loss": sums["loss"] / jnp.maximum(count, 1.0),
         "worst_client_accuracy": jnp.min(jnp.where(count > 0, client_accuracy, jnp.inf)),
+        "test_auc": roc_auc(probs.reshape(-1, probs.shape[-1]), sums["labels"].reshape(-1), sums["valid"].reshape(-1)),
     }
 
 
 def make_evaluate(model: Model, parallelism: str = "vmap", chunk: int = 1) -> Callable[[Params, ClientData], dict]:
     """``evaluate(params, test) -> metrics`` for one global model.
 
-    ``test_accuracy``/``test_loss`` are over the pooled test set (every real
-    row of every client); ``client_accuracy``/``client_loss`` are ``[C]``, each
-    client's own test split.
+    ``test_accuracy``/``test_loss``/``test_auc`` are over the pooled test set
+    (every real row of every client); ``client_accuracy``/``client_loss`` are
+    ``[C]``, each client's own test split.
     """
 
     def evaluate(params: Params, test: ClientData) -> dict[str, Array]:
@@ -98,6 +133,7 @@ def make_evaluate_per_client_models(model: Model) -> Callable[[Params, ClientDat
             "pooled_accuracy": pooled["test_accuracy"],
             "test_accuracy": jnp.mean(pooled["test_accuracy"]),
             "test_loss": jnp.mean(pooled["test_loss"]),
+            "test_auc": jnp.mean(pooled["test_auc"]),
         }
 
     return evaluate

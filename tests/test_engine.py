@@ -272,3 +272,30 @@ def test_workdir_with_a_different_config_is_refused_unless_overwrite(tmp_path):
     cli.prepare_workdir(workdir, small_config(**{"local.lr": 0.2}), overwrite=True)
     with open(f"{workdir}/config.json") as f:
         assert '"lr": 0.2' in f.read()
+
+
+@pytest.mark.parametrize("num_classes", [2, 4])
+def test_roc_auc_matches_sklearn_with_ties_padding_and_missing_classes(num_classes):
+    """`eval.roc_auc` against sklearn's per-class binary AUC, macro-averaged over classes with both kinds."""
+    from sklearn.metrics import roc_auc_score
+
+    from medfed_jax.eval import roc_auc
+
+    rng = np.random.default_rng(num_classes)
+    n = 60
+    probs = rng.dirichlet(np.ones(num_classes), size=n).astype(np.float32)
+    probs[:10] = probs[0]  # ties
+    labels = rng.integers(0, num_classes, size=n)
+    if num_classes > 2:
+        labels[labels == num_classes - 1] = 0  # the last class never occurs: skipped
+    valid = np.ones(n, bool)
+    valid[-7:] = False
+    probs[-7:] = np.nan  # padding holds garbage that must not count
+    got = float(jax.jit(roc_auc)(jnp.asarray(probs), jnp.asarray(labels), jnp.asarray(valid)))
+    keep = [k for k in range(num_classes) if 0 < np.sum(labels[valid] == k) < valid.sum()]
+    want = np.mean([roc_auc_score(labels[valid] == k, probs[valid, k]) for k in keep])
+    assert got == pytest.approx(want, abs=1e-6)
+    if num_classes == 2:
+        assert got == pytest.approx(roc_auc_score(labels[valid], probs[valid, 1]), abs=1e-6)
+    probs[3, 0] = np.nan  # a real row without a score: no AUC
+    assert np.isnan(float(roc_auc(jnp.asarray(probs), jnp.asarray(labels), jnp.asarray(valid))))
