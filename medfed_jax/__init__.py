@@ -1,46 +1,63 @@
 """medfed_jax: federated learning for medical AI as pure JAX functions.
 
 Public API (re-exported names only); see README.md for a tour.
+
+Every name loads its module on first use (PEP 562 module ``__getattr__``), so
+``import medfed_jax`` costs milliseconds and the command line starts without
+importing JAX's siblings it does not need; ``medfed_jax.run`` then imports the
+engine (JAX, optax, flax), and data sources, plotting and privacy accounting
+load their libraries (scikit-learn, matplotlib, dp_accounting, scipy) only when
+first used.
 """
 
-from medfed_jax.aggregators import build_aggregator, mean, weighted_mean
-from medfed_jax.attacks import build_attack, no_attack
-from medfed_jax.client import LocalHParams, LocalSpec, make_local_update
-from medfed_jax.config import default_config
-from medfed_jax.data import load_dataset
-from medfed_jax.eval import make_evaluate
-from medfed_jax.models import make_model
-from medfed_jax.runner import prepare, run, run_seeds, train_method
-from medfed_jax.server import Engine, FedState, build_engine, make_server_optimizer, static_config
-from medfed_jax.types import Aggregator, Attack, ClientData, FederatedDataset, Model
+from __future__ import annotations
+
+import importlib
+from typing import Any
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "Aggregator",
-    "Attack",
-    "ClientData",
-    "Engine",
-    "FedState",
-    "FederatedDataset",
-    "LocalHParams",
-    "LocalSpec",
-    "Model",
-    "build_aggregator",
-    "build_attack",
-    "build_engine",
-    "default_config",
-    "load_dataset",
-    "make_evaluate",
-    "make_local_update",
-    "make_model",
-    "make_server_optimizer",
-    "mean",
-    "no_attack",
-    "prepare",
-    "run",
-    "run_seeds",
-    "static_config",
-    "train_method",
-    "weighted_mean",
-]
+# public name -> the module that defines it
+_EXPORTS = {
+    "Aggregator": "medfed_jax.types",
+    "Attack": "medfed_jax.types",
+    "ClientData": "medfed_jax.types",
+    "Engine": "medfed_jax.server",
+    "FedState": "medfed_jax.server",
+    "FederatedDataset": "medfed_jax.types",
+    "LocalHParams": "medfed_jax.client",
+    "LocalSpec": "medfed_jax.client",
+    "Model": "medfed_jax.types",
+    "build_aggregator": "medfed_jax.aggregators",
+    "build_attack": "medfed_jax.attacks",
+    "build_engine": "medfed_jax.server",
+    "default_config": "medfed_jax.config",
+    "load_dataset": "medfed_jax.data",
+    "make_evaluate": "medfed_jax.eval",
+    "make_local_update": "medfed_jax.client",
+    "make_model": "medfed_jax.models",
+    "make_server_optimizer": "medfed_jax.server",
+    "mean": "medfed_jax.aggregators",
+    "no_attack": "medfed_jax.attacks",
+    "prepare": "medfed_jax.runner",
+    "run": "medfed_jax.runner",
+    "run_seeds": "medfed_jax.runner",
+    "static_config": "medfed_jax.server",
+    "train_method": "medfed_jax.runner",
+    "weighted_mean": "medfed_jax.aggregators",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    """Import the public ``name``'s module on first access and cache the name here."""
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'medfed_jax' has no attribute {name!r}")
+    value = getattr(importlib.import_module(_EXPORTS[name]), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_EXPORTS})

@@ -27,13 +27,19 @@ import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
+from medfed_jax import compilation_cache, report, runner, sweep
 from medfed_jax import config as config_lib
-from medfed_jax import report, runner, sweep
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a config file (configs/*.py).")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for results, checkpoints and the resolved config.")
 _OVERWRITE = flags.DEFINE_bool("overwrite", False, "Replace a workdir that holds a different config.")
 _SEEDS = flags.DEFINE_integer("seeds", 1, "Seeds per method; > 1 runs them vmapped and reports mean +- std.")
+_COMPILATION_CACHE = flags.DEFINE_string(
+    "compilation_cache",
+    None,
+    f"Folder of the persistent compilation cache, or 'off' (default: ${compilation_cache.ENV_VAR}, else "
+    "~/.cache/medfed_jax/jax); see medfed_jax.compilation_cache.",
+)
 
 
 def prepare_workdir(workdir: str, cfg: Any, overwrite: bool, extra: dict | None = None) -> None:
@@ -198,6 +204,10 @@ def run_sweep_command(cfg: Any, workdir: str | None, num_seeds: int, overwrite: 
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    try:
+        compilation_cache.enable(_COMPILATION_CACHE.value)
+    except ValueError as e:
+        raise app.UsageError(str(e)) from None
     cfg = _CONFIG.value
     if cfg is None:
         raise app.UsageError("--config=configs/<name>.py is required.")

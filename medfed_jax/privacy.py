@@ -41,17 +41,18 @@ import fractions
 import functools
 import math
 from collections.abc import Callable, Sequence
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
-import dp_accounting
 import jax
 import jax.numpy as jnp
 import ml_collections
-from dp_accounting import pld, rdp
 from jax.flatten_util import ravel_pytree
 
 from medfed_jax.aggregators import count_nonfinite, zero_masked
 from medfed_jax.types import Aggregator, Knobs, PRNGKey
+
+if TYPE_CHECKING:
+    import dp_accounting
 
 MODES = ("none", "central", "local", "dpsgd")
 ACCOUNTANTS = ("pld", "rdp")
@@ -383,6 +384,9 @@ def _event_noise(noise_multiplier: float, sampling: str) -> float:
 
 
 def _make_accountant(accountant: str, sampling_rate: float, sampling: str) -> dp_accounting.PrivacyAccountant:
+    import dp_accounting  # imported here, not at module level: it loads scipy (~1 s)
+    from dp_accounting import pld, rdp
+
     if _uses_replace_one(sampling_rate, sampling):
         return rdp.RdpAccountant(neighboring_relation=dp_accounting.NeighboringRelation.REPLACE_ONE)
     return pld.PLDAccountant() if accountant == "pld" else rdp.RdpAccountant()
@@ -390,6 +394,8 @@ def _make_accountant(accountant: str, sampling_rate: float, sampling: str) -> dp
 
 def _make_event(noise_multiplier: float, sampling_rate: float, sampling: str) -> dp_accounting.DpEvent:
     """One step's event. ``noise_multiplier`` is noise std / clip norm of the clipped sum."""
+    import dp_accounting
+
     gaussian = dp_accounting.GaussianDpEvent(_event_noise(noise_multiplier, sampling))
     if _uses_replace_one(sampling_rate, sampling):
         rate = fractions.Fraction(sampling_rate).limit_denominator(10**6)
@@ -443,6 +449,8 @@ def epsilon(
         return math.inf
     z = _event_noise(noise_multiplier, sampling)
     if accountant == "pld" and sampling_rate == 1:
+        import dp_accounting
+
         return float(dp_accounting.get_epsilon_gaussian(z / math.sqrt(steps), delta))
     acc = _make_accountant(accountant if z >= PLD_MIN_NOISE else "rdp", sampling_rate, sampling)
     acc.compose(_make_event(noise_multiplier, sampling_rate, sampling), steps)

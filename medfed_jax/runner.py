@@ -18,7 +18,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from medfed_jax import baselines, personalize, privacy
+from medfed_jax import baselines, compilation_cache, personalize, privacy
 from medfed_jax import config as config_lib
 from medfed_jax import data as data_lib
 from medfed_jax.models import check_input_fits, make_model
@@ -51,7 +51,12 @@ def build_context(cfg: Any, dataset: FederatedDataset) -> config_lib.BuildContex
 
 
 def prepare(cfg: Any, dataset: FederatedDataset | None = None) -> Prepared:
-    """Load the data (unless given) and validate everything; nothing compiles."""
+    """Load the data (unless given) and validate everything; nothing compiles.
+
+    Turns on the persistent compilation cache unless this process already chose
+    (`medfed_jax.compilation_cache.enable_once`).
+    """
+    compilation_cache.enable_once()
     config_lib.validate_run_settings(cfg, num_clients=1 << 62)
     if dataset is None:
         dataset = data_lib.load_dataset(cfg.data)

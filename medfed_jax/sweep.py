@@ -82,7 +82,6 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import scipy.stats
 
 from medfed_jax import baselines, privacy, runner
 from medfed_jax import config as config_lib
@@ -693,6 +692,8 @@ def mean_std_ci(values: np.ndarray, present: np.ndarray) -> tuple[np.ndarray, np
     The half-width is ``t_{0.975, n-1} * std / sqrt(n)``; std and CI are nan
     for fewer than two entries, the mean is nan for none.
     """
+    import scipy.stats  # here, not at module level: scipy.stats takes ~0.7 s to import
+
     n = present.sum(axis=0)
     mean = np.where(present, values, 0.0).sum(axis=0) / np.maximum(n, 1)
     std = np.sqrt(np.square(np.where(present, values - mean, 0.0)).sum(axis=0) / np.maximum(n - 1, 1))

@@ -1,8 +1,14 @@
 """Shared test fixtures."""
 
+import os
+
 import pytest
 
-from medfed_jax import runner
+from medfed_jax import compilation_cache, runner
+
+# Tests never write a persistent compilation cache (least of all into the user's home);
+# tests/test_startup.py turns it on in subprocesses, in a tmp folder.
+os.environ[compilation_cache.ENV_VAR] = compilation_cache.OFF
 
 
 @pytest.fixture
