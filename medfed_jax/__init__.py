@@ -2,12 +2,11 @@
 
 Public API (re-exported names only); see README.md for a tour.
 
-Every name loads its module on first use (PEP 562 module ``__getattr__``), so
-``import medfed_jax`` costs milliseconds and the command line starts without
-importing JAX's siblings it does not need; ``medfed_jax.run`` then imports the
-engine (JAX, optax, flax), and data sources, plotting and privacy accounting
-load their libraries (scikit-learn, matplotlib, dp_accounting, scipy) only when
-first used.
+Every name loads its module on first use (PEP 562 module ``__getattr__``):
+``import medfed_jax`` itself loads nothing else, not even JAX; ``mf.run`` loads
+the engine (JAX, optax, flax). Data sources, plotting and privacy accounting
+import their libraries (scikit-learn, matplotlib, dp_accounting, scipy) only
+when first used.
 """
 
 from __future__ import annotations
