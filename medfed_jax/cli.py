@@ -74,7 +74,7 @@ class Command:
     overwrite: bool
     seeds: int
     debug: bool
-    extra_args: tuple[str, ...] = ()
+    extra_args: tuple[str, ...]  # positional arguments (refused)
 
 
 def help_text(section: str | None = None) -> str:
@@ -124,9 +124,14 @@ def parse_command_line(argv: list[str]) -> Command:
     except flags.Error as error:
         raise ValueError(f"{error}. Usage: {USAGE.splitlines()[0]}") from None
     return Command(
-        _CONFIG.value, tuple(overrides), _WORKDIR.value, _OVERWRITE.value, _SEEDS.value, _DEBUG.value,
-        tuple(positional[1:]),
-    )  # fmt: skip
+        config=_CONFIG.value,
+        overrides=tuple(overrides),
+        workdir=_WORKDIR.value,
+        overwrite=_OVERWRITE.value,
+        seeds=_SEEDS.value,
+        debug=_DEBUG.value,
+        extra_args=tuple(positional[1:]),
+    )
 
 
 def command_config(command: Command) -> Any:

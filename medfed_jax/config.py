@@ -15,6 +15,7 @@ compiles a new program.
 from __future__ import annotations
 
 import difflib
+import functools
 import inspect
 import io
 import json
@@ -190,9 +191,14 @@ def check_value(path: str, value: Any, default: Any) -> None:
             raise ValueError(f"{path}={value!r} is out of range: {bound}; e.g. {path}={default!r}.")
 
 
+@functools.cache
+def _default_leaves() -> dict[str, Any]:
+    return leaf_values(default_config())  # immutable values (numbers, strings, tuples); read, never changed
+
+
 def check_fields(cfg: Any) -> None:
     """Refuse fields that `default_config` lacks ("did you mean"), values of the wrong kind, integers out of range."""
-    defaults, given = leaf_values(default_config()), leaf_values(cfg)
+    defaults, given = _default_leaves(), leaf_values(cfg)
     for path in given:
         if path not in defaults:
             inside = [p for p in defaults if p.startswith(f"{path}.")]

@@ -53,9 +53,10 @@ def config_path(name_or_path: str) -> pathlib.Path:
     if name_or_path.endswith(".py") or os.sep in name_or_path or "/" in name_or_path:
         path = pathlib.Path(name_or_path).expanduser()
         if not path.is_file():
+            shipped = f"did you mean the shipped --config={path.stem}? " if path.stem in shipped_names() else ""
             raise ConfigError(
-                f"config file {name_or_path} not found (working directory {os.getcwd()}); give a path to a .py "
-                f"file or a shipped config name: {', '.join(shipped_names())}."
+                f"config file {name_or_path} not found (working directory {os.getcwd()}); {shipped}Give a path "
+                f"to a .py file or a shipped config name: {', '.join(shipped_names())}."
             )
         return path
     path = shipped_dir() / f"{name_or_path}.py"
