@@ -337,8 +337,10 @@ def validate_run_settings(cfg: Any, num_clients: int) -> None:
     if not isinstance(cfg.client_chunk, int) or cfg.client_chunk < 0:
         raise ValueError(f"client_chunk={cfg.client_chunk!r} must be 0 (default) or a positive integer.")
     _one_of("model.name", cfg.model.name, MODELS)
-    if cfg.model.name == "mlp" and (not cfg.model.widths or min(cfg.model.widths) < 1):
-        raise ValueError(f"model.widths={cfg.model.widths!r} must be a non-empty list of positive widths.")
+    widths = cfg.model.widths
+    whole = all(isinstance(w, (int, np.integer)) and not isinstance(w, bool) and 1 <= w <= INT_MAX for w in widths)
+    if cfg.model.name == "mlp" and (not widths or not whole):
+        raise ValueError(f"model.widths={widths!r} must be a non-empty tuple of integer widths >= 1, e.g. (64,).")
     local = cfg.local
     _one_of("local.optimizer", local.optimizer, CLIENT_OPTIMIZERS)
     _one_of("local.sampling", local.sampling, ("shuffle", "fixed", "poisson"))

@@ -130,6 +130,7 @@ BAD_FLAGS = {
     "bad_bool": (("--config=quickstart", "--config.privacy.adaptive_clipping=maybe"), "takes true or false"),
     "typo_override": (("--config=quickstart", "--config.local.lrr=0.1"), "did you mean 'local.lr'"),
     "negative_batch": (("--config=quickstart", "--config.local.batch_size=-3"), "local.batch_size=-3 is out of range"),
+    "float_width": (("--config=quickstart", "--config.model.widths=(8.5,)"), "model.widths=(8.5,) must be"),
     "zero_rounds": (("--config=quickstart", "--config.rounds=0"), "rounds=0"),
     "zero_eval_every": (("--config=quickstart", "--config.eval_every=0"), "eval_every=0"),
     "big_cohort": (("--config=quickstart", "--config.cohort_size=9"), "cohort_size=9"),
