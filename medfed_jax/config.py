@@ -10,6 +10,14 @@ Numeric knobs (learning rates, noise multiplier, attacker fraction, ...) are
 traced into the compiled program, so sweeping them never recompiles; every
 other field is *structural* (static): changing it changes shapes or code and
 compiles a new program.
+
+Each field's meaning is the comment on the line that sets its default
+(`field_docs` reads them; ``python -m medfed_jax --help`` prints them with the
+defaults, and a test requires one for every field). `check_fields` refuses a
+config with a field `default_config` lacks ("did you mean"), a value of
+another kind than the default's, or an integer outside ``[0, 2**31 - 1]``
+(seeds: ``[0, 2**32 - 1]``); the sections' validators then check the ranges
+that depend on meaning (``rounds >= 1``, ...).
 """
 
 from __future__ import annotations
