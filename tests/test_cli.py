@@ -414,3 +414,17 @@ def test_a_wide_final_table_shows_client_quartiles_and_keeps_narrow_ones_whole()
         {"federated": {k: v[:, :4] if v.ndim == 2 else v for k, v in finals["federated"].items()}}, names[:4]
     )
     assert all(name in narrow.splitlines()[0] for name in names[:4]) and "quartiles" not in narrow
+
+
+def test_the_python_api_refuses_unknown_fields_and_wrong_kinds_too():
+    cfg = small()
+    cfg.local.lrr = 0.1  # a ConfigDict accepts new fields silently
+    with pytest.raises(ValueError, match="'local.lrr' does not exist; did you mean 'local.lr'"):
+        runner.prepare(cfg)
+    cfg = small()
+    cfg.privacy = ml_collections.ConfigDict({"mode": "none"})  # a section built by hand, fields missing
+    with pytest.raises(ValueError, match="lacks the fields .*privacy.accountant"):
+        runner.prepare(cfg)
+    cfg = small(**{"data.seed": 2**32})
+    with pytest.raises(ValueError, match=re.escape("data.seed=4294967296 is out of range")):
+        runner.prepare(cfg)
