@@ -30,6 +30,7 @@ are never used, only kept; the folder grows until deleted.
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 
@@ -91,8 +92,19 @@ def enable(setting: str | None = None) -> str | None:
     if (jax.config.jax_enable_compilation_cache, jax.config.jax_compilation_cache_dir) != (path is not None, path):
         jax.config.update("jax_enable_compilation_cache", path is not None)
         jax.config.update("jax_compilation_cache_dir", path)
-        compilation_cache.reset_cache()  # JAX opens its cache once per process: make the change take effect
+        _quietly(compilation_cache.reset_cache)  # JAX opens its cache once per process: make the change take effect
     return path
+
+
+def _quietly(fn) -> None:
+    """Call ``fn`` with JAX's compilation-cache logger at WARNING (``reset_cache`` logs at INFO, which absl shows)."""
+    logger = logging.getLogger("jax._src.compilation_cache")
+    level = logger.level
+    logger.setLevel(logging.WARNING)
+    try:
+        fn()
+    finally:
+        logger.setLevel(level)
 
 
 def enable_once() -> None:
