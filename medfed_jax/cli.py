@@ -5,10 +5,15 @@ A config with a non-empty ``sweep`` runs as a sweep (`medfed_jax.sweep`):
 workdir, resumed after a crash by running the same command again; ``--seeds=N``
 adds a seed axis. Otherwise it is one run per method:
 
-Any config field can be overridden (``--config.rounds=50``). With
-``--seeds=N`` every method runs N seeds as one compiled program each and the
-run ends with a mean +- std table. The workdir receives ``config.json``,
-``history.csv`` and ``summary.json`` (atomic writes); a workdir that holds a
+Any config field can be overridden (``--config.rounds=50``). Every method
+trains exactly ``rounds`` rounds, evaluated every ``eval_every`` rounds and at
+the last (`medfed_jax.server.eval_rounds`), in chunks: a line for the compile,
+then a progress line per evaluation (rounds/s after compiling, ETA). With
+``--seeds=N`` every method runs N seeds vmapped, chunk by chunk the same way,
+and the run ends with a mean +- std table (over the seeds whose model did not
+diverge; a diverged model reads ``diverged``). The workdir receives
+``config.json``, ``history.csv`` (with ``elapsed_s`` and ``diverged``
+columns) and ``summary.json`` (atomic writes); a workdir that holds a
 different config is refused unless ``--overwrite``, and a run killed midway
 resumes from its checkpoints when started again with the same command.
 """
@@ -18,9 +23,9 @@ from __future__ import annotations
 import csv
 import io
 import json
+import math
 import os
 import shutil
-import time
 from typing import Any
 
 import numpy as np
@@ -77,77 +82,100 @@ def format_table(header: list[str], rows: list[list[str]]) -> str:
     return "\n".join([line(header), "|" + "|".join("-" * (w + 2) for w in widths) + "|", *map(line, rows)])
 
 
+def finite_mean_std(values: np.ndarray) -> tuple[float, float, int]:
+    """Mean and std of the finite ``values`` (NaN, NaN when none), and how many were not finite."""
+    values = np.asarray(values, np.float64).ravel()
+    finite = values[np.isfinite(values)]
+    if finite.size == 0:
+        return math.nan, math.nan, values.size
+    return float(finite.mean()), float(finite.std()), values.size - finite.size
+
+
 def final_accuracy_table(finals: dict[str, dict[str, np.ndarray]], client_names: tuple[str, ...]) -> str:
     """Methods x (each client's own test split, their mean and worst, pooled test set) in %, and the pooled
-    ROC AUC; mean +- std over seeds."""
+    ROC AUC; mean +- std over seeds.
 
-    def cell(values: np.ndarray, scale: float = 100, digits: int = 1) -> str:
-        values = scale * np.asarray(values, np.float64)
-        if values.size > 1:
-            return f"{values.mean():.{digits}f} ± {values.std():.{digits}f}"
-        return f"{values.mean():.{digits}f}"
+    A diverged model (`medfed_jax.eval`) is not scored: a cell shows the mean
+    +- std over the seeds whose value is finite, ``diverged`` when none is, and
+    the method column counts the diverged seeds.
+    """
+
+    def cell(values: np.ndarray, diverged: np.ndarray, scale: float = 100, digits: int = 1) -> str:
+        values = np.asarray(values, np.float64)
+        kept = values[~np.asarray(diverged, bool)]
+        if kept.size == 0:
+            return "diverged"
+        if kept.size > 1:
+            return f"{scale * kept.mean():.{digits}f} ± {scale * kept.std():.{digits}f}"
+        return f"{scale * kept.mean():.{digits}f}"
 
     rows = []
     for method, final in finals.items():
         per_client = np.asarray(final["client_accuracy"]).reshape(-1, len(client_names))
+        seed_diverged = np.asarray(final["diverged"]).reshape(-1) > 0
+        label = method + (f" ({seed_diverged.sum()}/{seed_diverged.size} diverged)" if seed_diverged.any() else "")
+        mean, worst = per_client.mean(1), per_client.min(1)
         rows.append(
             [
-                method,
-                *(cell(per_client[:, c]) for c in range(len(client_names))),
-                cell(per_client.mean(1)),
-                cell(per_client.min(1)),
-                cell(final["test_accuracy"]),
-                cell(final["test_auc"], scale=1, digits=3),
+                label,
+                *(cell(per_client[:, c], np.isnan(per_client[:, c])) for c in range(len(client_names))),
+                cell(mean, np.isnan(mean)),
+                cell(worst, np.isnan(worst)),
+                cell(final["test_accuracy"], seed_diverged),
+                cell(final["test_auc"], seed_diverged, scale=1, digits=3),
             ]
         )
     header = ["method", *client_names, "mean of clients", "worst client", "pooled test", "pooled AUC"]
     return format_table(header, rows)
 
 
-def run_single(cfg: Any, workdir: str | None) -> dict:
-    """One seed per method, chunked with progress lines and checkpoints."""
-    prepared = runner.prepare(cfg)
-    histories, finals = {}, {}
-    for method in runner.methods_of(cfg):
-        checkpoint = os.path.join(workdir, f"checkpoint_{method}.npz") if workdir else None
-        histories[method] = runner.train_method(method, prepared, checkpoint=checkpoint)
-        last = histories[method][-1]
-        finals[method] = {
-            "test_accuracy": np.asarray(last["test_accuracy"]),
-            "test_auc": np.asarray(last["test_auc"]),
-            "client_accuracy": np.asarray([last[f"accuracy[{c}]"] for c in prepared.dataset.client_names]),
-        }
-    rows = [row for method in histories for row in histories[method]]
-    return _finish(workdir, prepared, rows, finals, seeds=[cfg.seed])
+FINAL_METRICS = ("test_accuracy", "test_auc", "client_accuracy", "diverged")
 
 
-def run_many_seeds(cfg: Any, workdir: str | None, num_seeds: int) -> dict:
-    """Every method over ``num_seeds`` seeds, one vmapped program per method."""
-    prepared = runner.prepare(cfg)
-    seeds = [cfg.seed + s for s in range(num_seeds)]
+def _run_methods(prepared: runner.Prepared, workdir: str | None, seeds: list[int], seed_axis: bool) -> dict:
+    """Every method of the run in evaluation chunks (progress lines, checkpoints in the workdir), then `_finish`."""
     rows, finals = [], {}
-    for method in runner.methods_of(cfg):
-        start = time.perf_counter()
-        history = runner.run_seeds(prepared, method, seeds)
-        print(
-            f"[{method}] {num_seeds} seeds x {cfg.rounds} rounds in {time.perf_counter() - start:.1f}s "
-            f"(compile included)"
-        )
-        finals[method] = {k: history[k][:, -1] for k in ("test_accuracy", "test_auc", "client_accuracy")}
-        for s, seed in enumerate(seeds):
-            for e in range(history["test_accuracy"].shape[1]):
-                metrics = {k: v[s, e] for k, v in history.items()}
-                row = runner._row(metrics, method, (e + 1) * cfg.eval_every, 0.0, prepared.dataset.client_names)
-                rows.append({"seed": seed, **row})
+    for method in runner.methods_of(prepared.cfg):
+        checkpoint = os.path.join(workdir, f"checkpoint_{method}.npz") if workdir else None
+        evaluations = runner.train_evaluations(method, prepared, seeds, seed_axis, checkpoint)
+        rows.extend(runner.history_rows(method, prepared, evaluations, seeds if seed_axis else None))
+        finals[method] = {k: evaluations[-1].metrics[k] for k in FINAL_METRICS}
     return _finish(workdir, prepared, rows, finals, seeds)
+
+
+def run_single(prepared: runner.Prepared, workdir: str | None) -> dict:
+    """One seed (``cfg.seed``) per method, chunked with progress lines and checkpoints."""
+    return _run_methods(prepared, workdir, [prepared.cfg.seed], seed_axis=False)
+
+
+def run_many_seeds(prepared: runner.Prepared, workdir: str | None, num_seeds: int) -> dict:
+    """Every method over ``num_seeds`` seeds (``cfg.seed``, ``cfg.seed + 1``, ...), vmapped, chunked likewise."""
+    return _run_methods(prepared, workdir, [prepared.cfg.seed + s for s in range(num_seeds)], seed_axis=True)
+
+
+def final_summary(final: dict[str, np.ndarray], num_clients: int) -> dict:
+    """summary.json's ``final`` entry of one method: mean and std over the seeds with finite values."""
+    per_client = np.asarray(final["client_accuracy"]).reshape(-1, num_clients)
+    accuracy, auc = (finite_mean_std(final[k]) for k in ("test_accuracy", "test_auc"))
+    clients = [finite_mean_std(per_client[:, c]) for c in range(num_clients)]
+    return {
+        "test_accuracy_mean": accuracy[0],
+        "test_accuracy_std": accuracy[1],
+        "test_auc_mean": auc[0],
+        "test_auc_std": auc[1],
+        "client_accuracy_mean": [c[0] for c in clients],
+        "client_accuracy_std": [c[1] for c in clients],
+        "diverged_seeds": int(np.sum(np.asarray(final["diverged"]) > 0)),
+    }
 
 
 def _finish(workdir, prepared, rows, finals, seeds) -> dict:
     names = prepared.dataset.client_names
+    rounds = max(row["round"] for row in rows)  # the rounds trained (every method trains cfg.rounds)
     table = final_accuracy_table(finals, names)
     print(
         f"\nFinal test accuracy (%) on {prepared.dataset.name}, {len(seeds)} seed(s), "
-        f"{prepared.cfg.rounds} rounds: each client's own test split, their mean, and the pooled test set; "
+        f"{rounds} rounds: each client's own test split, their mean, and the pooled test set; "
         "then the pooled test set's ROC AUC (macro one-vs-rest)\n"
     )
     print(table)
@@ -155,19 +183,9 @@ def _finish(workdir, prepared, rows, finals, seeds) -> dict:
         "dataset": prepared.dataset.name,
         "client_names": list(names),
         "seeds": seeds,
-        "rounds": prepared.cfg.rounds,
-        "privacy": prepared.accounting.report(prepared.cfg.rounds),
-        "final": {
-            m: {
-                "test_accuracy_mean": float(np.mean(f["test_accuracy"])),
-                "test_accuracy_std": float(np.std(f["test_accuracy"])),
-                "test_auc_mean": float(np.mean(f["test_auc"])),
-                "test_auc_std": float(np.std(f["test_auc"])),
-                "client_accuracy_mean": np.asarray(f["client_accuracy"]).reshape(-1, len(names)).mean(0).tolist(),
-                "client_accuracy_std": np.asarray(f["client_accuracy"]).reshape(-1, len(names)).std(0).tolist(),
-            }
-            for m, f in finals.items()
-        },
+        "rounds": rounds,
+        "privacy": prepared.accounting.report(rounds),
+        "final": {m: final_summary(f, len(names)) for m, f in finals.items()},
         "table": table,
     }
     if workdir:
@@ -207,12 +225,13 @@ def main(argv: list[str]) -> None:
     if sweep.is_sweep(cfg):
         run_sweep_command(cfg, workdir, _SEEDS.value, _OVERWRITE.value)
         return
+    prepared = runner.prepare(cfg)
     if workdir:
         prepare_workdir(workdir, cfg, _OVERWRITE.value, {"seeds": _SEEDS.value} if _SEEDS.value > 1 else None)
     if _SEEDS.value > 1:
-        run_many_seeds(cfg, workdir, _SEEDS.value)
+        run_many_seeds(prepared, workdir, _SEEDS.value)
     else:
-        run_single(cfg, workdir)
+        run_single(prepared, workdir)
 
 
 def run_main() -> None:
