@@ -166,20 +166,28 @@ def test_sweep_over_rounds_and_eval_every(reference):
         expect(reference, SEEDS[0], rounds, every, result.histories[cell.index], "sweep")
 
 
-def test_resume_trains_the_remaining_rounds(tmp_path, prepared_by_combo, reference):
+@pytest.mark.parametrize("seed_axis", [False, True])
+def test_resume_trains_the_remaining_rounds(seed_axis, tmp_path, prepared_by_combo, reference):
     prepared, checkpoint = prepared_by_combo(7, 5), str(tmp_path / "checkpoint.npz")
+    seeds = list(SEEDS) if seed_axis else [SEEDS[0]]
 
     def killed_after_first_chunk(line):
         if "round" in line and "/7" in line:
             raise KeyboardInterrupt
 
+    def run(log):
+        return runner.train_evaluations("federated", prepared, seeds, seed_axis, checkpoint, log)
+
     with pytest.raises(KeyboardInterrupt):
-        runner.train_method("federated", prepared, seed=SEEDS[0], checkpoint=checkpoint, log=killed_after_first_chunk)
+        run(killed_after_first_chunk)
     lines = []
-    rows = runner.train_method("federated", prepared, seed=SEEDS[0], checkpoint=checkpoint, log=lines.append)
+    evaluations = run(lines.append)
     assert any("resumed" in line and "round 5" in line for line in lines)
-    assert [r["round"] for r in rows] == [5, 7]
-    expect(reference, SEEDS[0], 7, 5, {k: [r[k] for r in rows] for k in COMPARED}, "resumed")
+    assert sum("/7" in line for line in lines) == 1  # only the last chunk (2 rounds) is trained again
+    assert [e.round for e in evaluations] == [5, 7]
+    history = runner.stack_evaluations(evaluations)
+    for s, seed in enumerate(seeds):
+        expect(reference, seed, 7, 5, {k: history[k][s] for k in COMPARED}, "resumed")
 
 
 def _csv(path):
@@ -212,3 +220,11 @@ def test_cli_reports_the_rounds_trained(num_seeds, tmp_path, capsys, prepared_by
         mine = [r for r in rows if r.get("seed", str(seed)) == str(seed)]
         expect(reference, seed, 7, 5, {k: [float(r[k]) for r in mine] for k in COMPARED}, "cli")
         assert [float(r["epsilon"]) for r in mine] == pytest.approx([reference_epsilon(5), reference_epsilon(7)])
+
+
+@pytest.mark.parametrize("field,value", [("rounds", 0), ("rounds", -3), ("eval_every", 0)])
+def test_rounds_and_eval_every_below_one_are_refused_before_compiling(field, value, forbid_compile):
+    cfg = tiny_config()
+    cfg[field] = value
+    with pytest.raises(ValueError, match=f"{field}={value!r} must be an integer >= 1"):
+        runner.prepare(cfg)
