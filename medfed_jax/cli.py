@@ -82,13 +82,13 @@ def format_table(header: list[str], rows: list[list[str]]) -> str:
     return "\n".join([line(header), "|" + "|".join("-" * (w + 2) for w in widths) + "|", *map(line, rows)])
 
 
-def finite_mean_std(values: np.ndarray) -> tuple[float, float, int]:
-    """Mean and std of the finite ``values`` (NaN, NaN when none), and how many were not finite."""
+def finite_mean_std(values: np.ndarray) -> tuple[float, float]:
+    """Mean and std of the finite ``values`` (NaN, NaN when none)."""
     values = np.asarray(values, np.float64).ravel()
     finite = values[np.isfinite(values)]
     if finite.size == 0:
-        return math.nan, math.nan, values.size
-    return float(finite.mean()), float(finite.std()), values.size - finite.size
+        return math.nan, math.nan
+    return float(finite.mean()), float(finite.std())
 
 
 def final_accuracy_table(finals: dict[str, dict[str, np.ndarray]], client_names: tuple[str, ...]) -> str:
