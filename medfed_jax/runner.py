@@ -237,6 +237,16 @@ def progress_line(method: str, evaluation: Evaluation, cfg: Any, accounting: pri
     )
 
 
+def _resume(method: str, checkpoint: str | None, state: Any, log: Callable[[str], None] | None):
+    """``(state, evaluations)`` from the checkpoint when there is one, else ``(state, [])``."""
+    if not checkpoint or not os.path.exists(checkpoint):
+        return state, []
+    state, evaluations = load_checkpoint(checkpoint, state)
+    if log:
+        log(f"[{method}] resumed from {checkpoint} at round {evaluations[-1].round if evaluations else 0}")
+    return state, evaluations
+
+
 def train_evaluations(
     method: str,
     prepared: Prepared,
@@ -262,11 +272,7 @@ def train_evaluations(
     init, chunk, compile_s = compile_loop(device_loop(engine, seed_axis), seed, train, test, prepared.knobs)
     if log:
         log(f"[{method}] compiled in {compile_s:.1f}s" + (f" ({len(seeds)} seeds vmapped)" if seed_axis else ""))
-    state, evaluations = init(seed, train, prepared.knobs), []
-    if checkpoint and os.path.exists(checkpoint):
-        state, evaluations = load_checkpoint(checkpoint, state)
-        if log:
-            log(f"[{method}] resumed from {checkpoint} at round {evaluations[-1].round if evaluations else 0}")
+    state, evaluations = _resume(method, checkpoint, init(seed, train, prepared.knobs), log)
     done = evaluations[-1].round if evaluations else 0
     before = evaluations[-1].elapsed_s if evaluations else 0.0
     run_start, first = time.perf_counter(), done
