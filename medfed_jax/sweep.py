@@ -458,7 +458,7 @@ def prepare_program(cfg: Any, plan: Plan, spec: ProgramSpec, datasets: dict) -> 
     except ValueError as e:
         raise ValueError(f"sweep program {spec.label()}: {e}") from None
     engine, view, _ = runner.engine_for(method, prepared, plan.switches)
-    rounds = tuple(range(struct_cfg.eval_every, struct_cfg.rounds + 1, struct_cfg.eval_every))
+    rounds = runner.eval_rounds(struct_cfg.rounds, struct_cfg.eval_every)
     seeds, knobs, epsilons, notes = [], [], [], []
     for index in spec.cells:
         cell = plan.cells[index]
