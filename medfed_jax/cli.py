@@ -34,6 +34,11 @@ _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a config file
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for results, checkpoints and the resolved config.")
 _OVERWRITE = flags.DEFINE_bool("overwrite", False, "Replace a workdir that holds a different config.")
 _SEEDS = flags.DEFINE_integer("seeds", 1, "Seeds per method; > 1 runs them vmapped and reports mean +- std.")
+_ALLOW_LARGE = flags.DEFINE_bool(
+    "allow_large_sweep",
+    False,
+    f"Run a sweep above {sweep.MAX_CELLS} cells or {sweep.MAX_PROGRAMS} compiled programs (refused otherwise).",
+)
 
 
 def prepare_workdir(workdir: str, cfg: Any, overwrite: bool, extra: dict | None = None) -> None:
@@ -179,10 +184,12 @@ def _finish(workdir, prepared, rows, finals, seeds) -> dict:
     return summary
 
 
-def run_sweep_command(cfg: Any, workdir: str | None, num_seeds: int, overwrite: bool) -> sweep.SweepResult:
+def run_sweep_command(
+    cfg: Any, workdir: str | None, num_seeds: int, overwrite: bool, allow_large: bool = False
+) -> sweep.SweepResult:
     """Check the sweep and its data (refusing bad input before anything is written), then run it."""
     try:
-        prepared = sweep.prepare_sweep(cfg, num_seeds)
+        prepared = sweep.prepare_sweep(cfg, num_seeds, allow_large)
     except ValueError as e:
         raise app.UsageError(str(e)) from None
     if workdir:
@@ -205,7 +212,7 @@ def main(argv: list[str]) -> None:
         raise app.UsageError(f"--seeds={_SEEDS.value} must be >= 1.")
     workdir = _WORKDIR.value
     if sweep.is_sweep(cfg):
-        run_sweep_command(cfg, workdir, _SEEDS.value, _OVERWRITE.value)
+        run_sweep_command(cfg, workdir, _SEEDS.value, _OVERWRITE.value, _ALLOW_LARGE.value)
         return
     if workdir:
         prepare_workdir(workdir, cfg, _OVERWRITE.value, {"seeds": _SEEDS.value} if _SEEDS.value > 1 else None)
