@@ -14,7 +14,13 @@ Each figure is drawn when the sweep's columns call for it:
 ``final.csv`` holds the final-round rows of ``summary.csv``. With ``--readme``,
 the README's Results section (between ``<!-- results:start -->`` and
 ``<!-- results:end -->``) is rewritten from the same tables, figures copied
-under ``--assets``.
+under ``--assets``; ``--section=FILE`` writes that section to FILE instead
+(``make reproduce`` does; ``make readme`` updates the README).
+
+Figures have one legend each, below the panels, and are at most
+`MAX_WIDTH_INCHES` wide. A setting whose model diverged (a ``diverged`` seed,
+or a mean accuracy of nan) is drawn as "diverged", never as a number: a grey
+hatched heatmap cell, a labelled cross in line plots, ``diverged (k/n)`` in tables.
 """
 
 from __future__ import annotations
@@ -618,7 +624,8 @@ def define_flags() -> None:
     """The command line's flags (defined only when run as a program, so `cli` can import this module)."""
     flags.DEFINE_multi_string("workdir", None, "Sweep workdir(s) to report on.")
     flags.DEFINE_string("readme", None, "Rewrite this README's Results section from the workdirs.")
-    flags.DEFINE_string("assets", "benchmarks/figures", "Where --readme copies the figures.")
+    flags.DEFINE_string("section", None, "Write the Results section to this file (the README is left alone).")
+    flags.DEFINE_string("assets", "benchmarks/figures", "Where --readme / --section copy the figures.")
     flags.DEFINE_string("command", "make reproduce", "The command named in the Results section.")
     flags.DEFINE_float("wall_seconds", None, "Wall time of the whole command, stated in the section.")
 
@@ -630,12 +637,21 @@ def main(argv: list[str]) -> None:
     if not args.workdir:
         raise app.UsageError("--workdir=<sweep workdir> is required (repeat it for several).")
     try:
-        if args.readme:
+        if args.readme and args.section:
+            raise ValueError("--readme and --section both name where the Results section goes: give one.")
+        target = args.readme or args.section
+        if target:
             wall = f"; the sweeps took {args.wall_seconds / 60:.1f} min" if args.wall_seconds else ""
-            readme_dir = os.path.dirname(os.path.abspath(args.readme))
-            section = results_section(args.workdir, readme_dir, args.assets, args.command, wall)
-            update_readme(args.readme, section)
-            print(f"updated the Results section of {args.readme}")
+            section = results_section(
+                args.workdir, os.path.dirname(os.path.abspath(target)), args.assets, args.command, wall
+            )
+            if args.readme:
+                update_readme(args.readme, section)
+                print(f"updated the Results section of {args.readme} (figures under {args.assets})")
+            else:
+                os.makedirs(os.path.dirname(os.path.abspath(args.section)), exist_ok=True)
+                runner.write_text_atomic(args.section, section + "\n")
+                print(f"wrote the Results section to {args.section} (figures under {args.assets}); README.md unchanged")
         else:
             for workdir in args.workdir:
                 path, figures = write_report(workdir)
