@@ -176,6 +176,7 @@ def final_table(summary: Sequence[dict], knobs: Sequence[str]) -> str:
 
 DPI = 120
 MAX_WIDTH_INCHES = 13.3  # 1600 px at DPI: a figure reads at README width without horizontal scrolling
+SINGLE_PANEL_WIDTH = 7.0  # inches: a lone panel has room for its title and legend
 DIVERGED_TEXT = "diverged"
 
 
@@ -190,6 +191,7 @@ def _pyplot():
 
 def _axes(num_panels: int, width: float = 5.2, height: float = 3.8, max_cols: int = 3):
     """A grid of ``num_panels`` axes, at most ``max_cols`` wide and `MAX_WIDTH_INCHES` in all."""
+    width = max(width, SINGLE_PANEL_WIDTH) if num_panels == 1 else width
     cols = max(1, min(num_panels, max_cols, int(MAX_WIDTH_INCHES // width)))
     rows = -(-num_panels // cols)
     size = (min(width * cols, MAX_WIDTH_INCHES), height * rows + 0.8)
@@ -290,6 +292,7 @@ def draw_curves(tables: SweepTables):
             _mark_diverged(ax, x, points, color)
         ax.set_title(describe(rows[0], panel_knobs) if panel_knobs else "")
         ax.set_xlabel("round")
+        ax.xaxis.get_major_locator().set_params(integer=True)
         ax.set_ylabel("test accuracy (%)")
         ax.set_ylim(0, 102)
         ax.grid(alpha=0.3)
@@ -405,14 +408,16 @@ def draw_fraction(tables: SweepTables):
     colors = _colors(final, lines)
     fig, axes = _axes(len(panels), width=4.4, height=3.4)
     for ax, rows in zip(axes, panels.values()):
+        zero = False
         for key, points in _groups(rows, lines).items():
             points = sorted(points, key=lambda r: float(r["attack.fraction"]) * (not _reference(r, "attack.name")))
             x = [100 * float(r["attack.fraction"]) * (not _reference(r, "attack.name")) for r in points]
             mean, err = _bars([(r, METRIC) for r in points])
-            label = _label(points[0], lines) if lines else "all runs"
+            label = _label(points[0], lines) if lines else None
             ax.errorbar(x, mean, yerr=err, marker="o", capsize=3, color=colors[key], label=label)
             _mark_diverged(ax, x, points, colors[key])
-        if any(_reference(r, "attack.name") for r in rows):
+            zero = zero or 0 in x
+        if zero:  # no malicious client: the no-attack run (or an attack on nobody)
             ticks = [t for t in ax.get_xticks() if 0 < t <= 100 * max(float(r["attack.fraction"]) for r in rows)]
             ax.set_xticks([0, *ticks], [NO_ATTACK_TEXT, *(f"{t:g}" for t in ticks)])
         ax.set_title(describe(next(r for r in rows if not _reference(r, "attack.name")), [*attack, *others]))
@@ -499,8 +504,8 @@ def draw_clients(tables: SweepTables):
         ax.set_ylabel("final test accuracy (%)")
         ax.set_ylim(0, 105)
         ax.grid(alpha=0.3, axis="y")
-        others = sweep.label_knobs(tables.final, tables.knobs)
-        ax.set_title(describe(rows[0], [k for k in others if k not in bars]))
+        others = [k for k in sweep.label_knobs(tables.final, tables.knobs) if k not in bars]
+        ax.set_title(describe(rows[0], others) if others else "")
     title = "Per-client final test accuracy (mean, 95% CI over seeds)"
     return _finish(fig, title, _legend_title(next(iter(bar_knobs.values()))) if shared else None)
 

@@ -135,19 +135,22 @@ def _texts(fig) -> list[str]:
 
 def test_every_figure_has_one_legend_outside_its_panels_and_fits_the_readme_width(tiny_workdir, tmp_path):
     _synthetic_workdir(str(tmp_path))
-    drawn = 0
-    for workdir in (tiny_workdir, str(tmp_path)):
+    # Figure -> legends: one per figure with several settings; none for the heatmap (a colour bar) and
+    # for the tiny sweep's fraction plot (one line per panel).
+    expected = {
+        tiny_workdir: {"curves.png": 1, "fraction.png": 0, "epsilon.png": 1, "clients.png": 1},
+        str(tmp_path): {"curves.png": 1, "heatmap.png": 0, "fraction.png": 1},
+    }
+    for workdir, legends in expected.items():
         tables = report.load(workdir)
-        for name, draw, _ in report.FIGURES:
-            fig = draw(tables)
-            if fig is None:
-                continue
-            drawn += 1
+        drawn = {name: draw(tables) for name, draw, _ in report.FIGURES}
+        assert {name for name, fig in drawn.items() if fig is not None} == set(legends)
+        for name, count in legends.items():
+            fig = drawn[name]
             assert all(ax.get_legend() is None for ax in fig.axes), name  # nothing drawn over the data
-            assert len(fig.legends) == (0 if name == "heatmap.png" else 1), name
+            assert len(fig.legends) == count, name
             assert _png_size(fig)[0] <= report.MAX_WIDTH_INCHES * report.DPI + 1, name
             report._pyplot().close(fig)
-    assert drawn == 4 + 3
 
 
 def test_the_wide_heatmap_is_a_grid_within_the_readme_width(tmp_path):
