@@ -1043,7 +1043,7 @@ def run_prepared(
     finally:
         run_pool.shutdown(wait=True, cancel_futures=True)
         compile_pool.shutdown(wait=True, cancel_futures=True)
-    if files:
+    if files and todo:
         files.rewrite()
     seconds = time.perf_counter() - start
     stats = progress.stats
