@@ -649,13 +649,35 @@ def summary_rows(plan: Plan, rows: Sequence[dict]) -> list[dict]:
     return [summarize(keys, members) for members in groups.values()]
 
 
-def summarize(keys: Sequence[str], members: Sequence[dict]) -> dict:
-    """One summary row over the result rows ``members`` (which agree on ``keys``)."""
+def parse_metrics(keys: Sequence[str], row: Mapping[str, str]) -> tuple[tuple[str, ...], np.ndarray, np.ndarray]:
+    """(metric columns, values, present) of one result row: what `summarize` reads from it."""
     skip = {"cell", "seed", *keys}
-    metrics = list(dict.fromkeys(k for row in members for k in row if k not in skip))
-    present = np.asarray([[r.get(m, "") != "" for m in metrics] for r in members], bool).reshape(-1, len(metrics))
-    values = np.asarray([[float(r[m]) if r.get(m, "") != "" else 0.0 for m in metrics] for r in members])
-    stats = [values.tolist() for values in mean_std_ci(values.reshape(present.shape), present)]
+    metrics = tuple(k for k in row if k not in skip)
+    present = np.asarray([row[m] != "" for m in metrics], bool)
+    values = np.asarray([float(row[m]) if row[m] != "" else 0.0 for m in metrics], np.float64)
+    return metrics, values, present
+
+
+def summarize(keys: Sequence[str], members: Sequence[dict], parsed: Sequence[tuple] | None = None) -> dict:
+    """One summary row over the result rows ``members`` (which agree on ``keys``).
+
+    ``parsed``: the members' `parse_metrics`, when already known. A metric
+    missing from a member counts as absent there.
+    """
+    parsed = parsed if parsed is not None else [parse_metrics(keys, r) for r in members]
+    columns = {names for names, _, _ in parsed}
+    same = len(columns) == 1  # the usual case: every member has the same columns
+    metrics = [*next(iter(columns))] if same else list(dict.fromkeys(m for names, _, _ in parsed for m in names))
+    if same:
+        values = np.stack([v for _, v, _ in parsed]).reshape(len(parsed), len(metrics))
+        present = np.stack([p for _, _, p in parsed]).reshape(values.shape)
+    else:
+        column = {m: j for j, m in enumerate(metrics)}
+        values, present = np.zeros((len(parsed), len(metrics))), np.zeros((len(parsed), len(metrics)), bool)
+        for i, (names, v, p) in enumerate(parsed):
+            at = [column[m] for m in names]
+            values[i, at], present[i, at] = v, p
+    stats = [values.tolist() for values in mean_std_ci(values, present)]
     found = present.any(axis=0).tolist()
     summary = {**{k: members[0][k] for k in keys}, "n": str(len(members))}
     for j, name in enumerate(metrics):
@@ -667,8 +689,9 @@ def summarize(keys: Sequence[str], members: Sequence[dict]) -> dict:
 class Tables:
     """``results.csv`` and ``summary.csv`` kept up to date as cells finish.
 
-    Each cell's rows and each group's summary are computed once (a group
-    again only when one of its cells arrives). Equal to `result_rows` and
+    Each cell's rows are computed and parsed once; a group's summary is
+    recomputed when the summary is asked for and the group has new cells
+    (`TableFiles` asks at most every `SUMMARY_EVERY_S`). Equal to `result_rows` and
     `summary_rows` of the finished cells; `TableFiles` writes them.
     """
 
@@ -677,27 +700,33 @@ class Tables:
         self.keys = summary_keys(plan, self.private)
         self.cells: dict[int, list[dict]] = {}
         self.members: dict[tuple, dict[int, dict]] = {}  # group -> cell -> row
+        self.parsed: dict[tuple, dict[int, tuple]] = {}  # group -> cell -> its row's `parse_metrics`
         self.summaries: dict[tuple, dict] = {}
+        self.stale: set[tuple] = set()  # groups with new cells since their summary was computed
 
     def add(self, histories: Mapping[int, dict]) -> list[dict]:
-        """Add finished cells (index -> history), refresh the summaries they touch; returns their rows."""
-        touched, added = set(), []
+        """Add finished cells (index -> history), marking the summaries they touch stale; returns their rows."""
+        added = []
         for index in sorted(histories):
             self.cells[index] = cell_rows(self.plan, self.program_of[index], index, histories[index], self.private)
             added.extend(self.cells[index])
             for row in self.cells[index]:
                 key = tuple(row[k] for k in self.keys)
                 self.members.setdefault(key, {})[index] = row
-                touched.add(key)
-        for key in touched:
-            members = self.members[key]
-            self.summaries[key] = summarize(self.keys, [members[i] for i in sorted(members)])
+                self.parsed.setdefault(key, {})[index] = parse_metrics(self.keys, row)
+                self.stale.add(key)
         return added
 
     def rows(self) -> list[dict]:
         return [row for index in sorted(self.cells) for row in self.cells[index]]
 
     def summary(self) -> list[dict]:
+        """The summary rows, in the order of their first result row; stale groups recomputed first."""
+        for key in self.stale:
+            members, parsed = self.members[key], self.parsed[key]
+            order = sorted(members)
+            self.summaries[key] = summarize(self.keys, [members[i] for i in order], [parsed[i] for i in order])
+        self.stale.clear()
         order = dict.fromkeys(tuple(row[k] for k in self.keys) for row in self.rows())
         return [self.summaries[key] for key in order]
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import os
+import types
 
 import jax.numpy as jnp
 import numpy as np
@@ -207,6 +208,32 @@ def test_sweep_logs_its_size_and_cost_first_then_compiles_and_chunks_with_an_eta
     chunk_lines = [i for i, line in enumerate(lines) if line.startswith("[sweep] cells ")]
     assert len(program_lines) == 1 and len(chunk_lines) == 4 and program_lines[0] < chunk_lines[0]
     assert all("cell-rounds/s per chunk" in lines[i] and " ETA " in lines[i] for i in chunk_lines)
+
+
+def test_eta_counts_the_cells_not_yet_recorded_at_the_measured_chunk_rate():
+    """10 chunks of 10 cells x 10 rounds, 2 at once; chunk time 2 s each (no clock involved)."""
+    program = types.SimpleNamespace(
+        engine="engine",
+        train=None,
+        test=None,
+        switch_index={},
+        rounds=(5, 10),
+        spec=sweep.ProgramSpec({}, tuple(range(100))),
+    )
+    chunks = [sweep._Chunk(program, lo, lo + 10, 10, None) for lo in range(0, 100, 10)]
+    progress = sweep._Progress(chunks, start=0.0, workers=2)
+    for chunk in chunks[:3]:
+        progress.ran(chunk, 2.0)  # 100 cell-rounds in 2 s: 0.02 s per cell-round
+    progress.recorded(chunks[0])
+    # Ran but not yet recorded still count as left (the main loop had fallen behind: 'ETA 0m00s' at 14%).
+    assert progress.eta() == pytest.approx(9 * 100 * 0.02 / 2)
+    for chunk in chunks[1:9]:
+        progress.ran(chunk, 2.0)
+        progress.recorded(chunk)
+    assert progress.eta() == pytest.approx(100 * 0.02 / 1)  # the last chunk runs alone
+    progress.compiles_done, progress.programs = 1, 3  # two compiles of 30 s each still to come
+    progress.stats.update(compiled=1, compile_s=30.0)
+    assert progress.eta() == pytest.approx(60.0)
 
 
 def test_large_sweeps_are_refused_before_loading_data_unless_allowed(monkeypatch):
