@@ -178,6 +178,7 @@ DPI = 120
 MAX_WIDTH_INCHES = 13.3  # 1600 px at DPI: a figure reads at README width without horizontal scrolling
 SINGLE_PANEL_WIDTH = 7.0  # inches: a lone panel has room for its title and legend
 DIVERGED_TEXT = "diverged"
+DIVERGED_LEGEND = f"× = {DIVERGED_TEXT} (non-finite model, no accuracy)"
 
 
 def _pyplot():
@@ -250,11 +251,12 @@ def _diverged_text(row: dict) -> str:
 
 
 def _mark_diverged(ax, x: Sequence[float], rows: Sequence[dict], color: str) -> None:
-    """A cross at the bottom of the axes, labelled, where a setting diverged (it has no accuracy)."""
-    for xi, row in zip(x, rows):
-        if diverged(row):
-            ax.plot([xi], [2], marker="X", ms=9, color=color, ls="none", label=f"× = {DIVERGED_TEXT} (no accuracy)")
-            ax.annotate(DIVERGED_TEXT, (xi, 2), xytext=(0, 7), textcoords="offset points", ha="center", fontsize=8)
+    """Crosses at the bottom of the axes where a setting diverged (it has no accuracy); the first one labelled."""
+    where = [xi for xi, row in zip(x, rows) if diverged(row)]
+    if where:
+        ax.plot(where, [2] * len(where), marker="X", ms=9, color=color, ls="none")
+        ax.plot([], [], marker="X", ms=9, color="grey", ls="none", label=DIVERGED_LEGEND)  # the legend's entry
+        ax.annotate(DIVERGED_TEXT, (where[0], 2), xytext=(0, 7), textcoords="offset points", ha="center", fontsize=8)
 
 
 def _facets(rows: Sequence[dict], labels: list[str]) -> tuple[list[str], list[str]] | None:
@@ -496,7 +498,9 @@ def draw_clients(tables: SweepTables):
             mean, err = _bars([(row, f"client_accuracy[{c}]") for c in clients])
             x = np.arange(len(clients)) + (g - (len(groups) - 1) / 2) * width
             label = _label(row, bars) if shared else describe(row, bars)
-            ax.bar(x, mean, width, yerr=err, capsize=2, color=colors.get(key, f"C{g % 10}"), label=label)
+            color = colors.get(key, f"C{g % 10}")
+            ax.bar(x, mean, width, yerr=err, capsize=2, color=color, label=label)
+            _mark_diverged(ax, x, members[:1] * len(clients), color)
         ticks, axis_label = client_ticks(clients)
         rotate = sum(map(len, ticks)) > 48  # about the characters a 6.6-inch axis holds at fontsize 10 unrotated
         ax.set_xticks(range(len(clients)), ticks, rotation=30 if rotate else 0, ha="right" if rotate else "center")

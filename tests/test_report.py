@@ -185,7 +185,10 @@ def test_diverged_settings_show_as_diverged_never_as_a_number(tmp_path):
     assert cell_texts[at[::-1]] == report.DIVERGED_TEXT  # (x = attack, y = aggregator)
     assert any(p.get_hatch() for p in ax.patches)
     assert "10.0" not in cell_texts.values()
-    assert report.DIVERGED_TEXT in _texts(report.draw_fraction(tables))
+    for draw in (report.draw_fraction, report.draw_curves):  # a labelled cross, explained in the legend
+        fig = draw(tables)
+        assert report.DIVERGED_TEXT in _texts(fig)
+        assert report.DIVERGED_LEGEND in [t.get_text() for t in fig.legends[0].get_texts()]
     table = report.final_table(tables.summary, tables.meta["knobs"])
     line = next(r for r in table.splitlines() if "| sign_flip " in r and "| mean " in r)
     assert "diverged (2/2)" in line and "nan" not in line
