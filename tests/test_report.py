@@ -6,12 +6,16 @@ import io
 import json
 import math
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 from test_sweep import tiny_sweep
 
 from medfed_jax import report, sweep
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.fixture(scope="module")
@@ -192,3 +196,23 @@ def test_diverged_settings_show_as_diverged_never_as_a_number(tmp_path):
     table = report.final_table(tables.summary, tables.meta["knobs"])
     line = next(r for r in table.splitlines() if "| sign_flip " in r and "| mean " in r)
     assert "diverged (2/2)" in line and "nan" not in line
+
+
+def test_section_flag_writes_the_results_section_to_a_file_and_leaves_the_readme_alone(tiny_workdir, tmp_path):
+    """`make reproduce` runs this; only `make readme` (--readme) rewrites README.md."""
+    readme = tmp_path / "README.md"
+    readme.write_text(f"{report.START}\nold results\n{report.END}\n")
+    section = tmp_path / "runs" / "results_section.md"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([REPO, os.environ.get("PYTHONPATH", "")])}
+    args = [f"--workdir={tiny_workdir}", f"--section={section}", f"--assets={tmp_path / 'figures'}"]
+    done = subprocess.run(
+        [sys.executable, "-m", "medfed_jax.report", *args], cwd=tmp_path, env=env, capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stderr
+    assert f"wrote the Results section to {section}" in done.stdout and "README.md unchanged" in done.stdout
+    assert readme.read_text() == f"{report.START}\nold results\n{report.END}\n"
+    text = section.read_text()
+    assert text.startswith(report.START) and text.rstrip().endswith(report.END)
+    tables = report.load(tiny_workdir)
+    assert report.final_table(tables.summary, tables.meta["knobs"]) in text
+    assert f"](../figures/{os.path.basename(tiny_workdir)}/curves.png)" in text  # relative to the section file
