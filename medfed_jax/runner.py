@@ -11,7 +11,10 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 import time
+import zipfile
+import zlib
 from collections.abc import Callable
 from typing import Any
 
@@ -98,17 +101,33 @@ def engine_for(method: str, prepared: Prepared, switches: Switches = ()) -> tupl
     raise ValueError(f"unknown method {method!r}; choose one of {METHODS}.")
 
 
+TEMPORARY = re.compile(r"^(?P<target>.+)\.tmp(?P<pid>[0-9]+)$")  # `_write_atomic`'s file before its rename
+
+
+class CorruptFile(ValueError):
+    """A file medfed_jax wrote earlier that cannot be read back (truncated, overwritten, not ours)."""
+
+
 def _write_atomic(path: str, write: Callable[[Any], None], mode: str = "w") -> None:
     tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, mode) as f:
-        write(f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, mode) as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
 
 
 def write_text_atomic(path: str, text: str) -> None:
-    """Write a text file so that a crash leaves either the old or the new file."""
+    """Write a text file so that a crash leaves either the old or the new file.
+
+    A kill between the write and the rename leaves ``<path>.tmp<pid>``
+    (`TEMPORARY`); the next run removes it (`medfed_jax.cli.prepare_workdir`).
+    """
     _write_atomic(path, lambda f: f.write(text))
 
 
@@ -119,11 +138,24 @@ def save_checkpoint(path: str, state: Any, history: list[dict]) -> None:
 
 
 def load_checkpoint(path: str, like: Any) -> tuple[Any, list[dict]]:
-    """Restore a checkpoint into the tree structure of ``like``."""
-    with np.load(path) as saved:
-        treedef = jax.tree.structure(like)
-        leaves = [saved[f"leaf{i}"] for i in range(treedef.num_leaves)]
-        return jax.tree.unflatten(treedef, leaves), json.loads(str(saved["history"]))
+    """Restore a checkpoint into the tree structure (and leaf shapes) of ``like``.
+
+    Raises `CorruptFile` naming the file and the remedy when it cannot be read.
+    """
+    treedef, expected = jax.tree.structure(like), jax.tree.leaves(like)
+    try:
+        with np.load(path, allow_pickle=False) as saved:
+            leaves = [saved[f"leaf{i}"] for i in range(treedef.num_leaves)]
+            history = json.loads(str(saved["history"]))
+        for i, (leaf, want) in enumerate(zip(leaves, expected)):
+            if leaf.shape != np.shape(want):
+                raise ValueError(f"leaf{i} has shape {leaf.shape}, this run's state {np.shape(want)}")
+    except (OSError, EOFError, KeyError, ValueError, zipfile.BadZipFile, zlib.error) as error:
+        raise CorruptFile(
+            f"{path} is corrupt (truncated or not a checkpoint of this run: {error}); rerun with --overwrite "
+            "or delete it."
+        ) from error
+    return jax.tree.unflatten(treedef, leaves), history
 
 
 def _row(metrics: dict, method: str, round_done: int, elapsed: float, client_names: tuple[str, ...]) -> dict:

@@ -80,7 +80,6 @@ import itertools
 import json
 import math
 import os
-import runpy
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -406,11 +405,6 @@ def with_overrides(cfg: Any, values: Mapping[str, Any]) -> ml_collections.Config
         except TypeError as e:
             raise ValueError(f"sweep knob {knob!r}={value!r} has the wrong type for that field: {e}") from None
     return cfg
-
-
-def load_config(path: str) -> ml_collections.ConfigDict:
-    """``get_config()`` of a config file, for sweep configs built from other configs."""
-    return runpy.run_path(path)["get_config"]()
 
 
 def variant_cells(variants: Sequence[Any], first: Sequence[str] = ("data.name",)) -> list[dict[str, Any]]:
