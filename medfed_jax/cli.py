@@ -60,6 +60,11 @@ _OVERWRITE = flags.DEFINE_bool(
 )
 _SEEDS = flags.DEFINE_integer("seeds", 1, "Seeds per method; > 1 runs them vmapped and reports mean +- std.")
 _DEBUG = flags.DEFINE_bool("debug", False, "Show the traceback of a refused command instead of one error line.")
+_ALLOW_LARGE = flags.DEFINE_bool(
+    "allow_large_sweep",
+    False,
+    f"Run a sweep above {sweep.MAX_CELLS} cells or {sweep.MAX_PROGRAMS} compiled programs (refused otherwise).",
+)
 
 USAGE = (
     "python -m medfed_jax --config=<name or file.py> [--workdir=DIR] [--seeds=N] [--overwrite] [--debug]\n"
@@ -87,6 +92,7 @@ class Command:
     seeds: int
     debug: bool
     extra_args: tuple[str, ...]  # positional arguments (refused)
+    allow_large_sweep: bool = False
 
 
 def help_text(section: str | None = None) -> str:
@@ -143,6 +149,7 @@ def parse_command_line(argv: list[str]) -> Command:
         seeds=_SEEDS.value,
         debug=_DEBUG.value,
         extra_args=tuple(positional[1:]),
+        allow_large_sweep=_ALLOW_LARGE.value,
     )
 
 
@@ -402,7 +409,9 @@ def main(command: Command) -> None:
     try:
         cfg = command_config(command)
         is_sweep = sweep.is_sweep(cfg)
-        prepared = sweep.prepare_sweep(cfg, command.seeds) if is_sweep else runner.prepare(cfg)
+        prepared = (
+            sweep.prepare_sweep(cfg, command.seeds, command.allow_large_sweep) if is_sweep else runner.prepare(cfg)
+        )
         if command.workdir:
             extra = {"seeds": command.seeds} if command.seeds > 1 else None
             prepare_workdir(command.workdir, cfg, command.overwrite, extra)
