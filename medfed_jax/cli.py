@@ -18,6 +18,18 @@ command prints one ``error: ...`` line on stderr and exits with status 2
 (``--debug`` shows the traceback). The workdir is the user's: a workdir
 holding a different config is refused unless ``--overwrite``, which removes
 only the files medfed_jax writes there (`WORKDIR_FILES`).
+
+Every method
+trains exactly ``rounds`` rounds, evaluated every ``eval_every`` rounds and at
+the last (`medfed_jax.server.eval_rounds`), in chunks: a line for the compile,
+then a progress line per evaluation (rounds/s after compiling, ETA). With
+``--seeds=N`` every method runs N seeds vmapped, chunk by chunk the same way,
+and the run ends with a mean +- std table (over the seeds whose model did not
+diverge; a diverged model reads ``diverged``). The workdir receives
+``config.json``, ``history.csv`` (with ``elapsed_s`` and ``diverged``
+columns) and ``summary.json`` (atomic writes); a workdir that holds a
+different config is refused unless ``--overwrite``, and a run killed midway
+resumes from its checkpoints when started again with the same command.
 """
 
 from __future__ import annotations
@@ -28,9 +40,9 @@ import fnmatch
 import io
 import json
 import logging
+import math
 import os
 import sys
-import time
 from typing import Any
 
 import numpy as np
@@ -54,6 +66,11 @@ _COMPILATION_CACHE = flags.DEFINE_string(
     "~/.cache/medfed_jax/jax); see medfed_jax.compilation_cache.",
 )
 _DEBUG = flags.DEFINE_bool("debug", False, "Show the traceback of a refused command instead of one error line.")
+_ALLOW_LARGE = flags.DEFINE_bool(
+    "allow_large_sweep",
+    False,
+    f"Run a sweep above {sweep.MAX_CELLS} cells or {sweep.MAX_PROGRAMS} compiled programs (refused otherwise).",
+)
 
 USAGE = (
     "python -m medfed_jax --config=<name or file.py> [--workdir=DIR] [--seeds=N] [--overwrite] [--debug]\n"
@@ -82,6 +99,7 @@ class Command:
     debug: bool
     compilation_cache: str | None  # --compilation_cache: a folder, 'off', or None (medfed_jax.compilation_cache)
     extra_args: tuple[str, ...]  # positional arguments (refused)
+    allow_large_sweep: bool = False
 
 
 def help_text(section: str | None = None) -> str:
@@ -139,6 +157,7 @@ def parse_command_line(argv: list[str]) -> Command:
         debug=_DEBUG.value,
         compilation_cache=_COMPILATION_CACHE.value,
         extra_args=tuple(positional[1:]),
+        allow_large_sweep=_ALLOW_LARGE.value,
     )
 
 
@@ -239,34 +258,54 @@ def format_table(header: list[str], rows: list[list[str]]) -> str:
     return "\n".join([line(header), "|" + "|".join("-" * (w + 2) for w in widths) + "|", *map(line, rows)])
 
 
+def finite_mean_std(values: np.ndarray) -> tuple[float, float]:
+    """Mean and std of the finite ``values`` (NaN, NaN when none)."""
+    values = np.asarray(values, np.float64).ravel()
+    finite = values[np.isfinite(values)]
+    if finite.size == 0:
+        return math.nan, math.nan
+    return float(finite.mean()), float(finite.std())
+
+
 def final_accuracy_table(
     finals: dict[str, dict[str, np.ndarray]], client_names: tuple[str, ...], max_width: int = MAX_TABLE_WIDTH
 ) -> str:
     """Methods x (each client's own test split, their mean and worst, pooled test set) in %, and the pooled
     ROC AUC; mean +- std over seeds.
 
-    A table wider than ``max_width`` characters shows the clients' quartiles
-    and best instead of every client (each client stays in history.csv and summary.json).
+    A diverged model (`medfed_jax.eval`) is not scored: a cell shows the mean
+    +- std over the seeds whose value is finite, ``diverged`` when none is, and
+    the method column counts the diverged seeds. A table wider than
+    ``max_width`` characters shows the clients' quartiles and best instead of
+    every client (each client stays in history.csv and summary.json).
     """
 
-    def cell(values: np.ndarray, scale: float = 100, digits: int = 1) -> str:
-        values = scale * np.asarray(values, np.float64)
-        if values.size > 1:
-            return f"{values.mean():.{digits}f} ± {values.std():.{digits}f}"
-        return f"{values.mean():.{digits}f}"
+    def cell(values: np.ndarray, diverged: np.ndarray, scale: float = 100, digits: int = 1) -> str:
+        values = np.asarray(values, np.float64)
+        kept = values[~np.asarray(diverged, bool)]
+        if kept.size == 0:
+            return "diverged"
+        if kept.size > 1:
+            return f"{scale * kept.mean():.{digits}f} ± {scale * kept.std():.{digits}f}"
+        return f"{scale * kept.mean():.{digits}f}"
+
+    def finite_cell(values: np.ndarray) -> str:
+        return cell(values, np.isnan(values))
 
     def table(client_columns: dict[str, Any]) -> str:
         rows = []
         for method, final in finals.items():
             per_client = np.asarray(final["client_accuracy"]).reshape(-1, len(client_names))
+            seed_diverged = np.asarray(final["diverged"]).reshape(-1) > 0
+            diverged_note = f" ({seed_diverged.sum()}/{seed_diverged.size} diverged)" if seed_diverged.any() else ""
             rows.append(
                 [
-                    method,
-                    *(cell(column(per_client)) for column in client_columns.values()),
-                    cell(per_client.mean(1)),
-                    cell(per_client.min(1)),
-                    cell(final["test_accuracy"]),
-                    cell(final["test_auc"], scale=1, digits=3),
+                    method + diverged_note,
+                    *(finite_cell(column(per_client)) for column in client_columns.values()),
+                    finite_cell(per_client.mean(1)),
+                    finite_cell(per_client.min(1)),
+                    cell(final["test_accuracy"], seed_diverged),
+                    cell(final["test_auc"], seed_diverged, scale=1, digits=3),
                 ]
             )
         header = ["method", *client_columns, "mean of clients", "worst client", "pooled test", "pooled AUC"]
@@ -283,50 +322,53 @@ def final_accuracy_table(
     )
 
 
-def run_single(prepared: runner.Prepared, workdir: str | None) -> dict:
-    """One seed per method, chunked with progress lines and checkpoints."""
-    cfg = prepared.cfg
-    histories, finals = {}, {}
-    for method in runner.methods_of(cfg):
+FINAL_METRICS = ("test_accuracy", "test_auc", "client_accuracy", "diverged")
+
+
+def _run_methods(prepared: runner.Prepared, workdir: str | None, seeds: list[int], seed_axis: bool) -> dict:
+    """Every method of the run in evaluation chunks (progress lines, checkpoints in the workdir), then `_finish`."""
+    rows, finals = [], {}
+    for method in runner.methods_of(prepared.cfg):
         checkpoint = os.path.join(workdir, f"checkpoint_{method}.npz") if workdir else None
-        histories[method] = runner.train_method(method, prepared, checkpoint=checkpoint)
-        last = histories[method][-1]
-        finals[method] = {
-            "test_accuracy": np.asarray(last["test_accuracy"]),
-            "test_auc": np.asarray(last["test_auc"]),
-            "client_accuracy": np.asarray([last[f"accuracy[{c}]"] for c in prepared.dataset.client_names]),
-        }
-    rows = [row for method in histories for row in histories[method]]
-    return _finish(workdir, prepared, rows, finals, seeds=[cfg.seed])
+        evaluations = runner.train_evaluations(method, prepared, seeds, seed_axis, checkpoint)
+        rows.extend(runner.history_rows(method, prepared, evaluations, seeds if seed_axis else None))
+        finals[method] = {k: evaluations[-1].metrics[k] for k in FINAL_METRICS}
+    return _finish(workdir, prepared, rows, finals, seeds)
+
+
+def run_single(prepared: runner.Prepared, workdir: str | None) -> dict:
+    """One seed (``cfg.seed``) per method, chunked with progress lines and checkpoints."""
+    return _run_methods(prepared, workdir, [prepared.cfg.seed], seed_axis=False)
 
 
 def run_many_seeds(prepared: runner.Prepared, workdir: str | None, num_seeds: int) -> dict:
-    """Every method over ``num_seeds`` seeds, one vmapped program per method."""
-    cfg = prepared.cfg
-    seeds = [cfg.seed + s for s in range(num_seeds)]
-    rows, finals = [], {}
-    for method in runner.methods_of(cfg):
-        start = time.perf_counter()
-        history = runner.run_seeds(prepared, method, seeds)
-        print(
-            f"[{method}] {num_seeds} seeds x {cfg.rounds} rounds in {time.perf_counter() - start:.1f}s "
-            f"(compile included)"
-        )
-        finals[method] = {k: history[k][:, -1] for k in ("test_accuracy", "test_auc", "client_accuracy")}
-        for s, seed in enumerate(seeds):
-            for e in range(history["test_accuracy"].shape[1]):
-                metrics = {k: v[s, e] for k, v in history.items()}
-                row = runner._row(metrics, method, (e + 1) * cfg.eval_every, 0.0, prepared.dataset.client_names)
-                rows.append({"seed": seed, **row})
-    return _finish(workdir, prepared, rows, finals, seeds)
+    """Every method over ``num_seeds`` seeds (``cfg.seed``, ``cfg.seed + 1``, ...), vmapped, chunked likewise."""
+    return _run_methods(prepared, workdir, [prepared.cfg.seed + s for s in range(num_seeds)], seed_axis=True)
+
+
+def final_summary(final: dict[str, np.ndarray], num_clients: int) -> dict:
+    """summary.json's ``final`` entry of one method: mean and std over the seeds with finite values."""
+    per_client = np.asarray(final["client_accuracy"]).reshape(-1, num_clients)
+    accuracy, auc = (finite_mean_std(final[k]) for k in ("test_accuracy", "test_auc"))
+    clients = [finite_mean_std(per_client[:, c]) for c in range(num_clients)]
+    return {
+        "test_accuracy_mean": accuracy[0],
+        "test_accuracy_std": accuracy[1],
+        "test_auc_mean": auc[0],
+        "test_auc_std": auc[1],
+        "client_accuracy_mean": [c[0] for c in clients],
+        "client_accuracy_std": [c[1] for c in clients],
+        "diverged_seeds": int(np.sum(np.asarray(final["diverged"]) > 0)),
+    }
 
 
 def _finish(workdir, prepared, rows, finals, seeds) -> dict:
     names = prepared.dataset.client_names
+    rounds = max(row["round"] for row in rows)  # the rounds trained (every method trains cfg.rounds)
     table = final_accuracy_table(finals, names)
     print(
         f"\nFinal test accuracy (%) on {prepared.dataset.name}, {len(seeds)} seed(s), "
-        f"{prepared.cfg.rounds} rounds: each client's own test split, their mean, and the pooled test set; "
+        f"{rounds} rounds: each client's own test split, their mean, and the pooled test set; "
         "then the pooled test set's ROC AUC (macro one-vs-rest)\n"
     )
     print(table)
@@ -334,19 +376,9 @@ def _finish(workdir, prepared, rows, finals, seeds) -> dict:
         "dataset": prepared.dataset.name,
         "client_names": list(names),
         "seeds": seeds,
-        "rounds": prepared.cfg.rounds,
-        "privacy": prepared.accounting.report(prepared.cfg.rounds),
-        "final": {
-            m: {
-                "test_accuracy_mean": float(np.mean(f["test_accuracy"])),
-                "test_accuracy_std": float(np.std(f["test_accuracy"])),
-                "test_auc_mean": float(np.mean(f["test_auc"])),
-                "test_auc_std": float(np.std(f["test_auc"])),
-                "client_accuracy_mean": np.asarray(f["client_accuracy"]).reshape(-1, len(names)).mean(0).tolist(),
-                "client_accuracy_std": np.asarray(f["client_accuracy"]).reshape(-1, len(names)).std(0).tolist(),
-            }
-            for m, f in finals.items()
-        },
+        "rounds": rounds,
+        "privacy": prepared.accounting.report(rounds),
+        "final": {m: final_summary(f, len(names)) for m, f in finals.items()},
         "table": table,
     }
     if workdir:
@@ -386,7 +418,9 @@ def main(command: Command) -> None:
         compilation_cache.enable(command.compilation_cache)
         cfg = command_config(command)
         is_sweep = sweep.is_sweep(cfg)
-        prepared = sweep.prepare_sweep(cfg, command.seeds) if is_sweep else runner.prepare(cfg)
+        prepared = (
+            sweep.prepare_sweep(cfg, command.seeds, command.allow_large_sweep) if is_sweep else runner.prepare(cfg)
+        )
         if command.workdir:
             extra = {"seeds": command.seeds} if command.seeds > 1 else None
             prepare_workdir(command.workdir, cfg, command.overwrite, extra)
