@@ -64,7 +64,7 @@ def enable(setting: str | None = None) -> str | None:
     cache is off. A folder that cannot be created turns the cache off with a
     one-line warning instead of failing the run.
     """
-    import jax  # here: `medfed_jax.cli` parses its flags before JAX loads
+    import jax  # here, so that importing this module stays light
     from jax.experimental.compilation_cache import compilation_cache
 
     global _configured
@@ -72,10 +72,12 @@ def enable(setting: str | None = None) -> str | None:
     source = "--compilation_cache"
     if setting is None and os.environ.get(ENV_VAR):
         setting, source = os.environ[ENV_VAR], ENV_VAR
-    if setting is None:  # the user's own JAX settings win over the default
+    if setting is None:  # the user's own JAX settings win over the default, untouched
         if not jax.config.jax_enable_compilation_cache:
             return None
-        setting = jax.config.jax_compilation_cache_dir or default_dir()
+        if jax.config.jax_compilation_cache_dir:
+            return jax.config.jax_compilation_cache_dir
+        setting = default_dir()
     check_setting(setting, source)
     path = None if setting.strip().lower() == OFF else os.path.abspath(os.path.expanduser(setting))
     if path is not None:

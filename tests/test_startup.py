@@ -103,12 +103,17 @@ def test_default_cache_fills_on_a_cold_run_and_answers_every_compile_of_a_warm_o
 
 
 def test_cache_off_or_moved_by_flag_and_environment(tmp_path):
-    xdg, moved = tmp_path / "xdg", tmp_path / "moved"
+    xdg, moved, own = tmp_path / "xdg", tmp_path / "moved", tmp_path / "own"
     off = json.loads(python(TINY_RUN, XDG_CACHE_HOME=str(xdg), MEDFED_JAX_CACHE_DIR="off"))
     assert off["asked"] == 0 and not xdg.exists()
+    # a user's own JAX setting is used as it is
+    jax_env = {"JAX_COMPILATION_CACHE_DIR": str(own), "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
+    python(TINY_RUN, XDG_CACHE_HOME=str(xdg), **jax_env)
+    assert cache_entries(own) and not xdg.exists()
     # the command line's flag wins over the environment variable, both ways
     cli = "import sys; from medfed_jax.cli import run_main; sys.argv = ['medfed_jax', *sys.argv[1:]]; run_main()"
     tiny = ["--config=configs/quickstart.py", "--config.rounds=1", "--config.eval_every=1", "--config.baselines=()"]
+    tiny.append("--config.model.name=logistic")
     python(cli, *tiny, f"--compilation_cache={moved}", MEDFED_JAX_CACHE_DIR="off", XDG_CACHE_HOME=str(xdg))
     assert cache_entries(moved) and not xdg.exists()
     other = tmp_path / "other"
