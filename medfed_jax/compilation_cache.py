@@ -61,8 +61,8 @@ def enable(setting: str | None = None) -> str | None:
 
     ``setting``: a folder, ``'off'``, or None (environment, then JAX's own
     setting, then `default_dir`). Returns the folder in use, or None when the
-    cache is off. A folder that cannot be created turns the cache off with a
-    one-line warning instead of failing the run.
+    cache is off. A folder that cannot be created or written turns the cache
+    off with a one-line warning instead of failing the run.
     """
     import jax  # here, so that importing this module stays light
     from jax.experimental.compilation_cache import compilation_cache
@@ -83,9 +83,12 @@ def enable(setting: str | None = None) -> str | None:
     if path is not None:
         try:
             os.makedirs(path, exist_ok=True)
+            problem = None if os.access(path, os.W_OK) else "not writable"
         except OSError as e:
+            problem = e.strerror
+        if problem:
             print(
-                f"warning: compilation cache off: cannot create {path} ({e.strerror}); set {ENV_VAR}=DIR or off.",
+                f"warning: compilation cache off: cannot use {path} ({problem}); set {ENV_VAR}=DIR or off.",
                 file=sys.stderr,
             )
             path = None

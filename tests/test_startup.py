@@ -70,6 +70,14 @@ def test_empty_setting_is_refused_naming_its_source():
         compilation_cache.check_setting(" ", "MEDFED_JAX_CACHE_DIR")
 
 
+def test_unusable_folder_turns_the_cache_off_with_one_warning(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(compilation_cache, "_configured", False)  # restored after the test
+    (tmp_path / "file").write_text("")
+    assert compilation_cache.enable(str(tmp_path / "file" / "cache")) is None  # a folder inside a file
+    warning = capsys.readouterr().err
+    assert warning.count("\n") == 1 and "compilation cache off: cannot use" in warning and "file/cache" in warning
+
+
 # A tiny federated run through the Python entry point; prints how many compiles asked the cache, how many it
 # answered, and the history (timings left out).
 TINY_RUN = """
