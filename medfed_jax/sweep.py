@@ -581,9 +581,16 @@ def _save_chunk(path: str, cells: Sequence[int], history: dict[str, np.ndarray])
 
 
 def _load_chunk(path: str) -> tuple[list[int], dict[str, np.ndarray]]:
-    with open(path) as f:
-        payload = json.load(f)
-    return payload["cells"], {k: np.asarray(v, np.float32) for k, v in payload["history"].items()}
+    """A saved chunk's cells and histories; `runner.CorruptFile` naming the file and the remedy if unreadable."""
+    try:
+        with open(path) as f:
+            payload = json.load(f)
+        return payload["cells"], {k: np.asarray(v, np.float32) for k, v in payload["history"].items()}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as error:
+        raise runner.CorruptFile(
+            f"{path} is corrupt (truncated or not a chunk of this sweep: {error}); delete it to recompute that "
+            "chunk, or rerun with --overwrite."
+        ) from error
 
 
 # --------------------------------------------------------------------------- tables

@@ -13,7 +13,7 @@ import ml_collections
 import numpy as np
 import pytest
 
-from medfed_jax import cli, config_files, runner
+from medfed_jax import cli, config_files, runner, sweep
 from medfed_jax import config as config_lib
 from medfed_jax.data import heart, medmnist
 
@@ -334,6 +334,14 @@ def test_corrupt_checkpoints_name_the_file_and_the_remedy(tmp_path, damage):
         runner.save_checkpoint(path, {"w": np.zeros((3, 3)), "round": np.int32(4)}, [])
     with pytest.raises(runner.CorruptFile, match=re.escape(path) + " is corrupt.*rerun with --overwrite or delete it"):
         runner.load_checkpoint(path, state)
+
+
+@pytest.mark.parametrize("text", ['{"cells": [0, 1], "history": {"test_acc', "[1, 2]", ""])
+def test_a_corrupt_sweep_chunk_names_the_file_and_the_remedy(tmp_path, text):
+    path = tmp_path / "chunk.json"
+    path.write_text(text)
+    with pytest.raises(runner.CorruptFile, match=re.escape(str(path)) + " is corrupt.*delete it"):
+        sweep._load_chunk(str(path))
 
 
 # --------------------------------------------------------------------------- corrupt data files
