@@ -3,6 +3,7 @@
 Public API (re-exported names only); see README.md for a tour.
 """
 
+from medfed_jax import mesh
 from medfed_jax.aggregators import build_aggregator, mean, weighted_mean
 from medfed_jax.attacks import build_attack, no_attack
 from medfed_jax.client import LocalHParams, LocalSpec, make_local_update
@@ -13,6 +14,8 @@ from medfed_jax.models import make_model
 from medfed_jax.runner import prepare, run, run_seeds, train_method
 from medfed_jax.server import Engine, FedState, build_engine, make_server_optimizer, static_config
 from medfed_jax.types import Aggregator, Attack, ClientData, FederatedDataset, Model
+
+mesh.configure_default_devices()  # before JAX's backend starts: every core by default
 
 __version__ = "0.1.0"
 

@@ -28,12 +28,16 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from medfed_jax import config as config_lib
+from medfed_jax import mesh as mesh_lib
 from medfed_jax import report, runner, sweep
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a config file (configs/*.py).")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for results, checkpoints and the resolved config.")
 _OVERWRITE = flags.DEFINE_bool("overwrite", False, "Replace a workdir that holds a different config.")
 _SEEDS = flags.DEFINE_integer("seeds", 1, "Seeds per method; > 1 runs them vmapped and reports mean +- std.")
+_DEVICES = flags.DEFINE_string(
+    "devices", None, "Devices to split each cohort over: 'all' or a count (default: $MEDFED_JAX_DEVICES, else all)."
+)
 
 
 def prepare_workdir(workdir: str, cfg: Any, overwrite: bool, extra: dict | None = None) -> None:
@@ -195,9 +199,19 @@ def run_sweep_command(cfg: Any, workdir: str | None, num_seeds: int, overwrite: 
     return result
 
 
+def setup_devices(devices: str | None) -> None:
+    """The device count and, when launched as one of many processes, `jax.distributed` (`medfed_jax.mesh`)."""
+    try:
+        mesh_lib.configure_devices(devices, "--devices")
+        mesh_lib.initialize_distributed()
+    except ValueError as e:
+        raise app.UsageError(str(e)) from None
+
+
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    setup_devices(_DEVICES.value)
     cfg = _CONFIG.value
     if cfg is None:
         raise app.UsageError("--config=configs/<name>.py is required.")

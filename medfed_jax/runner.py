@@ -21,6 +21,7 @@ import numpy as np
 from medfed_jax import baselines, personalize, privacy
 from medfed_jax import config as config_lib
 from medfed_jax import data as data_lib
+from medfed_jax import mesh as mesh_lib
 from medfed_jax.models import check_input_fits, make_model
 from medfed_jax.server import Engine, Switches, build_engine, static_config
 from medfed_jax.types import FederatedDataset, Knobs
@@ -99,6 +100,8 @@ def engine_for(method: str, prepared: Prepared, switches: Switches = ()) -> tupl
 
 
 def _write_atomic(path: str, write: Callable[[Any], None], mode: str = "w") -> None:
+    if not mesh_lib.is_writer():  # many processes: process 0 writes, the others hold the same values
+        return
     tmp = f"{path}.tmp{os.getpid()}"
     with open(tmp, mode) as f:
         write(f)
@@ -139,6 +142,13 @@ def _row(metrics: dict, method: str, round_done: int, elapsed: float, client_nam
     return row
 
 
+def place_data(engine: Engine, view: FederatedDataset) -> tuple[Any, Any]:
+    """Train and test data on the engine's devices (`medfed_jax.mesh.put`): the population split
+    over the client mesh when every client trains each round, else replicated."""
+    full = engine.context.cohort_size >= engine.context.num_clients
+    return mesh_lib.put(view.train, engine.mesh, shard_clients=full), mesh_lib.put(view.test, engine.mesh)
+
+
 def train_method(
     method: str,
     prepared: Prepared,
@@ -149,8 +159,7 @@ def train_method(
     """Train one method in evaluation chunks; returns one history row per evaluation."""
     engine, view, cfg = engine_for(method, prepared)
     seed = cfg.seed if seed is None else seed
-    train, test = jax.device_put(tuple(view.train)), jax.device_put(tuple(view.test))
-    train, test = type(view.train)(*train), type(view.test)(*test)
+    train, test = place_data(engine, view)
     start = time.perf_counter()
     state = engine.init(seed, train, prepared.knobs)
     history: list[dict] = []
@@ -201,6 +210,5 @@ def run_seeds(prepared: Prepared, method: str, seeds: list[int]) -> dict:
     """
     engine, view, _ = engine_for(method, prepared)
     seeds = np.asarray(seeds, np.uint32)
-    return jax.device_get(
-        jax.vmap(engine.program, in_axes=(0, None, None, None))(seeds, view.train, view.test, prepared.knobs)
-    )
+    train, test = place_data(engine, view)
+    return jax.device_get(jax.vmap(engine.program, in_axes=(0, None, None, None))(seeds, train, test, prepared.knobs))

@@ -27,6 +27,7 @@ import optax
 
 from medfed_jax import aggregators, attacks, personalize, privacy
 from medfed_jax import config as config_lib
+from medfed_jax import mesh as mesh_lib
 from medfed_jax.client import LocalHParams, LocalSpec, example_loss_fn, map_clients
 from medfed_jax.eval import make_evaluate, make_evaluate_personal
 from medfed_jax.models import make_model
@@ -145,6 +146,7 @@ class Engine(NamedTuple):
     program: Callable
     context: config_lib.BuildContext
     eval_params: Callable = global_params
+    mesh: jax.sharding.Mesh | None = None  # the 'clients' mesh local training is split over; None: one device
 
 
 def make_program(
@@ -190,7 +192,10 @@ def _switchable(cfg: Any, switches: Switches, section: str, build: Callable, com
 
 @functools.lru_cache(maxsize=32)
 def build_engine(
-    cfg: ml_collections.FrozenConfigDict, context: config_lib.BuildContext, switches: Switches = ()
+    cfg: ml_collections.FrozenConfigDict,
+    context: config_lib.BuildContext,
+    switches: Switches = (),
+    mesh: jax.sharding.Mesh | None = None,
 ) -> Engine:
     """Build (and cache) the engine for a structural config; see `Engine`.
 
@@ -200,6 +205,11 @@ def build_engine(
     index into ``names``, traced) picks one at run time; ``cfg`` then lacks
     that field (`static_config` with ``switched``). Sweeps use this to compile
     the aggregator x attack matrix once.
+
+    ``mesh``: the ``'clients'`` mesh the cohort's local training is split over
+    (`medfed_jax.mesh.client_mesh`, every selected device by default; a
+    one-device mesh runs on one device). Outputs are replicated on it; place
+    the data with `medfed_jax.mesh.put`.
     """
     unknown = [path for path, _ in switches if path not in SWITCHABLE]
     if unknown:
@@ -210,6 +220,7 @@ def build_engine(
     parallelism, chunk = default_parallelism(cfg)
     num_clients, cohort = context.num_clients, context.cohort_size
     sampled = cohort < num_clients
+    mesh = mesh_lib.client_mesh(cohort) if mesh is None else (mesh if mesh.size > 1 else None)
 
     def build_personalizer(knobs: Knobs, max_count: int) -> personalize.Personalizer:
         spec = LocalSpec.from_config(cfg.local, max_count)
@@ -264,6 +275,7 @@ def build_engine(
             (None, 0, 0, 0, None),
             parallelism,
             chunk,
+            mesh,
         )
         clients = cohort_clients
         if sampled:  # clients outside the cohort keep their personal state
@@ -308,12 +320,14 @@ def build_engine(
         evaluate, eval_params = make_evaluate(model, parallelism, chunk), global_params
     program = make_program(init, run_rounds, evaluate, cfg.rounds, cfg.eval_every, eval_params)
 
+    jit = jax.jit if mesh is None else functools.partial(jax.jit, out_shardings=mesh_lib.replicated(mesh))
     return Engine(
-        init=jax.jit(init),
-        round_step=jax.jit(round_step),
-        run_rounds=jax.jit(run_rounds, static_argnums=3),
-        evaluate=jax.jit(evaluate),
-        program=jax.jit(program),
+        init=jit(init),
+        round_step=jit(round_step),
+        run_rounds=jit(run_rounds, static_argnums=3),
+        evaluate=jit(evaluate),
+        program=jit(program),
         context=context,
-        eval_params=jax.jit(eval_params),
+        eval_params=jit(eval_params),
+        mesh=mesh,
     )

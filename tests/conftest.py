@@ -1,8 +1,14 @@
 """Shared test fixtures."""
 
+import os
+
 import pytest
 
-from medfed_jax import runner
+# One device, whatever the machine's core count: results must not depend on it. Sharded runs are
+# tested in subprocesses with their own device count (tests/test_sharding.py).
+os.environ.setdefault("MEDFED_JAX_DEVICES", "1")
+
+from medfed_jax import runner  # noqa: E402
 
 
 @pytest.fixture
