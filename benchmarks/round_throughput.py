@@ -72,20 +72,24 @@ class Workload:
 MLP_LAYERS = [(784, 200), (200, 200), (200, 10)]
 
 
-def w1(num_clients: int, samples: int = 600) -> Workload:
-    """W1 with ``num_clients`` clients, all in every round."""
+def w1(dataset: FederatedDataset) -> Workload:
+    """W1 over ``dataset`` (784 features, 10 classes), every client in every round."""
     forward = sum(2 * i * o for i, o in MLP_LAYERS)
     input_grads = sum(2 * i * o for i, o in MLP_LAYERS[1:])
     flops = 2 * forward + input_grads  # weight gradients everywhere, input gradients for layers 2 and 3
-    return Workload("W1", mnist_like(num_clients, samples, seed=0), "mlp", (200, 200), 50, num_clients, flops)
+    return Workload("W1", dataset, "mlp", (200, 200), 50, dataset.num_clients, flops)
 
 
-def w2(num_clients: int = 1000, samples: int = 50, cohort: int = 50, side: int = 32) -> Workload:
-    """W2: ``num_clients`` clients of ``samples`` synthetic ``side x side x 3`` images, ``cohort`` per round."""
+def w2(dataset: FederatedDataset, cohort: int = 50) -> Workload:
+    """W2 over ``dataset`` (images, 10 classes), ``cohort`` clients per round."""
+    return Workload("W2", dataset, "cnn", (), 10, min(cohort, dataset.num_clients), 0.0)
+
+
+def w2_images(num_clients: int = 1000, samples: int = 50, side: int = 32) -> FederatedDataset:
+    """``num_clients`` clients of ``samples`` synthetic ``side x side x 3`` images (linear-teacher labels)."""
     flat = linear_teacher(num_clients, samples, side * side * 3, 10, seed=0, name="w2_images")
     images = lambda d: ClientData(d.x.reshape(*d.x.shape[:2], side, side, 3), d.y, d.count)  # noqa: E731
-    dataset = dataclasses.replace(flat, train=images(flat.train), test=images(flat.test))
-    return Workload("W2", dataset, "cnn", (), 10, min(cohort, num_clients), 0.0)
+    return dataclasses.replace(flat, train=images(flat.train), test=images(flat.test))
 
 
 def workload_config(workload: Workload, parallelism: str, chunk: int):
@@ -190,8 +194,9 @@ def table(workload: Workload, timings: dict[str, dict], reference: str = "loop")
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--workload", default="w1", choices=("w1", "w2"))
-    parser.add_argument("--clients", default="10,100,1000", help="W1 client counts (W2: its population)")
+    parser.add_argument("--clients", default="", help="populations (default: W1 10,100,1000; W2 1000)")
     parser.add_argument("--samples", type=int, default=0, help="rows per client (0: the workload's own)")
+    parser.add_argument("--cohort", type=int, default=50, help="W2's clients per round")
     parser.add_argument("--strategies", default="map:8", help="client_parallelism[:chunk] of the engine")
     parser.add_argument("--devices", default="1,all", help="device counts the engine is split over")
     parser.add_argument("--rounds", type=int, default=2, help="rounds per scanned engine call")
@@ -204,9 +209,11 @@ def main() -> None:
     )
     print("| workload | clients | cohort | implementation | s/round | GFLOP/s | compile s | loop / this (min-max) |")
     print("|---|---|---|---|---|---|---|---|")
-    for num_clients in map(int, args.clients.split(",")):
-        sizes = {"samples": args.samples} if args.samples else {}
-        workload = w1(num_clients, **sizes) if args.workload == "w1" else w2(num_clients, **sizes)
+    for num_clients in map(int, (args.clients or ("10,100,1000" if args.workload == "w1" else "1000")).split(",")):
+        if args.workload == "w1":
+            workload = w1(mnist_like(num_clients, args.samples or 600, seed=0))
+        else:
+            workload = w2(w2_images(num_clients, args.samples or 50), args.cohort)
         implementations = {"loop": (loop_round(workload), 1)}
         for strategy in args.strategies.split(","):
             parallelism, _, chunk = strategy.partition(":")

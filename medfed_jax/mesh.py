@@ -4,8 +4,10 @@ A round's cohort is split over a one-axis `jax.sharding.Mesh` named
 ``'clients'``: each device trains its share of the clients where their data
 lives (`medfed_jax.client.map_clients` under `jax.shard_map`), then the
 aggregation runs on the whole ``[C, ...]`` stack, partitioned by XLA's SPMD
-pass (a sum over the client axis becomes local sums and an all-reduce; the
-sorts of the order statistics gather the client axis).
+pass: for the means a sum over the client axis becomes local sums and an
+all-reduce; for the order statistics the updates are re-split along their
+coordinates first (`spread_coordinates`, an all-to-all), so that each device
+sorts its own coordinates of every client.
 
 Settings, read before JAX's backend starts:
 
@@ -149,9 +151,38 @@ def client_mesh(num_clients: int, devices: int | None = None) -> Mesh | None:
     return Mesh(np.asarray(chosen), (AXIS,)) if len(chosen) > 1 else None
 
 
+def spread_coordinates(updates: Any, mesh: Mesh | None) -> Any:
+    """Re-split client-split updates ``[C, ...]`` along a coordinate axis instead (an all-to-all).
+
+    For the order statistics (median, trimmed mean, Krum, Bulyan, ...): each
+    device then sorts, or sums distances over, its own slice of the coordinates
+    of every client, and the results equal one device's bit for bit. It costs
+    moving ``(D - 1) / D`` of the ``C x P`` updates once per round; the means
+    skip it (their sum over clients is local sums plus an all-reduce of ``P``).
+    Each leaf is split along its largest trailing axis that the device count
+    divides, or replicated (all-gathered) when none does.
+    """
+    if mesh is None:
+        return updates
+
+    def constrain(leaf):
+        axes = [a for a in range(1, leaf.ndim) if leaf.shape[a] % mesh.size == 0]
+        spec = [None] * leaf.ndim
+        if axes:
+            spec[max(axes, key=lambda a: leaf.shape[a])] = AXIS
+        return jax.lax.with_sharding_constraint(leaf, NamedSharding(mesh, PartitionSpec(*spec)))
+
+    return jax.tree.map(constrain, updates)
+
+
 def replicated(mesh: Mesh | None) -> NamedSharding | None:
     """Every device holds the whole value."""
     return None if mesh is None else NamedSharding(mesh, PartitionSpec())
+
+
+def gather(tree: Any, mesh: Mesh | None) -> Any:
+    """``tree`` whole on every device (an all-gather where it is split), so what follows runs as on one."""
+    return tree if mesh is None else jax.lax.with_sharding_constraint(tree, replicated(mesh))
 
 
 def put(tree: Any, mesh: Mesh | None, shard_clients: bool = False) -> Any:

@@ -37,6 +37,9 @@ from medfed_jax.types import Array, AttackContext, ClientData, Knobs, Metrics, P
 SWITCHABLE = ("aggregator.name", "attack.name")
 Switches = tuple[tuple[str, tuple[str, ...]], ...]
 
+# Aggregators that only sum over the client axis: on a mesh they reduce where the updates lie.
+MEANS = {"mean", "weighted_mean"}
+
 # Purposes of the per-round keys, folded into the round key.
 _SAMPLE, _LOCAL, _PRIVACY, _ATTACK, _AGGREGATE, _PERSONAL = range(6)
 
@@ -221,6 +224,8 @@ def build_engine(
     num_clients, cohort = context.num_clients, context.cohort_size
     sampled = cohort < num_clients
     mesh = mesh_lib.client_mesh(cohort) if mesh is None else (mesh if mesh.size > 1 else None)
+    rules = dict(switches).get("aggregator.name") or (cfg.aggregator.name,)
+    by_coordinate = cfg.privacy.mode != "central" and not set(rules) <= MEANS  # see mesh_lib.spread_coordinates
 
     def build_personalizer(knobs: Knobs, max_count: int) -> personalize.Personalizer:
         spec = LocalSpec.from_config(cfg.local, max_count)
@@ -280,6 +285,8 @@ def build_engine(
         clients = cohort_clients
         if sampled:  # clients outside the cohort keep their personal state
             clients = jax.tree.map(lambda s, new: s.at[index].set(new), state.clients, cohort_clients)
+        if by_coordinate:
+            deltas = mesh_lib.spread_coordinates(deltas, mesh)
         if privatizer is not None:
             deltas = jax.vmap(privatizer)(deltas, jax.random.split(key_for(_PRIVACY), index.shape[0]))
         weights, mask = data.count, data.count > 0
@@ -287,6 +294,7 @@ def build_engine(
         update, agg_state, diagnostics = aggregator.aggregate(
             deltas, weights, mask, state.agg_state, key_for(_AGGREGATE)
         )
+        update = mesh_lib.gather(update, mesh)
         pseudo_gradient = jax.tree.map(jnp.negative, update)
         shared = personal.shared(state.params)
         server_updates, opt_state = server_opt.update(pseudo_gradient, state.server_opt_state, shared)
