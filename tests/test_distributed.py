@@ -11,7 +11,6 @@ import sys
 
 import numpy as np
 import pytest
-from absl import app
 
 from medfed_jax import cli, runner
 from medfed_jax import mesh as mesh_lib
@@ -81,7 +80,7 @@ def test_a_partial_distributed_launch_is_one_clear_error(monkeypatch, forbid_com
     monkeypatch.setenv("MEDFED_JAX_COORDINATOR", "127.0.0.1:1234")
     monkeypatch.delenv("MEDFED_JAX_NUM_PROCESSES", raising=False)
     monkeypatch.delenv("MEDFED_JAX_PROCESS_ID", raising=False)
-    with pytest.raises(app.UsageError, match=r"MEDFED_JAX_NUM_PROCESSES, MEDFED_JAX_PROCESS_ID missing"):
+    with pytest.raises(ValueError, match=r"MEDFED_JAX_NUM_PROCESSES, MEDFED_JAX_PROCESS_ID missing"):
         cli.setup_devices(None)
     bad = {"MEDFED_JAX_COORDINATOR": "127.0.0.1:1", "MEDFED_JAX_NUM_PROCESSES": "2", "MEDFED_JAX_PROCESS_ID": "2"}
     with pytest.raises(ValueError, match=r"MEDFED_JAX_PROCESS_ID='2' must be an integer in \[0, 1\]"):
