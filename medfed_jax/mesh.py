@@ -33,6 +33,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 AXIS = "clients"
 ENV_DEVICES = "MEDFED_JAX_DEVICES"
+XLA_DEVICE_FLAG = "--xla_force_host_platform_device_count"  # XLA's own way to set the same count
 ENV_DISTRIBUTED = ("MEDFED_JAX_COORDINATOR", "MEDFED_JAX_NUM_PROCESSES", "MEDFED_JAX_PROCESS_ID")
 
 _requested: dict[str, int | None] = {"devices": None}  # the resolved setting; None = every device
@@ -65,6 +66,7 @@ def configure_devices(value: Any = None, source: str = "--devices") -> None:
     On a CPU this sets the host platform's device count, which JAX reads when
     its backend starts; if the backend already runs with another count, an
     explicit setting is refused (one line naming the fix), a default is kept.
+    A default also leaves a count given by ``XLA_FLAGS`` (``XLA_DEVICE_FLAG``).
     """
     explicit = value is not None or ENV_DEVICES in os.environ
     if value is None:
@@ -72,7 +74,8 @@ def configure_devices(value: Any = None, source: str = "--devices") -> None:
     count = parse_devices(value, source)
     cpu_devices = count or host_cores()
     if not _backend_started():
-        jax.config.update("jax_num_cpu_devices", cpu_devices)
+        if explicit or XLA_DEVICE_FLAG not in os.environ.get("XLA_FLAGS", ""):  # a default yields to XLA's flag
+            jax.config.update("jax_num_cpu_devices", cpu_devices)
     elif explicit and jax.default_backend() == "cpu" and len(jax.local_devices()) != cpu_devices:
         raise ValueError(
             f"{source}={value!r}: JAX's CPU backend already started with {len(jax.local_devices())} device(s); "
