@@ -14,6 +14,10 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
+from medfed_jax import host_devices  # noqa: E402 (JAX-free)
+
+host_devices.default_before_jax()  # one JAX device per core by default, set before JAX is imported
+
 __version__ = "0.1.0"
 
 # public name -> the module that defines it

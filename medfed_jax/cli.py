@@ -50,6 +50,7 @@ from absl import app, flags
 
 from medfed_jax import compilation_cache, config_files, report, runner, sweep
 from medfed_jax import config as config_lib
+from medfed_jax import mesh as mesh_lib
 
 _CONFIG = flags.DEFINE_string(
     "config", None, "A shipped config name (e.g. heart_fedavg) or a config file path (e.g. configs/heart_fedavg.py)."
@@ -65,6 +66,9 @@ _COMPILATION_CACHE = flags.DEFINE_string(
     f"Folder of the persistent compilation cache, or 'off' (default: ${compilation_cache.ENV_VAR}, else "
     "~/.cache/medfed_jax/jax); see medfed_jax.compilation_cache.",
 )
+_DEVICES = flags.DEFINE_string(
+    "devices", None, "Devices to split each cohort over: 'all' or a count (default: $MEDFED_JAX_DEVICES, else all)."
+)
 _DEBUG = flags.DEFINE_bool("debug", False, "Show the traceback of a refused command instead of one error line.")
 _ALLOW_LARGE = flags.DEFINE_bool(
     "allow_large_sweep",
@@ -74,6 +78,7 @@ _ALLOW_LARGE = flags.DEFINE_bool(
 
 USAGE = (
     "python -m medfed_jax --config=<name or file.py> [--workdir=DIR] [--seeds=N] [--overwrite] [--debug]\n"
+    "                     [--devices=all|N]\n"
     "                     [--config.<field>=<value> ...]\n"
     "       python -m medfed_jax --help[=<section>]   (every config field, or one section's)"
 )
@@ -100,6 +105,7 @@ class Command:
     compilation_cache: str | None  # --compilation_cache: a folder, 'off', or None (medfed_jax.compilation_cache)
     extra_args: tuple[str, ...]  # positional arguments (refused)
     allow_large_sweep: bool = False
+    devices: str | None = None  # --devices (`medfed_jax.mesh.configure_devices`)
 
 
 def help_text(section: str | None = None) -> str:
@@ -158,6 +164,7 @@ def parse_command_line(argv: list[str]) -> Command:
         compilation_cache=_COMPILATION_CACHE.value,
         extra_args=tuple(positional[1:]),
         allow_large_sweep=_ALLOW_LARGE.value,
+        devices=_DEVICES.value,
     )
 
 
@@ -412,9 +419,19 @@ def refuse(error: BaseException, debug: bool) -> None:
     sys.exit(2)
 
 
+def setup_devices(devices: str | None) -> None:
+    """The device count and, when launched as one of many processes, `jax.distributed` (`medfed_jax.mesh`).
+
+    Before anything uses JAX; raises ValueError (one line) for a bad setting.
+    """
+    mesh_lib.configure_devices(devices, "--devices")
+    mesh_lib.initialize_distributed()
+
+
 def main(command: Command) -> None:
     """Check everything (config, data, workdir), then run; a refusal is one line and exit status 2."""
     try:
+        setup_devices(command.devices)
         compilation_cache.enable(command.compilation_cache)
         cfg = command_config(command)
         is_sweep = sweep.is_sweep(cfg)

@@ -24,6 +24,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 import optax
+from jax.sharding import PartitionSpec as P
 
 from medfed_jax.types import Array, Model, Params
 
@@ -205,14 +206,8 @@ def make_local_update(
     return local_update
 
 
-def map_clients(fn: Callable, args: tuple, in_axes: tuple, parallelism: str, chunk: int):
-    """Apply ``fn`` to every client: all at once (``'vmap'``) or in chunks (``'map'``).
-
-    ``in_axes`` marks which of ``args`` carry the client axis (0) and which are
-    shared (None). Under ``'map'`` the clients run as a sequential `lax.map`
-    whose body vmaps ``chunk`` clients at a time; on a CPU that beats one huge
-    vmap (see ARCHITECTURE.md), on a GPU full vmap fills the chip.
-    """
+def _map_local(fn: Callable, args: tuple, in_axes: tuple, parallelism: str, chunk: int):
+    """`map_clients` on one device."""
     if parallelism == "vmap":
         return jax.vmap(fn, in_axes=in_axes)(*args)
     mapped = tuple(a for a, ax in zip(args, in_axes) if ax == 0)
@@ -223,3 +218,41 @@ def map_clients(fn: Callable, args: tuple, in_axes: tuple, parallelism: str, chu
         return fn(*(next(it_mapped) if ax == 0 else next(it_shared) for ax in in_axes))
 
     return jax.lax.map(body, mapped, batch_size=chunk)
+
+
+def _pad_clients(tree: Any, padded: int) -> Any:
+    """Append all-zero clients up to ``padded`` (a client with ``count == 0`` trains nothing)."""
+    return jax.tree.map(lambda a: jnp.pad(a, [(0, padded - a.shape[0])] + [(0, 0)] * (a.ndim - 1)), tree)
+
+
+def map_clients(
+    fn: Callable, args: tuple, in_axes: tuple, parallelism: str, chunk: int, mesh: jax.sharding.Mesh | None = None
+):
+    """Apply ``fn`` to every client: all at once (``'vmap'``) or in chunks (``'map'``), over ``mesh``'s devices.
+
+    ``in_axes`` marks which of ``args`` carry the client axis (0) and which are
+    shared (None). Under ``'map'`` the clients run as a sequential `lax.map`
+    whose body vmaps ``chunk`` clients at a time; on a CPU that beats one huge
+    vmap (see ARCHITECTURE.md), on a GPU full vmap fills the chip.
+
+    With a ``mesh`` (axis ``'clients'``, `medfed_jax.mesh`), the client axis is
+    split into one contiguous block per device (`jax.shard_map`) and each
+    device maps its own block as above; shared arguments are replicated. A
+    client count the device count does not divide is padded with all-zero
+    clients, whose outputs are dropped before anything else sees them. Each
+    client's computation is the same program as on one device.
+    """
+    if mesh is None or mesh.size == 1:
+        return _map_local(fn, args, in_axes, parallelism, chunk)
+    num_clients = jax.tree.leaves([a for a, ax in zip(args, in_axes) if ax == 0])[0].shape[0]
+    padded = -(-num_clients // mesh.size) * mesh.size
+    args = tuple(_pad_clients(a, padded) if ax == 0 else a for a, ax in zip(args, in_axes))
+    specs = tuple(P(mesh.axis_names[0]) if ax == 0 else P() for ax in in_axes)
+    sharded = jax.shard_map(
+        lambda *a: _map_local(fn, a, in_axes, parallelism, chunk),
+        mesh=mesh,
+        in_specs=specs,
+        out_specs=P(mesh.axis_names[0]),
+        check_vma=False,
+    )
+    return jax.tree.map(lambda out: out[:num_clients], sharded(*args))

@@ -30,6 +30,7 @@ import numpy as np
 from medfed_jax import baselines, compilation_cache, personalize, privacy
 from medfed_jax import config as config_lib
 from medfed_jax import data as data_lib
+from medfed_jax import mesh as mesh_lib
 from medfed_jax.models import check_input_fits, make_model
 from medfed_jax.server import (
     Engine,
@@ -37,6 +38,7 @@ from medfed_jax.server import (
     build_engine,
     chunk_lengths,
     eval_rounds,  # noqa: F401  (re-exported: the one schedule of evaluation rounds)
+    jit_on,
     make_chunk,
     static_config,
 )
@@ -71,9 +73,11 @@ def prepare(cfg: Any, dataset: FederatedDataset | None = None) -> Prepared:
     """Load the data (unless given) and validate everything; nothing compiles.
 
     Turns on the persistent compilation cache unless this process already chose
-    (`medfed_jax.compilation_cache.enable_once`).
+    (`medfed_jax.compilation_cache.enable_once`), and splits a CPU host into one
+    device per core unless JAX's backend already started (`medfed_jax.mesh`).
     """
     compilation_cache.enable_once()
+    mesh_lib.configure_default_devices()
     config_lib.validate_run_settings(cfg, num_clients=1 << 62)
     if dataset is None:
         dataset = data_lib.load_dataset(cfg.data)
@@ -128,6 +132,8 @@ class CorruptFile(ValueError):
 
 
 def _write_atomic(path: str, write: Callable[[Any], None], mode: str = "w") -> None:
+    if not mesh_lib.is_writer():  # many processes: process 0 writes, the others hold the same values
+        return
     tmp = f"{path}.tmp{os.getpid()}"
     try:
         with open(tmp, mode) as f:
@@ -181,7 +187,8 @@ def _device_loop(engine: Engine, seed_axis: bool) -> DeviceLoop:
     if seed_axis:
         init = jax.vmap(init, in_axes=(0, None, None))
         chunk = jax.vmap(chunk, in_axes=(0, None, None, None, None))
-    return DeviceLoop(jax.jit(init), jax.jit(chunk), seed_axis)
+    jit = jit_on(engine.mesh)
+    return DeviceLoop(jit(init), jit(chunk), seed_axis)
 
 
 def device_loop(engine: Engine, seed_axis: bool) -> DeviceLoop:
@@ -282,6 +289,14 @@ def _resume(method: str, checkpoint: str | None, state: Any, log: Callable[[str]
     return state, evaluations
 
 
+def place_data(engine: Engine, view: FederatedDataset) -> tuple[ClientData, ClientData]:
+    """Train and test data on the engine's devices (`medfed_jax.mesh.put`): the population split
+    over the client mesh when every client trains each round, else replicated."""
+    full = engine.context.cohort_size >= engine.context.num_clients
+    train = mesh_lib.put(tuple(view.train), engine.mesh, shard_clients=full)
+    return type(view.train)(*train), type(view.test)(*mesh_lib.put(tuple(view.test), engine.mesh))
+
+
 def train_evaluations(
     method: str,
     prepared: Prepared,
@@ -301,8 +316,7 @@ def train_evaluations(
     if not seed_axis and len(seeds) != 1:
         raise ValueError(f"train_evaluations: without a seed axis give exactly one seed, got {list(seeds)}.")
     seed = np.asarray(seeds, np.uint32) if seed_axis else np.uint32(seeds[0])
-    train = type(view.train)(*jax.device_put(tuple(view.train)))
-    test = type(view.test)(*jax.device_put(tuple(view.test)))
+    train, test = place_data(engine, view)
     start = time.perf_counter()
     init, chunk, compile_s = compile_loop(device_loop(engine, seed_axis), seed, train, test, prepared.knobs)
     if log:

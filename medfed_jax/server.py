@@ -28,6 +28,7 @@ import optax
 
 from medfed_jax import aggregators, attacks, personalize, privacy
 from medfed_jax import config as config_lib
+from medfed_jax import mesh as mesh_lib
 from medfed_jax.client import LocalHParams, LocalSpec, example_loss_fn, map_clients
 from medfed_jax.eval import make_evaluate, make_evaluate_personal
 from medfed_jax.models import make_model
@@ -36,6 +37,9 @@ from medfed_jax.types import Array, AttackContext, ClientData, Knobs, Metrics, P
 # Structural fields a program can switch between at run time (see `build_engine`).
 SWITCHABLE = ("aggregator.name", "attack.name")
 Switches = tuple[tuple[str, tuple[str, ...]], ...]
+
+# Aggregators that only sum over the client axis: on a mesh they reduce where the updates lie.
+MEANS = {"mean", "weighted_mean"}
 
 # Purposes of the per-round keys, folded into the round key.
 _SAMPLE, _LOCAL, _PRIVACY, _ATTACK, _AGGREGATE, _PERSONAL = range(6)
@@ -146,6 +150,7 @@ class Engine(NamedTuple):
     program: Callable
     context: config_lib.BuildContext
     eval_params: Callable = global_params
+    mesh: jax.sharding.Mesh | None = None  # the 'clients' mesh local training is split over; None: one device
 
 
 def eval_rounds(rounds: int, eval_every: int) -> tuple[int, ...]:
@@ -230,7 +235,10 @@ def _switchable(cfg: Any, switches: Switches, section: str, build: Callable, com
 
 @functools.lru_cache(maxsize=32)
 def build_engine(
-    cfg: ml_collections.FrozenConfigDict, context: config_lib.BuildContext, switches: Switches = ()
+    cfg: ml_collections.FrozenConfigDict,
+    context: config_lib.BuildContext,
+    switches: Switches = (),
+    mesh: jax.sharding.Mesh | None = None,
 ) -> Engine:
     """Build (and cache) the engine for a structural config; see `Engine`.
 
@@ -240,10 +248,21 @@ def build_engine(
     index into ``names``, traced) picks one at run time; ``cfg`` then lacks
     that field (`static_config` with ``switched``). Sweeps use this to compile
     the aggregator x attack matrix once.
+
+    ``mesh``: the ``'clients'`` mesh the cohort's local training is split over
+    (`medfed_jax.mesh.client_mesh`, every selected device by default; a
+    one-device mesh runs on one device). Outputs are replicated on it; place
+    the data with `medfed_jax.mesh.put` (`medfed_jax.runner.place_data`).
     """
-    core = _build_round_functions(_without_schedule(cfg), context, switches)
+    mesh = mesh_lib.client_mesh(context.cohort_size) if mesh is None else (mesh if mesh.size > 1 else None)
+    core = _build_round_functions(_without_schedule(cfg), context, switches, mesh)
     program = make_program(core.init, core.round_step, core.evaluate, cfg.rounds, cfg.eval_every, core.eval_params)
-    return core._replace(program=jax.jit(program))
+    return core._replace(program=jit_on(mesh)(program))
+
+
+def jit_on(mesh: jax.sharding.Mesh | None) -> Callable:
+    """`jax.jit`, with outputs replicated on ``mesh`` (readable by every process)."""
+    return jax.jit if mesh is None else functools.partial(jax.jit, out_shardings=mesh_lib.replicated(mesh))
 
 
 SCHEDULE = ("rounds", "eval_every")  # only a whole-run program depends on them
@@ -255,7 +274,10 @@ def _without_schedule(cfg: ml_collections.FrozenConfigDict) -> ml_collections.Fr
 
 @functools.lru_cache(maxsize=32)
 def _build_round_functions(
-    cfg: ml_collections.FrozenConfigDict, context: config_lib.BuildContext, switches: Switches
+    cfg: ml_collections.FrozenConfigDict,
+    context: config_lib.BuildContext,
+    switches: Switches,
+    mesh: jax.sharding.Mesh | None,
 ) -> Engine:
     """The engine's jitted functions but ``program`` (None): shared by configs that differ in their schedule only."""
     unknown = [path for path, _ in switches if path not in SWITCHABLE]
@@ -267,6 +289,8 @@ def _build_round_functions(
     parallelism, chunk = default_parallelism(cfg)
     num_clients, cohort = context.num_clients, context.cohort_size
     sampled = cohort < num_clients
+    rules = dict(switches).get("aggregator.name") or (cfg.aggregator.name,)
+    by_coordinate = cfg.privacy.mode != "central" and not set(rules) <= MEANS  # see mesh_lib.spread_coordinates
 
     def build_personalizer(knobs: Knobs, max_count: int) -> personalize.Personalizer:
         spec = LocalSpec.from_config(cfg.local, max_count)
@@ -321,10 +345,13 @@ def _build_round_functions(
             (None, 0, 0, 0, None),
             parallelism,
             chunk,
+            mesh,
         )
         clients = cohort_clients
         if sampled:  # clients outside the cohort keep their personal state
             clients = jax.tree.map(lambda s, new: s.at[index].set(new), state.clients, cohort_clients)
+        if by_coordinate:
+            deltas = mesh_lib.spread_coordinates(deltas, mesh)
         if privatizer is not None:
             deltas = jax.vmap(privatizer)(deltas, jax.random.split(key_for(_PRIVACY), index.shape[0]))
         weights, mask = data.count, data.count > 0
@@ -332,6 +359,7 @@ def _build_round_functions(
         update, agg_state, diagnostics = aggregator.aggregate(
             deltas, weights, mask, state.agg_state, key_for(_AGGREGATE)
         )
+        update = mesh_lib.gather(update, mesh)
         pseudo_gradient = jax.tree.map(jnp.negative, update)
         shared = personal.shared(state.params)
         server_updates, opt_state = server_opt.update(pseudo_gradient, state.server_opt_state, shared)
@@ -364,12 +392,14 @@ def _build_round_functions(
     else:
         evaluate, eval_params = make_evaluate(model, parallelism, chunk), global_params
 
+    jit = jit_on(mesh)
     return Engine(
-        init=jax.jit(init),
-        round_step=jax.jit(round_step),
-        run_rounds=jax.jit(run_rounds, static_argnums=3),
-        evaluate=jax.jit(evaluate),
+        init=jit(init),
+        round_step=jit(round_step),
+        run_rounds=jit(run_rounds, static_argnums=3),
+        evaluate=jit(evaluate),
         program=None,
         context=context,
-        eval_params=jax.jit(eval_params),
+        eval_params=jit(eval_params),
+        mesh=mesh,
     )

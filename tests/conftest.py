@@ -4,7 +4,11 @@ import os
 
 import pytest
 
-from medfed_jax import compilation_cache, runner
+# One device, whatever the machine's core count: results must not depend on it. Sharded runs are
+# tested in subprocesses with their own device count (tests/test_sharding.py).
+os.environ.setdefault("MEDFED_JAX_DEVICES", "1")
+
+from medfed_jax import compilation_cache, runner  # noqa: E402
 
 # Tests never write a persistent compilation cache (least of all into the user's home);
 # tests/test_startup.py turns it on in subprocesses, in a tmp folder.

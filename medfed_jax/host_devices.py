@@ -1,0 +1,53 @@
+"""How many JAX devices a CPU host is split into, decided before JAX is imported.
+
+Kept free of JAX so that ``import medfed_jax`` can set the default cheaply:
+`default_before_jax` writes ``JAX_NUM_CPU_DEVICES`` (JAX reads it when its CPU
+backend starts) from ``MEDFED_JAX_DEVICES`` (``all`` = every core, the
+default). Once JAX is imported, `medfed_jax.mesh.configure_devices` does the
+same through ``jax.config`` and refuses a late explicit change.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import MutableMapping
+from typing import Any
+
+ENV_DEVICES = "MEDFED_JAX_DEVICES"
+JAX_ENV_DEVICES = "JAX_NUM_CPU_DEVICES"  # JAX's own variable for its `jax_num_cpu_devices` option
+XLA_DEVICE_FLAG = "--xla_force_host_platform_device_count"  # XLA's own way to set the same count
+
+
+def host_cores() -> int:
+    """Cores this process may run on."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def parse_devices(value: Any, source: str) -> int | None:
+    """``'all'`` -> None, a positive integer -> itself; anything else is one clear error."""
+    text = str(value).strip().lower()
+    if text == "all":
+        return None
+    if text.isdigit() and int(text) > 0:
+        return int(text)
+    raise ValueError(f"{source}={value!r} must be 'all' or a positive integer (the number of devices to use).")
+
+
+def default_before_jax(environ: MutableMapping[str, str] = os.environ) -> None:
+    """Set ``JAX_NUM_CPU_DEVICES`` from ``MEDFED_JAX_DEVICES`` (every core by default) if JAX is not loaded yet.
+
+    An explicit ``MEDFED_JAX_DEVICES`` wins; the default yields to a count the
+    user gave JAX or XLA (``JAX_NUM_CPU_DEVICES``, ``XLA_FLAGS``). A malformed
+    value is left for `medfed_jax.mesh.configure_devices` to refuse in one line.
+    """
+    if "jax" in sys.modules:
+        return
+    try:
+        count = parse_devices(environ.get(ENV_DEVICES, "all"), ENV_DEVICES)
+    except ValueError:
+        return
+    if ENV_DEVICES in environ:
+        environ[JAX_ENV_DEVICES] = str(count or host_cores())
+    elif JAX_ENV_DEVICES not in environ and XLA_DEVICE_FLAG not in environ.get("XLA_FLAGS", ""):
+        environ[JAX_ENV_DEVICES] = str(host_cores())
