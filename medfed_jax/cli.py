@@ -27,8 +27,8 @@ import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
+from medfed_jax import client_results, report, runner, sweep
 from medfed_jax import config as config_lib
-from medfed_jax import report, runner, sweep
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a config file (configs/*.py).")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for results, checkpoints and the resolved config.")
@@ -60,9 +60,7 @@ def prepare_workdir(workdir: str, cfg: Any, overwrite: bool, extra: dict | None 
 
 def rows_to_csv(rows: list[dict]) -> str:
     """A CSV table whose columns are the union of the rows' keys (first-seen order)."""
-    columns: list[str] = []
-    for row in rows:
-        columns.extend(k for k in row if k not in columns)
+    columns = list(dict.fromkeys(k for row in rows for k in row))  # linear in the cells
     out = io.StringIO()
     writer = csv.DictWriter(out, columns, lineterminator="\n")
     writer.writeheader()
@@ -87,20 +85,28 @@ def final_accuracy_table(finals: dict[str, dict[str, np.ndarray]], client_names:
             return f"{values.mean():.{digits}f} ± {values.std():.{digits}f}"
         return f"{values.mean():.{digits}f}"
 
+    shown = () if client_results.summarised(len(client_names)) else tuple(range(len(client_names)))
     rows = []
     for method, final in finals.items():
         per_client = np.asarray(final["client_accuracy"]).reshape(-1, len(client_names))
         rows.append(
             [
                 method,
-                *(cell(per_client[:, c]) for c in range(len(client_names))),
+                *(cell(per_client[:, c]) for c in shown),
                 cell(per_client.mean(1)),
                 cell(per_client.min(1)),
                 cell(final["test_accuracy"]),
                 cell(final["test_auc"], scale=1, digits=3),
             ]
         )
-    header = ["method", *client_names, "mean of clients", "worst client", "pooled test", "pooled AUC"]
+    header = [
+        "method",
+        *(client_names[c] for c in shown),
+        "mean of clients",
+        "worst client",
+        "pooled test",
+        "pooled AUC",
+    ]
     return format_table(header, rows)
 
 
@@ -115,7 +121,7 @@ def run_single(cfg: Any, workdir: str | None) -> dict:
         finals[method] = {
             "test_accuracy": np.asarray(last["test_accuracy"]),
             "test_auc": np.asarray(last["test_auc"]),
-            "client_accuracy": np.asarray([last[f"accuracy[{c}]"] for c in prepared.dataset.client_names]),
+            "client_accuracy": client_results.final_accuracy(last, prepared.dataset.eval_names),
         }
     rows = [row for method in histories for row in histories[method]]
     return _finish(workdir, prepared, rows, finals, seeds=[cfg.seed])
@@ -137,23 +143,26 @@ def run_many_seeds(cfg: Any, workdir: str | None, num_seeds: int) -> dict:
         for s, seed in enumerate(seeds):
             for e in range(history["test_accuracy"].shape[1]):
                 metrics = {k: v[s, e] for k, v in history.items()}
-                row = runner._row(metrics, method, (e + 1) * cfg.eval_every, 0.0, prepared.dataset.client_names)
+                row = runner._row(metrics, method, (e + 1) * cfg.eval_every, 0.0, prepared.dataset.eval_names)
                 rows.append({"seed": seed, **row})
     return _finish(workdir, prepared, rows, finals, seeds)
 
 
 def _finish(workdir, prepared, rows, finals, seeds) -> dict:
-    names = prepared.dataset.client_names
+    names = prepared.dataset.eval_names
     table = final_accuracy_table(finals, names)
+    evaluated = prepared.dataset.info.get("eval_sample", "every client")
+    sampled = f"; evaluated on {evaluated}" if "eval_sample" in prepared.dataset.info else ""
     print(
         f"\nFinal test accuracy (%) on {prepared.dataset.name}, {len(seeds)} seed(s), "
         f"{prepared.cfg.rounds} rounds: each client's own test split, their mean, and the pooled test set; "
-        "then the pooled test set's ROC AUC (macro one-vs-rest)\n"
+        f"then the pooled test set's ROC AUC (macro one-vs-rest){sampled}\n"
     )
     print(table)
     summary = {
         "dataset": prepared.dataset.name,
         "client_names": list(names),
+        "evaluated_clients": evaluated,
         "seeds": seeds,
         "rounds": prepared.cfg.rounds,
         "privacy": prepared.accounting.report(prepared.cfg.rounds),
@@ -171,11 +180,14 @@ def _finish(workdir, prepared, rows, finals, seeds) -> dict:
         "table": table,
     }
     if workdir:
-        runner.write_text_atomic(os.path.join(workdir, "history.csv"), rows_to_csv(rows))
+        history, per_client = client_results.split(rows)
+        runner.write_text_atomic(os.path.join(workdir, "history.csv"), rows_to_csv(history))
+        if per_client:
+            runner.write_text_atomic(os.path.join(workdir, "clients.csv"), client_results.long_csv(rows, names))
         runner.write_text_atomic(
             os.path.join(workdir, "summary.json"), json.dumps(config_lib.json_safe(summary), indent=2)
         )
-        print(f"\nwrote {workdir}/history.csv, summary.json, config.json")
+        print(f"\nwrote {workdir}/history.csv, {'clients.csv, ' if per_client else ''}summary.json, config.json")
     return summary
 
 

@@ -18,12 +18,13 @@ from typing import Any
 import jax
 import numpy as np
 
-from medfed_jax import baselines, personalize, privacy
+from medfed_jax import baselines, client_results, personalize, privacy
 from medfed_jax import config as config_lib
 from medfed_jax import data as data_lib
+from medfed_jax.data import population
 from medfed_jax.models import check_input_fits, make_model
 from medfed_jax.server import Engine, Switches, build_engine, static_config
-from medfed_jax.types import FederatedDataset, Knobs
+from medfed_jax.types import FederatedDataset, Knobs, Population
 
 # federated (as configured), the baselines, and the personalised methods of `medfed_jax.personalize`.
 METHODS = ("federated", "local_only", "pooled", *personalize.PERSONAL_METHODS)
@@ -42,11 +43,13 @@ class Prepared:
 
 def build_context(cfg: Any, dataset: FederatedDataset) -> config_lib.BuildContext:
     """Facts about the data that validation and builders need."""
+    flat = isinstance(dataset.train, Population)
     return config_lib.BuildContext(
         num_clients=dataset.num_clients,
         cohort_size=cfg.cohort_size or dataset.num_clients,
         num_classes=dataset.num_classes,
         feature_shape=dataset.feature_shape,
+        cohort_cap=population.resolve_cap(cfg.data, dataset.train.count) if flat else 0,
     )
 
 
@@ -56,6 +59,7 @@ def prepare(cfg: Any, dataset: FederatedDataset | None = None) -> Prepared:
     if dataset is None:
         dataset = data_lib.load_dataset(cfg.data)
     data_lib.validate_dataset(dataset)
+    population.validate_run(cfg, dataset)
     context = build_context(cfg, dataset)
     config_lib.validate(cfg, context)
     client_sizes = [int(n) for n in np.asarray(dataset.train.count)]
@@ -133,8 +137,8 @@ def _row(metrics: dict, method: str, round_done: int, elapsed: float, client_nam
         value = np.asarray(value)
         if value.ndim == 0:
             row[name] = float(value)
-        elif value.shape == (len(client_names),) and name == "client_accuracy":
-            row.update({f"accuracy[{c}]": float(v) for c, v in zip(client_names, value)})
+        elif name == "client_accuracy":
+            row.update(client_results.columns(metrics, client_names))
     row["elapsed_s"] = round(elapsed, 3)
     return row
 
@@ -165,7 +169,7 @@ def train_method(
         evaluation = engine.evaluate(engine.eval_params(state, train, prepared.knobs), test)
         last = jax.tree.map(lambda m: m[-1], metrics)
         elapsed = previous + time.perf_counter() - start
-        row = _row({**last, **evaluation}, method, int(state.round), elapsed, view.client_names)
+        row = _row({**last, **evaluation}, method, int(state.round), elapsed, view.eval_names)
         private = cfg.privacy.mode != "none" and method != "local_only"
         if private:
             row["epsilon"] = prepared.accounting.epsilon_after(row["round"])
