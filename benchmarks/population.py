@@ -8,7 +8,8 @@ clients per round, evaluation on a seeded sample of ``--eval_clients``.
 
 Two measurements:
 
-1. *per size* (one fresh process per population size and storage, under
+1. *per size* (one fresh process per population size and storage: padded,
+   flat, and generated on device from per-client keys; under
    ``/usr/bin/time -v``): peak RSS, the stored bytes, data generation and
    compile seconds, and training s/round (`Engine.run_rounds`, ``--rounds``
    rounds per call, median of ``--repeats`` calls after the first);
@@ -94,7 +95,11 @@ def one(args: argparse.Namespace) -> None:
 def measure(args: argparse.Namespace, num_clients: int, storage: str) -> dict:
     """A fresh process for one population under /usr/bin/time -v: its JSON line and peak RSS."""
     command = [sys.executable, os.path.abspath(__file__), f"--one={num_clients}", f"--storage={storage}"]
-    command += [f"--{k}={v}" for k, v in vars(args).items() if k not in ("one", "storage", "sizes", "padded_sizes")]
+    command += [
+        f"--{k}={v}"
+        for k, v in vars(args).items()
+        if k not in ("one", "storage", "sizes", "padded_sizes", "generated_sizes")
+    ]
     proc = subprocess.run(["/usr/bin/time", "-v", *command], capture_output=True, text=True, env=os.environ.copy())
     if proc.returncode:
         return {"error": (proc.stderr.strip().splitlines() or ["?"])[-1][:160]}
@@ -121,6 +126,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", default="1000,10000,100000,1000000", help="flat populations")
     parser.add_argument("--padded_sizes", default="1000,10000", help="padded populations (the old storage)")
+    parser.add_argument("--generated_sizes", default="1000,1000000", help="generated on device (no stored rows)")
     parser.add_argument("--cohort", type=int, default=100)
     parser.add_argument("--median_rows", type=int, default=32)
     parser.add_argument("--sigma", type=float, default=1.0)
@@ -142,9 +148,9 @@ def main() -> None:
     )
     print("| clients | storage | rows | largest | cap | stored GB | peak RSS GB | generate s | compile s | s/round |")
     print("|---|---|---|---|---|---|---|---|---|---|")
-    jobs = [(int(n), "padded") for n in args.padded_sizes.split(",") if n] + [
-        (int(n), "flat") for n in args.sizes.split(",")
-    ]
+    jobs = [(int(n), "padded") for n in args.padded_sizes.split(",") if n]
+    jobs += [(int(n), "flat") for n in args.sizes.split(",")]
+    jobs += [(int(n), "generated") for n in args.generated_sizes.split(",") if n]
     for num_clients, storage in jobs:
         r = measure(args, num_clients, storage)
         if "error" in r:

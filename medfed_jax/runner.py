@@ -24,7 +24,7 @@ from medfed_jax import data as data_lib
 from medfed_jax.data import population
 from medfed_jax.models import check_input_fits, make_model
 from medfed_jax.server import Engine, Switches, build_engine, static_config
-from medfed_jax.types import FederatedDataset, Knobs, Population
+from medfed_jax.types import ClientData, FederatedDataset, Knobs
 
 # federated (as configured), the baselines, and the personalised methods of `medfed_jax.personalize`.
 METHODS = ("federated", "local_only", "pooled", *personalize.PERSONAL_METHODS)
@@ -43,7 +43,7 @@ class Prepared:
 
 def build_context(cfg: Any, dataset: FederatedDataset) -> config_lib.BuildContext:
     """Facts about the data that validation and builders need."""
-    flat = isinstance(dataset.train, Population)
+    flat = not isinstance(dataset.train, ClientData)  # a flat or generated population
     return config_lib.BuildContext(
         num_clients=dataset.num_clients,
         cohort_size=cfg.cohort_size or dataset.num_clients,

@@ -8,10 +8,11 @@ attacks), aggregate, and apply the server optimizer. Personalisation
 personal state is gathered from ``FedState.clients``, updated by the local
 step and scattered back, and only the *shared* part of each update reaches
 the privatizer, attack, aggregator and server optimizer. ``train`` is the full
-population: padded `ClientData`, or a flat `Population` whose cohort is drawn
-in O(cohort) and gathered into a ``[cohort, cap]`` block ordered by client size
-(`medfed_jax.data.population`); ``knobs`` the traced numeric settings. The engine is
-built once per *structural* config (`build_engine`, cached) and every function
+population: padded `ClientData`, or a flat (or generated) population whose
+cohort is drawn in O(cohort) and gathered (or generated) into a
+``[cohort, cap]`` block ordered by client size (`medfed_jax.data.population`);
+``knobs`` the traced numeric settings. The engine is built once per
+*structural* config (`build_engine`, cached) and every function
 it returns is jitted with no static arguments, so numeric knobs never
 recompile.
 """
@@ -213,7 +214,7 @@ def build_engine(
     parallelism, chunk = default_parallelism(cfg)
     num_clients, cohort = context.num_clients, context.cohort_size
     sampled = cohort < num_clients
-    flat = context.cohort_cap > 0  # a flat Population, gathered into [cohort, cohort_cap] blocks
+    flat = context.cohort_cap > 0  # a flat or generated population, in [cohort, cohort_cap] blocks
     indexed = sampled or flat  # the round's clients are train[index], not train itself
 
     def block_rows(train: Any) -> int:
@@ -265,7 +266,7 @@ def build_engine(
                 if sampled
                 else jnp.argsort(train.count, stable=True)
             )
-            data = population.gather(train, index, context.cohort_cap, key_for(_SUBSAMPLE))
+            data = population.cohort_block(train, index, context.cohort_cap, key_for(_SUBSAMPLE))
             malicious = state.malicious[index]
         elif sampled:
             index = jax.random.choice(key_for(_SAMPLE), num_clients, (cohort,), replace=False)

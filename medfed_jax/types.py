@@ -100,11 +100,39 @@ class Population(NamedTuple):
         return tuple(self.x.shape[1:])
 
 
+class GeneratedPopulation(NamedTuple):
+    """Linear-teacher clients generated on device from per-client keys: no stored rows.
+
+    Row ``j`` of client ``c``'s split ``s`` (0 train, 1 test) is the ``j``-th
+    row of ``normal(fold_in(fold_in(key, s), c), (n, F))`` (a prefix of the
+    client's own stream, whatever ``n``), labelled ``argmax(x @ teacher)``
+    (`medfed_jax.data.population.generate`).
+
+    Attributes:
+      key: the population's PRNG key (raw ``uint32[2]``).
+      teacher: ``[F, num_classes]`` float32 teacher weights.
+      count: ``[C]`` int32 training rows per client.
+    """
+
+    key: Any
+    teacher: Any
+    count: Any
+
+    @property
+    def num_clients(self) -> int:
+        return int(self.count.shape[0])
+
+    @property
+    def feature_shape(self) -> tuple[int, ...]:
+        return tuple(self.teacher.shape[:1])
+
+
 @dataclasses.dataclass(frozen=True)
 class FederatedDataset:
     """Train and test data of one federation, with client names.
 
-    ``train`` is padded `ClientData` or a flat `Population`. ``test`` (always
+    ``train`` is padded `ClientData`, a flat `Population` or a
+    `GeneratedPopulation`. ``test`` (always
     `ClientData`) holds the test splits of the evaluated clients: every client
     (``eval_clients is None``; client ``c``'s own test split is ``test`` row
     ``c``) or the population indices ``eval_clients`` (a seeded sample of a
@@ -113,7 +141,7 @@ class FederatedDataset:
     """
 
     name: str
-    train: ClientData | Population
+    train: ClientData | Population | GeneratedPopulation
     test: ClientData
     client_names: tuple[str, ...]
     num_classes: int

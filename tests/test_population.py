@@ -22,7 +22,7 @@ from medfed_jax import cli, client_results, runner
 from medfed_jax import config as config_lib
 from medfed_jax import data as data_lib
 from medfed_jax.client import LocalHParams, LocalSpec, make_local_update, map_clients, masked_mean_gradient
-from medfed_jax.data import population
+from medfed_jax.data import population, synthetic
 from medfed_jax.data.base import stack_clients
 from medfed_jax.models import make_model
 from medfed_jax.server import build_engine, static_config
@@ -108,6 +108,26 @@ def test_capped_clients_train_on_a_uniform_subset_of_their_rows():
     # each row is in the subset with probability cap/n: a binomial, 5 sigma on every row
     mean, sd = draws * cap / n, math.sqrt(draws * cap / n * (1 - cap / n))
     assert np.all(np.abs(hits - mean) < 5 * sd), hits
+
+
+def test_generated_population_stores_no_rows_and_gives_each_client_its_own_stream():
+    cfg = random_config(**{"data.num_clients": 50, "data.storage": "generated", "data.eval_clients": 10})
+    generated = data_lib.load_dataset(cfg.data)
+    flat = data_lib.load_dataset(random_config(**{"data.num_clients": 50, "data.storage": "flat"}).data)
+    train = generated.train
+    np.testing.assert_array_equal(train.count, flat.train.count)  # the flat generator's sizes and teacher
+    np.testing.assert_array_equal(train.teacher, synthetic.teacher_weights(4, 2, cfg.data.seed))
+    assert sum(np.asarray(a).nbytes for a in train) == 50 * 4 + 4 * 2 * 4 + 2 * 4  # sizes, teacher, key
+    wide = population.generate(train, jnp.asarray([7, 3, 12]), 40)
+    narrow, narrow_slot = population.generate(train, jnp.asarray([12, 7]), 5), {12: 0, 7: 1}
+    for slot, c in enumerate([7, 3, 12]):
+        n = min(int(train.count[c]), 40)
+        assert int(wide.count[slot]) == n and not np.asarray(wide.x[slot, n:]).any()
+        x = np.asarray(wide.x[slot, :n])
+        np.testing.assert_array_equal(wide.y[slot, :n], np.argmax(x @ np.asarray(train.teacher), 1))
+        if c in narrow_slot:  # a client's rows do not depend on the block's width or its neighbours
+            np.testing.assert_array_equal(narrow.x[narrow_slot[c], : min(n, 5)], x[: min(n, 5)])
+    assert len(generated.test.count) == 10 and generated.eval_clients is not None
 
 
 def test_memory_is_total_rows_plus_cohort_by_cap():
@@ -206,7 +226,7 @@ def _intermediate_sizes(jaxpr) -> list[tuple[str, tuple[int, ...]]]:
     return found
 
 
-@pytest.mark.parametrize("storage", ["flat", "padded"])
+@pytest.mark.parametrize("storage", ["flat", "generated", "padded"])
 def test_a_flat_round_computes_nothing_of_population_size(storage):
     num_clients = 5003  # larger than every block, parameter and cohort array of this config
     cfg = random_config(
@@ -219,10 +239,12 @@ def test_a_flat_round_computes_nothing_of_population_size(storage):
     (call,) = jax.make_jaxpr(engine.round_step)(state, train, prepared.knobs).jaxpr.eqns  # the jitted round
     jaxpr = call.params["jaxpr"].jaxpr  # its inputs and outputs (the state) may be population-sized
     big = [(p, s) for p, s in _intermediate_sizes(jaxpr) if math.prod(s) >= num_clients]
-    if storage == "flat":
-        assert not big, big  # the stored rows are inputs; the round only builds cohort-sized values
-    else:
+    if storage == "padded":
         assert big  # the padded path's permutation of the whole population, which the check detects
+    else:
+        assert not big, big  # the stored rows are inputs; the round only builds cohort-sized values
+        new, metrics = engine.round_step(state, train, prepared.knobs)
+        assert int(new.round) == 1 and np.isfinite(float(metrics["train_loss"]))
 
 
 # ----------------------------------------------------------------------------- step loop

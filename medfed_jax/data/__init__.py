@@ -76,7 +76,8 @@ def default_config() -> ml_collections.ConfigDict:
             medmnist_size=28,  # medmnist: 28, 64, 128 or 224
             root="",  # medmnist: folder with the .npz files ('' = $MEDMNIST_ROOT or ~/.medmnist)
             size_sigma=0.0,  # random / mnist_like: log-normal sigma of client sizes (median samples_per_client)
-            storage="auto",  # 'padded', 'flat' (rows back to back) or 'auto' (flat from 10^4 clients)
+            storage="auto",  # 'padded', 'flat' (rows back to back), 'generated' (random, mnist_like: no rows
+            # stored, generated on device per round) or 'auto' (flat from 10^4 clients)
             cap=0,  # flat: rows per client in a round's cohort block; 0 = the cap_quantile of client sizes
             cap_quantile=1.0,  # flat, cap=0: size quantile for the block (1 = largest client, no subsampling)
             eval_clients=0,  # clients evaluated: 0 = all, N = a seeded sample of N (huge populations)
@@ -170,6 +171,11 @@ def validate_config(cfg: Any) -> None:
             raise ValueError(f"data.{field}: {err}") from None
         _check_shards(cfg, medmnist.NUM_CLASSES[cfg.medmnist_flag])
     population.validate_config(cfg)
+    if cfg.storage == "generated" and cfg.name not in ("random", "mnist_like"):
+        raise ValueError(
+            f"data.storage='generated' generates linear-teacher rows on device; data.name={cfg.name!r} has stored "
+            "rows: use data.name='random' or 'mnist_like', or data.storage='flat'."
+        )
     if cfg.size_sigma > 0 and cfg.name not in ("random", "mnist_like"):
         raise ValueError(
             f"data.size_sigma={cfg.size_sigma!r} applies to the 'random' and 'mnist_like' generators; set it to 0 "
@@ -213,6 +219,18 @@ def _partition(cfg: Any, y: np.ndarray, groups: np.ndarray | None):
 
 
 def _generate(cfg: Any) -> FederatedDataset:
+    if cfg.storage == "generated":
+        features, classes = (784, 10) if cfg.name == "mnist_like" else (cfg.num_features, cfg.num_classes)
+        return synthetic.generated_linear_teacher(
+            cfg.num_clients,
+            cfg.samples_per_client,
+            features,
+            classes,
+            cfg.seed,
+            cfg.test_fraction,
+            cfg.name,
+            cfg.size_sigma,
+        )
     if cfg.name == "random":
         return synthetic.linear_teacher(
             cfg.num_clients,

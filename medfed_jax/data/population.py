@@ -4,7 +4,10 @@ Storage (``data.storage``). A `Population` keeps every client's rows back to
 back, ``x[R, ...]``, ``y[R]``, with per-client ``offset[C]`` and ``count[C]``
 (``R`` = total rows): memory O(R + C), never O(C x largest client) as padded
 `ClientData` is. ``'auto'`` stores flat from `FLAT_FROM_CLIENTS` clients on;
-smaller populations stay padded, exactly as before.
+smaller populations stay padded, exactly as before. ``'generated'`` (the
+``random`` and ``mnist_like`` sources) stores no rows at all: a
+`GeneratedPopulation` holds the teacher, a key and the sizes, and each round
+generates its cohort's rows on device from per-client keys (`generate`).
 
 A round over a flat population (`medfed_jax.server`, `draw_cohort`, `gather`):
 
@@ -42,9 +45,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from medfed_jax.types import Array, ClientData, FederatedDataset, Population
+from medfed_jax.types import Array, ClientData, FederatedDataset, GeneratedPopulation, Population
 
-STORAGES = ("auto", "padded", "flat")
+STORAGES = ("auto", "padded", "flat", "generated")
 FLAT_FROM_CLIENTS = 10_000  # 'auto' storage: flat from this many clients on
 MAX_EVAL_BYTES = 2 << 30  # refuse a padded evaluation block larger than this
 
@@ -72,7 +75,7 @@ def sample_without_replacement(key: Array, n: Array | int, k: int) -> Array:
     return jax.lax.fori_loop(0, k, body, jnp.zeros(k, jnp.int32))
 
 
-def draw_cohort(key: Array, population: Population, cohort: int) -> Array:
+def draw_cohort(key: Array, population: Population | GeneratedPopulation, cohort: int) -> Array:
     """``[cohort]`` population indices, uniform without replacement, ordered by client size."""
     index = sample_without_replacement(key, population.num_clients, cohort)
     return index[jnp.argsort(jnp.asarray(population.count)[index], stable=True)]
@@ -105,6 +108,28 @@ def gather(population: Population, index: Array, cap: int, key: Array) -> Client
         jnp.where(valid, y[rows], 0).astype(y.dtype),
         kept.astype(jnp.int32),
     )
+
+
+def generate(population: GeneratedPopulation, index: Array, cap: int) -> ClientData:
+    """The clients at ``index`` as a ``[len(index), cap]`` block of their first ``min(count, cap)`` rows.
+
+    A client's rows are iid, so a client larger than ``cap`` trains on a
+    fixed ``cap``-row sample of its distribution (its first rows).
+    """
+    teacher, count = jnp.asarray(population.teacher), jnp.asarray(population.count)[index]
+    key = jnp.asarray(population.key)
+    x = jax.vmap(lambda c: jax.random.normal(jax.random.fold_in(key, c), (cap, teacher.shape[0])))(index)
+    kept = jnp.minimum(count, cap)
+    valid = jnp.arange(cap)[None, :] < kept[:, None]
+    y = jnp.argmax(x @ teacher, -1).astype(jnp.int32)
+    return ClientData(jnp.where(valid[..., None], x, 0.0), jnp.where(valid, y, 0), kept.astype(jnp.int32))
+
+
+def cohort_block(train: Population | GeneratedPopulation, index: Array, cap: int, key: Array) -> ClientData:
+    """A round's ``[cohort, cap]`` block: `gather` from stored rows, or `generate` them."""
+    if isinstance(train, GeneratedPopulation):
+        return generate(train, index, cap)
+    return gather(train, index, cap, key)
 
 
 # ----------------------------------------------------------------------------- host side
@@ -188,20 +213,30 @@ def store(dataset: FederatedDataset, data_cfg: Any) -> FederatedDataset:
         train = to_padded(train)
     if isinstance(test, ClientData):
         padded = test if chosen is None else test.take(chosen)
+    elif isinstance(test, GeneratedPopulation):
+        index = np.arange(test.num_clients) if chosen is None else chosen
+        _check_eval_bytes(data_cfg, np.asarray(test.count)[index], test.feature_shape)
+        cap = max(1, int(np.asarray(test.count)[index].max()))
+        padded = ClientData(*jax.device_get(jax.jit(generate, static_argnums=2)(test, index, cap)))
     else:
-        counts = np.asarray(test.count) if chosen is None else np.asarray(test.count)[chosen]
-        need = len(counts) * int(counts.max()) * int(np.prod(test.feature_shape)) * 4
-        if need > MAX_EVAL_BYTES:
-            raise ValueError(
-                f"data.eval_clients={data_cfg.eval_clients}: evaluating {len(counts)} clients padded to their "
-                f"largest test split ({int(counts.max())} rows) needs {need / 2**30:.1f} GiB; set data.eval_clients "
-                "to a sample, e.g. 1000."
-            )
+        _check_eval_bytes(
+            data_cfg, np.asarray(test.count) if chosen is None else np.asarray(test.count)[chosen], test.feature_shape
+        )
         padded = to_padded(test, chosen)
     info = {**dataset.info, "storage": storage}
     if chosen is not None:
         info["eval_sample"] = f"a seeded sample of {len(chosen)} of {dataset.num_clients} clients (data.seed)"
     return dataclasses.replace(dataset, train=train, test=padded, info=info, eval_clients=chosen)
+
+
+def _check_eval_bytes(data_cfg: Any, counts: np.ndarray, feature_shape: tuple[int, ...]) -> None:
+    need = len(counts) * int(counts.max()) * int(np.prod(feature_shape)) * 4
+    if need > MAX_EVAL_BYTES:
+        raise ValueError(
+            f"data.eval_clients={data_cfg.eval_clients}: evaluating {len(counts)} clients padded to their largest "
+            f"test split ({int(counts.max())} rows) needs {need / 2**30:.1f} GiB; set data.eval_clients to a "
+            "sample, e.g. 1000."
+        )
 
 
 def label_histogram(population: Population, num_classes: int) -> np.ndarray:
@@ -236,8 +271,15 @@ def summary(dataset: FederatedDataset) -> dict[str, Any]:
 
 
 def validate_split(dataset: FederatedDataset, split: str) -> None:
-    """`data.base.validate_dataset`'s checks for a split stored flat: layout, finite features, labels."""
-    data: Population = getattr(dataset, split)
+    """`data.base.validate_dataset`'s checks for a split stored flat or generated: layout, finite, labels."""
+    data = getattr(dataset, split)
+    if isinstance(data, GeneratedPopulation):
+        teacher, count = np.asarray(data.teacher), np.asarray(data.count)
+        if teacher.ndim != 2 or teacher.shape[1] != dataset.num_classes or not np.isfinite(teacher).all():
+            raise ValueError(f"{dataset.name} {split}: the teacher must be finite [F, {dataset.num_classes}]")
+        if count.ndim != 1 or count.min(initial=0) < 0:
+            raise ValueError(f"{dataset.name} {split}: counts must be a [C] vector of sizes >= 0")
+        return
     x, y, offset, count = (np.asarray(a) for a in data)
     where = f"{dataset.name} {split}"
     if x.ndim < 2 or y.ndim != 1 or count.ndim != 1 or offset.shape != count.shape or len(x) != len(y):
@@ -283,10 +325,11 @@ def validate_config(data_cfg: Any) -> None:
 
 def validate_run(cfg: Any, dataset: FederatedDataset) -> None:
     """What flat storage or a sampled evaluation supports: a global model's federated training, no sweep."""
-    flat, sampled = isinstance(dataset.train, Population), dataset.eval_clients is not None
+    flat, sampled = not isinstance(dataset.train, ClientData), dataset.eval_clients is not None
     if not (flat or sampled):
         return
-    what = "data.storage='flat'" if flat else f"data.eval_clients={cfg.data.eval_clients} (a sample)"
+    storage = "generated" if isinstance(dataset.train, GeneratedPopulation) else "flat"
+    what = f"data.storage={storage!r}" if flat else f"data.eval_clients={cfg.data.eval_clients} (a sample)"
     fix = "set data.storage='padded' and data.eval_clients=0" if flat else "set data.eval_clients=0"
     if cfg.personalization.method != "none":
         raise ValueError(

@@ -13,11 +13,12 @@ from __future__ import annotations
 
 import math
 
+import jax
 import numpy as np
 
 from medfed_jax.data import population
 from medfed_jax.data.base import partition_summary, validate_dataset
-from medfed_jax.types import ClientData, FederatedDataset
+from medfed_jax.types import ClientData, FederatedDataset, GeneratedPopulation
 
 ROWS_PER_BLOCK = 1 << 20  # rows generated at once by the flat generator (bounds its temporaries)
 
@@ -154,6 +155,40 @@ def _flat_linear_teacher(num_clients, median, num_features, num_classes, seed, t
     dataset = FederatedDataset(name, train, test, names, num_classes)
     validate_dataset(dataset)
     dataset.info["summary"] = population.summary(dataset)
+    return dataset
+
+
+def generated_linear_teacher(
+    num_clients: int,
+    samples_per_client: int,
+    num_features: int,
+    num_classes: int,
+    seed: int,
+    test_fraction: float = 0.2,
+    name: str = "random",
+    size_sigma: float = 0.0,
+) -> FederatedDataset:
+    """`linear_teacher`'s clients, sizes and teacher, with rows generated on device each round (none stored).
+
+    The teacher and the sizes are the flat generator's for ``seed``; the rows
+    come from per-client keys (`medfed_jax.types.GeneratedPopulation`), the
+    test splits from a second key.
+    """
+    _check(num_clients, samples_per_client, test_fraction)
+    rng = np.random.default_rng(seed)
+    w = rng.standard_normal((num_features, num_classes), dtype=np.float32)
+    if size_sigma > 0:
+        n_train = lognormal_sizes(rng, num_clients, samples_per_client, size_sigma)
+    else:
+        n_train = np.full(num_clients, samples_per_client, np.int64)
+    n_test = test_rows(n_train, test_fraction)
+    key = np.asarray(jax.random.PRNGKey(seed))
+    train, test = (
+        GeneratedPopulation(np.asarray(jax.random.fold_in(key, split)), w, n.astype(np.int32))
+        for split, n in ((0, n_train), (1, n_test))
+    )
+    dataset = FederatedDataset(name, train, test, tuple(f"client{c}" for c in range(num_clients)), num_classes)
+    validate_dataset(dataset)
     return dataset
 
 
