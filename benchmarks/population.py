@@ -132,7 +132,7 @@ def main() -> None:
     parser.add_argument("--sigma", type=float, default=1.0)
     parser.add_argument("--cap_quantile", type=float, default=0.99)
     parser.add_argument("--eval_clients", type=int, default=1000)
-    parser.add_argument("--rounds", type=int, default=5, help="rounds per timed call")
+    parser.add_argument("--rounds", type=int, default=20, help="rounds per timed call (each draws its own cohort)")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--one", type=int, default=0, help=argparse.SUPPRESS)
     parser.add_argument("--storage", default="flat", help=argparse.SUPPRESS)
