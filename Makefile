@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: demo test lint format bench reproduce clean
+.PHONY: demo test lint format bench reproduce readme clean
 
 $(STAMP): setup.cfg pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -31,17 +31,26 @@ bench: $(STAMP)
 	$(PY) benchmarks/round_throughput.py
 
 # The README's Results section from scratch: collaboration (local-only vs federated vs pooled), security
-# (25% sign flip, mean vs median) and privacy-utility sweeps, 5 seeds each, their reports, then the section.
+# (25% sign flip, mean vs median) and privacy-utility sweeps, 5 seeds each, their reports and figures.
+# `make reproduce` writes the section to $(REPRO)/results_section.md (figures under $(REPRO)/figures) and
+# leaves the tracked README.md alone; `make readme` (or `make reproduce README=1`) then rewrites README.md's
+# Results section from those runs, figures copied under benchmarks/figures.
 REPRO := runs/reproduce
 REPRO_SWEEPS := collaboration signflip_attack privacy_utility
+REPORT := $(PY) -m medfed_jax.report $(foreach name,$(REPRO_SWEEPS),--workdir=$(REPRO)/$(name)) --command="make reproduce"
 reproduce: $(STAMP)
 	rm -rf $(REPRO)
 	start=$$(date +%s) && \
 	for name in $(REPRO_SWEEPS); do \
 	  $(PY) -m medfed_jax --config=configs/$$name.py --workdir=$(REPRO)/$$name || exit 1; \
 	done && \
-	$(PY) -m medfed_jax.report $(foreach name,$(REPRO_SWEEPS),--workdir=$(REPRO)/$(name)) \
-	  --readme=README.md --assets=benchmarks/figures --command="make reproduce" --wall_seconds=$$(( $$(date +%s) - start ))
+	echo $$(( $$(date +%s) - start )) > $(REPRO)/wall_seconds
+	$(REPORT) --wall_seconds=$$(cat $(REPRO)/wall_seconds) --section=$(REPRO)/results_section.md --assets=$(REPRO)/figures
+	$(if $(README),$(MAKE) readme,@echo "README.md unchanged: run 'make readme' to put this section into it.")
+
+readme: $(STAMP)
+	@test -f $(REPRO)/wall_seconds || { echo "error: no finished 'make reproduce' in $(REPRO): run it first." >&2; exit 2; }
+	$(REPORT) --wall_seconds=$$(cat $(REPRO)/wall_seconds) --readme=README.md --assets=benchmarks/figures
 
 clean:
 	rm -rf runs build *.egg-info .pytest_cache

@@ -13,9 +13,10 @@ Two measurements:
    ``/usr/bin/time -v``): peak RSS, the stored bytes, data generation and
    compile seconds, and training s/round (`Engine.run_rounds`, ``--rounds``
    rounds per call, median of ``--repeats`` calls after the first);
-2. *interleaved ratio*: the smallest and the largest flat population in ONE
-   process, timed A B A B ... (``--repeats`` pairs); the median and range of
-   the per-pair ratios large / small is the number to quote on a shared machine.
+2. *interleaved ratio*: the smallest and the largest population of each
+   ``--interleave`` storage in ONE process, timed A B A B ... (``--repeats``
+   pairs); the median and range of the per-pair ratios large / small is the
+   number to quote on a shared machine.
 
     python benchmarks/population.py                       # 10^3 .. 10^6, markdown on stdout
     python benchmarks/population.py --sizes=1000,10000 --padded_sizes=1000 --rounds=2 --repeats=2   # quick
@@ -98,7 +99,7 @@ def measure(args: argparse.Namespace, num_clients: int, storage: str) -> dict:
     command += [
         f"--{k}={v}"
         for k, v in vars(args).items()
-        if k not in ("one", "storage", "sizes", "padded_sizes", "generated_sizes")
+        if k not in ("one", "storage", "sizes", "padded_sizes", "generated_sizes", "interleave")
     ]
     proc = subprocess.run(["/usr/bin/time", "-v", *command], capture_output=True, text=True, env=os.environ.copy())
     if proc.returncode:
@@ -108,9 +109,9 @@ def measure(args: argparse.Namespace, num_clients: int, storage: str) -> dict:
     return {**result, "peak_rss_gb": int(rss.group(1)) / 1e6 if rss else float("nan")}
 
 
-def interleaved(args: argparse.Namespace, small: int, large: int) -> tuple[float, float, float, float, float]:
+def interleaved(args: argparse.Namespace, storage: str, small: int, large: int) -> tuple[float, ...]:
     """Median s/round of each and the median, min, max of the per-pair ratios large / small."""
-    a, b = Run(args, small, "flat"), Run(args, large, "flat")
+    a, b = Run(args, small, storage), Run(args, large, storage)
     pairs = [(a.call(), b.call()) for _ in range(args.repeats)]
     ratios = [tb / ta for ta, tb in pairs]
     return (
@@ -127,6 +128,7 @@ def main() -> None:
     parser.add_argument("--sizes", default="1000,10000,100000,1000000", help="flat populations")
     parser.add_argument("--padded_sizes", default="1000,10000", help="padded populations (the old storage)")
     parser.add_argument("--generated_sizes", default="1000,1000000", help="generated on device (no stored rows)")
+    parser.add_argument("--interleave", default="flat,generated", help="storages timed smallest vs largest, A B A B")
     parser.add_argument("--cohort", type=int, default=100)
     parser.add_argument("--median_rows", type=int, default=32)
     parser.add_argument("--sigma", type=float, default=1.0)
@@ -161,13 +163,17 @@ def main() -> None:
             f"{r['peak_rss_gb']:.2f} | {r['generate_s']:.1f} | {r['compile_s']:.1f} | {r['s_per_round']:.4f} |",
             flush=True,
         )
-    sizes = [int(n) for n in args.sizes.split(",")]
-    if len(sizes) > 1:
+    for storage in args.interleave.split(","):
+        listed = args.generated_sizes if storage == "generated" else args.sizes
+        sizes = [int(n) for n in listed.split(",") if n]
+        if len(sizes) < 2:
+            continue
         small, large = min(sizes), max(sizes)
-        ta, tb, ratio, low, high = interleaved(args, small, large)
+        ta, tb, ratio, low, high = interleaved(args, storage, small, large)
         print(
-            f"\nInterleaved in one process ({args.repeats} pairs): {small} clients {ta:.4f} s/round, {large} "
-            f"clients {tb:.4f} s/round; ratio {ratio:.2f} (range {low:.2f} to {high:.2f})"
+            f"\nInterleaved in one process, {storage} ({args.repeats} pairs): {small} clients {ta:.4f} s/round, "
+            f"{large} clients {tb:.4f} s/round; ratio {ratio:.2f} (range {low:.2f} to {high:.2f})",
+            flush=True,
         )
 
 

@@ -4,19 +4,15 @@ On the four heart-disease hospitals (`heart_fedavg.py`) and on digits over 20
 Dirichlet(0.5) clients (`digits_dirichlet.py`), with those configs' settings:
 2 datasets x 3 methods = 6 compiled programs, the 5 seeds of each vmapped.
 
-    python -m medfed_jax --config=configs/collaboration.py --workdir=runs/collaboration
+    python -m medfed_jax --config=collaboration --workdir=runs/collaboration
     python -m medfed_jax.report --workdir=runs/collaboration
 """
 
-import os
-
-from medfed_jax import sweep
-
-HERE = os.path.dirname(os.path.abspath(__file__))
+from medfed_jax import config_files, sweep
 
 
 def get_config():
-    heart, digits = (sweep.load_config(os.path.join(HERE, f)) for f in ("heart_fedavg.py", "digits_dirichlet.py"))
+    heart, digits = (config_files.load_config(name) for name in ("heart_fedavg", "digits_dirichlet"))
     cfg = heart.copy_and_resolve_references()
     cfg.name = "collaboration"
     cfg.sweep.cells = sweep.variant_cells([heart, digits])

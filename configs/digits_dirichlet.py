@@ -3,7 +3,7 @@
 Beside FedAvg: local-only, pooled and the personalised methods (FedPer keeps
 the output layer ``head`` local).
 
-    python -m medfed_jax --config=configs/digits_dirichlet.py --workdir=runs/digits --seeds=5
+    python -m medfed_jax --config=digits_dirichlet --workdir=runs/digits --seeds=5
 """
 
 from medfed_jax import config

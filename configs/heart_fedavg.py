@@ -6,7 +6,7 @@ FedAvg + local fine-tuning, Ditto, FedPer and APFL (`medfed_jax.personalize`).
 A logistic model has a single layer, so FedPer keeps each hospital's
 intercept (``head/bias``: its own base rate) local and federates the weights.
 
-    python -m medfed_jax --config=configs/heart_fedavg.py --workdir=runs/heart --seeds=5
+    python -m medfed_jax --config=heart_fedavg --workdir=runs/heart --seeds=5
 """
 
 from medfed_jax import config

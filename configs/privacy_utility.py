@@ -10,21 +10,18 @@ sigma in {0.5, 1, 2, 4, 8}, plus the non-private reference (no clipping, no
 noise), all with the unweighted mean that DP-FedAvg's estimator uses.
 2 datasets x (DP, no DP) = 4 compiled programs; sigma and seeds are vmapped.
 
-    python -m medfed_jax --config=configs/privacy_utility.py --workdir=runs/privacy_utility
+    python -m medfed_jax --config=privacy_utility --workdir=runs/privacy_utility
     python -m medfed_jax.report --workdir=runs/privacy_utility
 """
 
-import os
+from medfed_jax import config_files, sweep
 
-from medfed_jax import sweep
-
-HERE = os.path.dirname(os.path.abspath(__file__))
 NOISE_MULTIPLIERS = (0.5, 1.0, 2.0, 4.0, 8.0)
 CLIP_NORM = {"heart": 0.1, "digits": 0.3}
 
 
 def get_config():
-    heart, digits = (sweep.load_config(os.path.join(HERE, f)) for f in ("heart_fedavg.py", "digits_dirichlet.py"))
+    heart, digits = (config_files.load_config(name) for name in ("heart_fedavg", "digits_dirichlet"))
     cfg = heart.copy_and_resolve_references()
     cfg.name = "privacy_utility"
     cfg.aggregator.name = "mean"

@@ -9,21 +9,18 @@ compiled program for the whole matrix: the aggregator and the attack are
 run-time switches, the fractions and seeds of each pair are vmapped. The
 report writes ``final.csv`` and ``heatmap.png``.
 
-    python -m medfed_jax --config=configs/robustness_matrix.py --workdir=runs/robustness_matrix
+    python -m medfed_jax --config=robustness_matrix --workdir=runs/robustness_matrix
     python -m medfed_jax.report --workdir=runs/robustness_matrix
 """
 
-import os
+from medfed_jax import aggregators, attacks, config_files
 
-from medfed_jax import aggregators, attacks, sweep
-
-HERE = os.path.dirname(os.path.abspath(__file__))
 FRACTIONS = (0.1, 0.2, 0.3)
 
 
 def matrix_config(aggregator_names, attack_names, fractions=FRACTIONS, seeds=(0, 1, 2, 3, 4), rounds=100):
     """The matrix over the given aggregators and attacks ('none' adds the no-attack reference row)."""
-    cfg = sweep.load_config(os.path.join(HERE, "digits_dirichlet.py"))
+    cfg = config_files.load_config("digits_dirichlet")
     cfg.name = "robustness_matrix"
     cfg.rounds, cfg.eval_every = rounds, 10
     cfg.aggregator.f = 4

@@ -8,20 +8,17 @@ still climbing at 50 on digits); no attack is the reference row.
 The malicious clients are drawn from each run's key. 2 datasets x 2 attack
 settings x 2 aggregators = 8 compiled programs, the 5 seeds of each vmapped.
 
-    python -m medfed_jax --config=configs/signflip_attack.py --workdir=runs/signflip
+    python -m medfed_jax --config=signflip_attack --workdir=runs/signflip
     python -m medfed_jax.report --workdir=runs/signflip
 """
 
-import os
+from medfed_jax import config_files, sweep
 
-from medfed_jax import sweep
-
-HERE = os.path.dirname(os.path.abspath(__file__))
 ATTACKS = ({"attack.name": "none", "attack.fraction": 0.0}, {"attack.name": "sign_flip", "attack.fraction": 0.25})
 
 
 def get_config():
-    digits, heart = (sweep.load_config(os.path.join(HERE, f)) for f in ("digits_dirichlet.py", "heart_fedavg.py"))
+    digits, heart = (config_files.load_config(name) for name in ("digits_dirichlet", "heart_fedavg"))
     cfg = digits.copy_and_resolve_references()
     cfg.name = "signflip_attack"
     cfg.rounds = 100

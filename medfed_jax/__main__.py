@@ -1,4 +1,4 @@
-"""``python -m medfed_jax``: see `medfed_jax.cli`."""
+"""``python -m medfed_jax --config=<name or file.py> ...``; ``--help`` lists every flag and config field."""
 
 from medfed_jax.cli import run_main
 

@@ -71,7 +71,7 @@ def build_local_only(cfg: ml_collections.FrozenConfigDict, context: config_lib.B
         round_step=jax.jit(round_step),
         run_rounds=jax.jit(run_rounds, static_argnums=3),
         evaluate=jax.jit(evaluate),
-        program=jax.jit(make_program(init, run_rounds, evaluate, cfg.rounds, cfg.eval_every)),
+        program=jax.jit(make_program(init, round_step, evaluate, cfg.rounds, cfg.eval_every)),
         context=context,
     )
 

@@ -44,13 +44,6 @@ def columns(metrics: dict, names: Sequence[str]) -> dict:
     return row
 
 
-def final_accuracy(row: dict, names: Sequence[str]) -> np.ndarray:
-    """``[C]`` client accuracies of a history row made by `columns`."""
-    if VALUES in row:
-        return np.asarray(row[VALUES]["client_accuracy"])
-    return np.asarray([row[f"accuracy[{c}]"] for c in names])
-
-
 def split(rows: list[dict]) -> tuple[list[dict], bool]:
     """History rows without `VALUES`, and whether any row had them."""
     return [{k: v for k, v in row.items() if k != VALUES} for row in rows], any(VALUES in row for row in rows)

@@ -10,16 +10,33 @@ Numeric knobs (learning rates, noise multiplier, attacker fraction, ...) are
 traced into the compiled program, so sweeping them never recompiles; every
 other field is *structural* (static): changing it changes shapes or code and
 compiles a new program.
+
+Each field's meaning is the comment on the line that sets its default
+(`field_docs` reads them; ``python -m medfed_jax --help`` prints them with the
+defaults, and a test requires one for every field). `check_fields` refuses a
+config with a field `default_config` lacks ("did you mean"), a value of
+another kind than the default's, or an integer outside ``[0, 2**31 - 1]``
+(seeds: ``[0, 2**32 - 1]``); the sections' validators then check the ranges
+that depend on meaning (``rounds >= 1``, ...).
 """
 
 from __future__ import annotations
 
+import difflib
+import functools
+import inspect
+import io
 import json
 import math
+import re
+import textwrap
+import tokenize
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 
 from medfed_jax import aggregators, attacks, personalize, privacy
 from medfed_jax.types import Knobs
@@ -28,6 +45,11 @@ CLIENT_OPTIMIZERS = ("sgd", "momentum", "adam")
 SERVER_OPTIMIZERS = ("fedavg", "fedavgm", "fedadam", "fedyogi", "fedadagrad")
 MODELS = ("logistic", "mlp", "cnn")
 PARALLELISM = ("auto", "vmap", "map")
+
+INT_MAX = 2**31 - 1  # integer fields size loops and arrays (int32 on the device)
+SEED_MAX = 2**32 - 1  # seeds are uint32
+SEED_FIELDS = ("seed", "data.seed")
+FREE_FORM = ("sweep",)  # sections checked by their own parser (`medfed_jax.sweep.SWEEP_FIELDS`)
 
 LOCAL_NUMERIC = ("lr", "momentum", "prox_mu")
 SERVER_NUMERIC = ("lr", "momentum", "b1", "b2", "eps")
@@ -47,13 +69,13 @@ def local_config() -> ml_collections.ConfigDict:
     """Local training: E epochs at batch B, or a fixed number of steps."""
     return ml_collections.ConfigDict(
         dict(
-            epochs=1,
+            epochs=1,  # local epochs per round (0 when local.steps is set)
             steps=0,  # > 0 selects a fixed number of steps instead of epochs
-            batch_size=32,
-            optimizer="sgd",
-            lr=0.05,
-            momentum=0.9,  # used by the 'momentum' optimizer only
-            prox_mu=0.0,  # FedProx proximal strength; 0 = FedAvg
+            batch_size=32,  # examples per local step
+            optimizer="sgd",  # one of CLIENT_OPTIMIZERS
+            lr=0.05,  # client learning rate (numeric knob)
+            momentum=0.9,  # used by the 'momentum' optimizer only (numeric knob)
+            prox_mu=0.0,  # FedProx proximal strength; 0 = FedAvg (numeric knob)
             sampling="shuffle",  # 'shuffle' (epochs), 'fixed' or 'poisson' (per step)
         )
     )
@@ -61,42 +83,207 @@ def local_config() -> ml_collections.ConfigDict:
 
 def server_config() -> ml_collections.ConfigDict:
     """Server optimizer applied to the aggregated update (pseudo-gradient)."""
-    return ml_collections.ConfigDict(dict(optimizer="fedavg", lr=1.0, momentum=0.9, b1=0.9, b2=0.99, eps=1e-3))
+    return ml_collections.ConfigDict(
+        dict(
+            optimizer="fedavg",  # one of SERVER_OPTIMIZERS
+            lr=1.0,  # server learning rate; FedAvg uses 1.0 (numeric knob)
+            momentum=0.9,  # fedavgm: server momentum (numeric knob)
+            b1=0.9,  # fedadam / fedyogi: first-moment decay (numeric knob)
+            b2=0.99,  # fedadam / fedyogi / fedadagrad: second-moment decay (numeric knob)
+            eps=1e-3,  # adaptive server optimizers: adaptivity tau of Reddi et al. (numeric knob)
+        )
+    )
 
 
 def model_config() -> ml_collections.ConfigDict:
-    """Model choice; ``widths`` are the MLP's hidden widths."""
-    return ml_collections.ConfigDict(dict(name="mlp", widths=(200, 200)))
+    """Model choice."""
+    return ml_collections.ConfigDict(
+        dict(
+            name="mlp",  # one of MODELS
+            widths=(200, 200),  # mlp: hidden layer widths
+        )
+    )
 
 
-def data_config() -> ml_collections.ConfigDict:
-    """The ``data`` section, owned by `medfed_jax.data`."""
+def sections() -> dict[str, Callable[[], ml_collections.ConfigDict]]:
+    """Each config section and the function that makes its defaults (owned by the part's module)."""
     from medfed_jax import data as data_lib
 
-    return data_lib.default_config()
+    return {
+        "data": data_lib.default_config,
+        "model": model_config,
+        "local": local_config,
+        "server": server_config,
+        "aggregator": aggregators.default_config,
+        "attack": attacks.default_config,
+        "privacy": privacy.default_config,
+        "personalization": personalize.default_config,
+    }
 
 
 def default_config() -> ml_collections.ConfigDict:
-    """Every field a run understands, with sensible defaults."""
+    """Run settings: every field a run understands, with sensible defaults."""
     cfg = ml_collections.ConfigDict()
-    cfg.name = "run"
-    cfg.seed = 0
-    cfg.rounds = 50
-    cfg.eval_every = 10
-    cfg.cohort_size = 0  # 0 = every client takes part in every round
+    cfg.name = "run"  # a label for the run (tables, sweep.json)
+    cfg.seed = 0  # training seed: initialisation, batches, cohorts, noise; in [0, 2**32)
+    cfg.rounds = 50  # federated rounds to train
+    cfg.eval_every = 10  # rounds between evaluations (and checkpoints)
+    cfg.cohort_size = 0  # clients per round; 0 = every client takes part in every round
     cfg.client_parallelism = "auto"  # 'vmap' (all at once), 'map' (chunks), 'auto'
     cfg.client_chunk = 0  # clients per vmapped chunk under 'map'; 0 = backend default
-    cfg.baselines = ("local_only", "pooled")
-    cfg.data = data_config()
-    cfg.model = model_config()
-    cfg.local = local_config()
-    cfg.server = server_config()
-    cfg.aggregator = aggregators.default_config()
-    cfg.attack = attacks.default_config()
-    cfg.privacy = privacy.default_config()
-    cfg.personalization = personalize.default_config()
-    cfg.sweep = ml_collections.ConfigDict()
+    cfg.baselines = ("local_only", "pooled")  # methods run beside federated: local_only, pooled, personalised ones
+    for name, make in sections().items():
+        cfg[name] = make()
+    cfg.sweep = ml_collections.ConfigDict()  # a sweep (grid, cells, ...; see medfed_jax.sweep); empty = one run
     return cfg
+
+
+def leaf_values(cfg: Any, prefix: str = "") -> dict[str, Any]:
+    """``{'local.lr': 0.05, ...}``: every field of a config, the free-form sections (`FREE_FORM`) aside."""
+    leaves: dict[str, Any] = {}
+    for key, value in cfg.items():
+        if not prefix and key in FREE_FORM:
+            continue
+        if isinstance(value, (ml_collections.ConfigDict, dict)):
+            leaves.update(leaf_values(value, f"{prefix}{key}."))
+        else:
+            leaves[f"{prefix}{key}"] = value
+    return leaves
+
+
+def unknown_field(path: str, known: Any) -> str:
+    """The message for a field that does not exist, with the closest known fields."""
+    close = difflib.get_close_matches(path, list(known), n=3, cutoff=0.6)
+    hint = f"did you mean {' or '.join(repr(c) for c in close)}? " if close else ""
+    return f"config field {path!r} does not exist; {hint}Every field: python -m medfed_jax --help"
+
+
+def kind_of(default: Any) -> str:
+    """How a field of this default is described in messages ("an integer", "a number", ...)."""
+    if isinstance(default, bool):
+        return "true or false"
+    if isinstance(default, int):
+        return "an integer"
+    if isinstance(default, float):
+        return "a number"
+    if isinstance(default, str):
+        return "a string"
+    if isinstance(default, (tuple, list)):
+        return "a tuple"
+    return "a Python literal"
+
+
+def _has_kind(value: Any, default: Any) -> bool:
+    if isinstance(default, bool):
+        return isinstance(value, (bool, np.bool_))
+    if isinstance(value, (bool, np.bool_)):
+        return False
+    if isinstance(default, int):
+        return isinstance(value, (int, np.integer))
+    if isinstance(default, float):
+        return isinstance(value, (int, float, np.integer, np.floating))
+    if isinstance(default, str):
+        return isinstance(value, str)
+    return isinstance(value, (tuple, list))
+
+
+def check_value(path: str, value: Any, default: Any) -> None:
+    """Refuse a value of the wrong kind for ``path`` (kind of ``default``), or an integer out of range."""
+    if not _has_kind(value, default):
+        quoted = isinstance(value, str) and not isinstance(default, str)
+        fix = "write it without quotes" if quoted else f"e.g. {path}={default!r}"
+        raise ValueError(f"{path}={value!r} is a {type(value).__name__}, but {path} takes {kind_of(default)}; {fix}.")
+    if isinstance(default, int) and not isinstance(default, bool):
+        high = SEED_MAX if path in SEED_FIELDS else INT_MAX
+        if not 0 <= value <= high:
+            bound = "seeds are integers in [0, 2**32 - 1]" if path in SEED_FIELDS else f"it takes [0, {high}]"
+            raise ValueError(f"{path}={value!r} is out of range: {bound}; e.g. {path}={default!r}.")
+
+
+@functools.cache
+def _default_leaves() -> dict[str, Any]:
+    return leaf_values(default_config())  # immutable values (numbers, strings, tuples); read, never changed
+
+
+def check_fields(cfg: Any) -> None:
+    """Refuse fields that `default_config` lacks ("did you mean"), values of the wrong kind, integers out of range."""
+    defaults, given = _default_leaves(), leaf_values(cfg)
+    for path in given:
+        if path not in defaults:
+            inside = [p for p in defaults if p.startswith(f"{path}.")]
+            if inside:
+                raise ValueError(f"{path} is a config section, not a value; set its fields, e.g. {inside[0]}.")
+            raise ValueError(unknown_field(path, defaults))
+    missing = [p for p in defaults if p not in given]
+    if missing:
+        raise ValueError(
+            f"the config lacks the fields {missing[:4]}{' ...' if len(missing) > 4 else ''}; build it from "
+            "medfed_jax.config.default_config() and change what you need."
+        )
+    for path, value in given.items():
+        check_value(path, value, defaults[path])
+
+
+def _comments(make: Callable) -> dict[str, str]:
+    """``field -> comment`` from the source of a defaults function: the comment on the line that sets the field.
+
+    A line ``cfg.rounds = 50  # ...``, ``rounds=50,  # ...`` or ``"rounds": 50,  # ...``
+    documents ``rounds``; upper-case names of the function's module that hold
+    tuples of strings (``one of MODELS``) are spelled out.
+    """
+    module = inspect.getmodule(make)
+    source = textwrap.dedent(inspect.getsource(make))
+    docs, line = {}, []
+    for token in tokenize.generate_tokens(io.StringIO(source).readline):
+        if token.type == tokenize.COMMENT:
+            ops = [i for i, t in enumerate(line) if t.type == tokenize.OP and t.string in ("=", ":")]
+            if ops and ops[0] > 0 and line[ops[0] - 1].type in (tokenize.NAME, tokenize.STRING):
+                key = line[ops[0] - 1].string.strip("\"'")
+                docs[key] = _spell_out(token.string.lstrip("#").strip(), module)
+        elif token.type in (tokenize.NL, tokenize.NEWLINE):
+            line = []
+        else:
+            line.append(token)
+    return docs
+
+
+def _spell_out(text: str, module: Any) -> str:
+    def name(match: re.Match) -> str:
+        value = getattr(module, match.group(0), None)
+        ok = isinstance(value, tuple) and value and all(isinstance(v, str) for v in value)
+        return ", ".join(value) if ok else match.group(0)
+
+    return re.sub(r"\b[A-Z][A-Z_]{2,}\b", name, text)
+
+
+def field_docs() -> dict[str, dict[str, str]]:
+    """Section (``'run'`` for the top-level fields) -> field path -> its one line of meaning."""
+    docs = {"run": {k: v for k, v in _comments(default_config).items() if k not in sections()}}
+    for section, make in sections().items():
+        docs[section] = {f"{section}.{k}": v for k, v in _comments(make).items()}
+    return docs
+
+
+def describe_fields(section: str | None = None) -> str:
+    """Every config field (or one section's) with its default and meaning, grouped by section."""
+    docs, defaults = field_docs(), default_config()
+    titles = {"run": default_config, **sections()}
+    if section is not None and section not in titles:
+        raise ValueError(f"--help={section}: no such config section; choose one of {', '.join(titles)}.")
+    lines = []
+    for name in [section] if section else titles:
+        title = inspect.getdoc(titles[name]).splitlines()[0].replace("``", "'")
+        flags = {path: f"--config.{path}={format_default(get_path(defaults, path))}" for path in docs[name]}
+        width = min(max(map(len, flags.values())), 44)
+        lines += ["", f"[{name}] {title}", *(f"  {flags[p]:<{width}}  {doc}" for p, doc in docs[name].items())]
+    return "\n".join(lines[1:])
+
+
+def format_default(value: Any) -> str:
+    """A default as written on the command line (``(200, 200)``, ``'sgd'`` bare, ``{}`` for an empty section)."""
+    if isinstance(value, ml_collections.ConfigDict):
+        return json.dumps(value.to_dict())
+    return value if isinstance(value, str) else repr(value)
 
 
 def numeric_fields() -> tuple[str, ...]:
@@ -142,7 +329,8 @@ def _one_of(name: str, value: Any, choices: tuple[str, ...]) -> None:
 
 
 def validate_run_settings(cfg: Any, num_clients: int) -> None:
-    """Check the top-level, model, local and server settings."""
+    """Check the fields (`check_fields`), then the top-level, model, local and server settings."""
+    check_fields(cfg)
     if not isinstance(cfg.rounds, int) or cfg.rounds < 1:
         raise ValueError(f"rounds={cfg.rounds!r} must be an integer >= 1.")
     if not isinstance(cfg.eval_every, int) or cfg.eval_every < 1:
@@ -158,8 +346,10 @@ def validate_run_settings(cfg: Any, num_clients: int) -> None:
     if not isinstance(cfg.client_chunk, int) or cfg.client_chunk < 0:
         raise ValueError(f"client_chunk={cfg.client_chunk!r} must be 0 (default) or a positive integer.")
     _one_of("model.name", cfg.model.name, MODELS)
-    if cfg.model.name == "mlp" and (not cfg.model.widths or min(cfg.model.widths) < 1):
-        raise ValueError(f"model.widths={cfg.model.widths!r} must be a non-empty list of positive widths.")
+    widths = cfg.model.widths
+    whole = all(isinstance(w, (int, np.integer)) and not isinstance(w, bool) and 1 <= w <= INT_MAX for w in widths)
+    if cfg.model.name == "mlp" and (not widths or not whole):
+        raise ValueError(f"model.widths={widths!r} must be a non-empty tuple of integer widths >= 1, e.g. (64,).")
     local = cfg.local
     _one_of("local.optimizer", local.optimizer, CLIENT_OPTIMIZERS)
     _one_of("local.sampling", local.sampling, ("shuffle", "fixed", "poisson"))

@@ -1,4 +1,11 @@
-"""Evaluation: per-client and pooled accuracy, loss and ROC AUC, padding excluded."""
+"""Evaluation: per-client and pooled accuracy, loss and ROC AUC, padding excluded.
+
+A model with any non-finite parameter has *diverged*: it is not scored (its
+logits are NaN and argmax would report the class-0 share as accuracy).
+Its accuracy, loss and AUC are NaN, and ``diverged`` is 1.0. With one model
+per client, a diverged client's own metrics are NaN and so is every pooled
+metric (``diverged`` = 1.0 when any client model diverged).
+"""
 
 from __future__ import annotations
 
@@ -11,8 +18,14 @@ from medfed_jax.client import cross_entropy, map_clients
 from medfed_jax.types import Array, ClientData, Model, Params
 
 
+def has_diverged(params: Params) -> Array:
+    """Whether any parameter is NaN or infinite (bool scalar)."""
+    return ~jnp.all(jnp.asarray([jnp.all(jnp.isfinite(leaf)) for leaf in jax.tree.leaves(params)]))
+
+
 def client_sums(model: Model, params: Params, x: Array, y: Array, count: Array) -> dict[str, Array]:
-    """Correct predictions, summed loss and row count of one client's real rows; every row's probabilities."""
+    """Correct predictions, summed loss and row count of one client's real rows; every row's probabilities;
+    whether the model diverged."""
     logits = model.apply(params, x)
     valid = jnp.arange(y.shape[0]) < count
     correct = jnp.where(valid, jnp.argmax(logits, -1) == y, False)
@@ -24,6 +37,7 @@ def client_sums(model: Model, params: Params, x: Array, y: Array, count: Array) 
         "probs": jax.nn.softmax(logits, axis=-1),
         "labels": y,
         "valid": valid,
+        "diverged": has_diverged(params),
     }
 
 
@@ -58,18 +72,26 @@ def summarize(sums: dict[str, Array]) -> dict[str, Array]:
 
     ``worst_client_accuracy`` is the lowest ``client_accuracy`` among clients
     with at least one test row; ``test_auc`` the `roc_auc` of all real rows.
+    A client whose model diverged (``sums['diverged']``) gets NaN, and so does
+    every pooled metric when any did; ``diverged`` is 1.0 then, else 0.0.
     """
     count = sums["count"].astype(jnp.float32)
     probs = sums["probs"]
     total = jnp.maximum(jnp.sum(count), 1.0)
-    client_accuracy = sums["correct"] / jnp.maximum(count, 1.0)
+    diverged = sums["diverged"]
+    any_diverged = jnp.any(diverged)
+    per_client = lambda value: jnp.where(diverged, jnp.nan, value / jnp.maximum(count, 1.0))  # noqa: E731
+    pooled = lambda value: jnp.where(any_diverged, jnp.nan, value)  # noqa: E731
+    client_accuracy = per_client(sums["correct"])
+    auc = roc_auc(probs.reshape(-1, probs.shape[-1]), sums["labels"].reshape(-1), sums["valid"].reshape(-1))
     return {
-        "test_accuracy": jnp.sum(sums["correct"]) / total,
-        "test_loss": jnp.sum(sums["loss"]) / total,
+        "test_accuracy": pooled(jnp.sum(sums["correct"]) / total),
+        "test_loss": pooled(jnp.sum(sums["loss"]) / total),
         "client_accuracy": client_accuracy,
-        "client_loss": sums["loss"] / jnp.maximum(count, 1.0),
-        "worst_client_accuracy": jnp.min(jnp.where(count > 0, client_accuracy, jnp.inf)),
-        "test_auc": roc_auc(probs.reshape(-1, probs.shape[-1]), sums["labels"].reshape(-1), sums["valid"].reshape(-1)),
+        "client_loss": per_client(sums["loss"]),
+        "worst_client_accuracy": pooled(jnp.min(jnp.where(count > 0, client_accuracy, jnp.inf))),
+        "test_auc": pooled(auc),
+        "diverged": any_diverged.astype(jnp.float32),
     }
 
 
@@ -134,6 +156,7 @@ def make_evaluate_per_client_models(model: Model) -> Callable[[Params, ClientDat
             "test_accuracy": jnp.mean(pooled["test_accuracy"]),
             "test_loss": jnp.mean(pooled["test_loss"]),
             "test_auc": jnp.mean(pooled["test_auc"]),
+            "diverged": own_metrics["diverged"],
         }
 
     return evaluate

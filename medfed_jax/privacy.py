@@ -66,10 +66,10 @@ def default_config() -> ml_collections.ConfigDict:
             "mode": "none",  # 'none' | 'central' (DP-FedAvg) | 'local' | 'dpsgd' (example level)
             "noise_multiplier": 0.0,  # sigma: noise std / clip norm
             "clip_norm": float("inf"),  # S (client level) or C (per example); the initial S when adaptive
-            "delta": 1e-5,
+            "delta": 1e-5,  # the delta of (epsilon, delta)-DP; epsilon is reported at this delta
             "accountant": "pld",  # 'pld' or 'rdp'; fixed-size sampling always uses RDP (replace-one)
             "adaptive_clipping": False,  # central only: S tracks a quantile of update norms
-            "target_quantile": 0.5,
+            "target_quantile": 0.5,  # adaptive clipping: share of updates meant to fall under S
             "clip_lr": 0.2,  # geometric step of the adaptive clip norm
             "clipped_count_stddev": 1.0,  # noise std on the clipped count; Andrew et al. suggest cohort/20
         }

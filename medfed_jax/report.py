@@ -14,7 +14,13 @@ Each figure is drawn when the sweep's columns call for it:
 ``final.csv`` holds the final-round rows of ``summary.csv``. With ``--readme``,
 the README's Results section (between ``<!-- results:start -->`` and
 ``<!-- results:end -->``) is rewritten from the same tables, figures copied
-under ``--assets``.
+under ``--assets``; ``--section=FILE`` writes that section to FILE instead
+(``make reproduce`` does; ``make readme`` updates the README).
+
+Figures have one legend each, below the panels, and are at most
+`MAX_WIDTH_INCHES` wide. A setting whose model diverged (a ``diverged`` seed,
+or a mean accuracy of nan) is drawn as "diverged", never as a number: a grey
+hatched heatmap cell, a labelled cross in line plots, ``diverged (k/n)`` in tables.
 """
 
 from __future__ import annotations
@@ -28,7 +34,9 @@ import os
 import platform
 import re
 import shutil
+import textwrap
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 from absl import app, flags
@@ -128,7 +136,10 @@ def _bars(pairs: Sequence[tuple[dict, str]]) -> tuple[np.ndarray, np.ndarray]:
 
 
 def format_mean_std(row: dict, metric: str = METRIC) -> str:
+    """``mean ± std`` in percent; ``diverged (k/n)`` where seeds diverged, ``—`` where missing."""
     mean, std = _pct(row, "mean", metric), _pct(row, "std", metric)
+    if diverged(row, metric):
+        return _diverged_text(row)
     if math.isnan(mean):
         return "—"
     return f"{mean:.1f} ± {std:.1f}" if not math.isnan(std) else f"{mean:.1f}"
@@ -154,7 +165,7 @@ def final_table(summary: Sequence[dict], knobs: Sequence[str]) -> str:
         body.append(
             [row[k] for k in labels]
             + ([_epsilon_text(row)] if private else [])
-            + [row["round"], format_mean_std(row), "—" if math.isnan(ci) else f"{ci:.1f}", row["n"]]
+            + [row["round"], format_mean_std(row), "—" if math.isnan(ci) or diverged(row) else f"{ci:.1f}", row["n"]]
         )
     widths = [max(len(r[i]) for r in [header, *body]) for i in range(len(header))]
     line = lambda cells: "| " + " | ".join(c.ljust(w) for c, w in zip(cells, widths)) + " |"  # noqa: E731
@@ -162,6 +173,12 @@ def final_table(summary: Sequence[dict], knobs: Sequence[str]) -> str:
 
 
 # --------------------------------------------------------------------------- figures
+
+DPI = 120
+MAX_WIDTH_INCHES = 13.3  # 1600 px at DPI: a figure reads at README width without horizontal scrolling
+SINGLE_PANEL_WIDTH = 7.0  # inches: a lone panel has room for its title and legend
+DIVERGED_TEXT = "diverged"
+DIVERGED_LEGEND = f"× = {DIVERGED_TEXT} (non-finite model, no accuracy)"
 
 
 def _pyplot():
@@ -173,22 +190,73 @@ def _pyplot():
     return plt
 
 
-def _axes(num_panels: int, width: float = 5.2, height: float = 3.8):
-    plt = _pyplot()
-    cols = min(num_panels, 3)
+def _axes(num_panels: int, width: float = 5.2, height: float = 3.8, max_cols: int = 3):
+    """A grid of ``num_panels`` axes, at most ``max_cols`` wide and `MAX_WIDTH_INCHES` in all."""
+    width = max(width, SINGLE_PANEL_WIDTH) if num_panels == 1 else width
+    cols = max(1, min(num_panels, max_cols, int(MAX_WIDTH_INCHES // width)))
     rows = -(-num_panels // cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(width * cols, height * rows), squeeze=False)
+    size = (min(width * cols, MAX_WIDTH_INCHES), height * rows + 0.8)
+    fig, axes = _pyplot().subplots(rows, cols, figsize=size, squeeze=False, layout="constrained")
     for ax in axes.flat[num_panels:]:
         ax.set_visible(False)
     return fig, list(axes.flat[:num_panels])
 
 
-def _save(fig, path: str, title: str) -> str:
-    fig.suptitle(title, fontsize=12)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
+def _colors(rows: Sequence[dict], knobs: Sequence[str]) -> dict[tuple, str]:
+    """One colour per setting of ``knobs``, the same in every panel of a figure."""
+    return {key: f"C{i % 10}" for i, key in enumerate(_groups(rows, knobs))}
+
+
+def _label(row: dict, knobs: Sequence[str]) -> str:
+    """A legend entry: the bare value for a single knob (the knob is the legend's title), else ``knob=value``."""
+    return row[knobs[0]] if len(knobs) == 1 else describe(row, knobs)
+
+
+def _legend_title(knobs: Sequence[str]) -> str | None:
+    return NAMES.get(knobs[0], knobs[0]) if len(knobs) == 1 else None
+
+
+def _finish(fig, title: str, legend_title: str | None = None):
+    """Title the figure and give it one legend (entries unique by label) below the panels, outside the data."""
+    entries: dict[str, Any] = {}
+    for ax in fig.axes:
+        for handle, label in zip(*ax.get_legend_handles_labels()):
+            entries.setdefault(label, handle)
+    fig.suptitle(textwrap.fill(title, int(fig.get_size_inches()[0] * 9)), fontsize=13)  # ~9 characters an inch
+    if entries:
+        width = fig.get_size_inches()[0]
+        entry = 0.6 + 0.075 * max(map(len, entries))  # inches per entry at fontsize 10
+        ncol = max(1, min(len(entries), int(width // entry)))
+        fig.legend(
+            entries.values(), entries.keys(), loc="outside lower center", ncol=ncol, fontsize=10, title=legend_title
+        )
+    return fig
+
+
+def save_figure(fig, path: str) -> str:
+    fig.savefig(path, dpi=DPI)
     _pyplot().close(fig)
     return path
+
+
+def diverged(row: dict, metric: str = METRIC) -> bool:
+    """Whether a summary row's setting diverged: a seed flagged ``diverged``, or a mean that is nan (not missing)."""
+    return value(row, "diverged_mean") > 0 or row.get(f"{metric}_mean") == "nan"
+
+
+def _diverged_text(row: dict) -> str:
+    share = value(row, "diverged_mean")
+    n = int(row.get("n") or 0)
+    return f"{DIVERGED_TEXT} ({round(share * n)}/{n})" if share > 0 and n else DIVERGED_TEXT
+
+
+def _mark_diverged(ax, x: Sequence[float], rows: Sequence[dict], color: str) -> None:
+    """Crosses at the bottom of the axes where a setting diverged (it has no accuracy); the first one labelled."""
+    where = [xi for xi, row in zip(x, rows) if diverged(row)]
+    if where:
+        ax.plot(where, [2] * len(where), marker="X", ms=9, color=color, ls="none")
+        ax.plot([], [], marker="X", ms=9, color="grey", ls="none", label=DIVERGED_LEGEND)  # the legend's entry
+        ax.annotate(DIVERGED_TEXT, (where[0], 2), xytext=(0, 7), textcoords="offset points", ha="center", fontsize=8)
 
 
 def _facets(rows: Sequence[dict], labels: list[str]) -> tuple[list[str], list[str]] | None:
@@ -204,7 +272,7 @@ def _facets(rows: Sequence[dict], labels: list[str]) -> tuple[list[str], list[st
     return None
 
 
-def plot_curves(tables: SweepTables, path: str) -> str | None:
+def draw_curves(tables: SweepTables):
     """Test accuracy vs round: mean over seeds with a 95% CI band, one line per setting."""
     labels = sweep.label_knobs(tables.final, tables.knobs)
     split = _facets(tables.final, labels)
@@ -212,25 +280,26 @@ def plot_curves(tables: SweepTables, path: str) -> str | None:
         return None
     panel_knobs, line_knobs = split
     panels = _groups(tables.summary, panel_knobs)
+    colors = _colors(tables.summary, line_knobs)
     fig, axes = _axes(len(panels))
     for ax, rows in zip(axes, panels.values()):
-        for points in _groups(rows, line_knobs).values():
+        for key, points in _groups(rows, line_knobs).items():
             points = sorted(points, key=lambda r: int(r["round"]))
             x = [int(r["round"]) for r in points]
             mean = np.array([_pct(r, "mean") for r in points])
             ci = np.nan_to_num(np.array([_pct(r, "ci95") for r in points]))
-            (handle,) = ax.plot(x, mean, marker="o", ms=3, label=describe(points[0], line_knobs))
-            ax.fill_between(
-                x, np.clip(mean - ci, 0, 100), np.clip(mean + ci, 0, 100), color=handle.get_color(), alpha=0.2
-            )
+            color = colors[key]
+            ax.plot(x, mean, marker="o", ms=3, color=color, label=_label(points[0], line_knobs))
+            ax.fill_between(x, np.clip(mean - ci, 0, 100), np.clip(mean + ci, 0, 100), color=color, alpha=0.2)
+            _mark_diverged(ax, x, points, color)
         ax.set_title(describe(rows[0], panel_knobs) if panel_knobs else "")
         ax.set_xlabel("round")
+        ax.xaxis.get_major_locator().set_params(integer=True)
         ax.set_ylabel("test accuracy (%)")
         ax.set_ylim(0, 102)
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
     n = tables.final[0]["n"]
-    return _save(fig, path, f"Test accuracy vs round (mean, 95% CI band over {n} seeds)")
+    return _finish(fig, f"Test accuracy vs round (mean, 95% CI band over {n} seeds)", _legend_title(line_knobs))
 
 
 def _reference(row: dict, attack_knob: str) -> bool:
@@ -250,19 +319,40 @@ def _panel_rows(rows: Sequence[dict], others: list[str]) -> dict[tuple, list[dic
     return panels
 
 
-def heatmap_matrix(rows: Sequence[dict]) -> tuple[list[str], list[str], np.ndarray]:
-    """(aggregators, attacks, final accuracy % [aggregator, attack]) of one panel; nan where missing."""
+def heatmap_matrix(rows: Sequence[dict]) -> tuple[list[str], list[str], np.ndarray, np.ndarray]:
+    """(aggregators, attacks, final accuracy % [aggregator, attack], diverged [aggregator, attack]) of one panel.
+
+    Accuracy is nan where a cell is missing or diverged.
+    """
     aggregators = list(dict.fromkeys(r["aggregator.name"] for r in rows))
     attacks = list(dict.fromkeys(r["attack.name"] for r in rows))
     attacks.sort(key=lambda a: a != "none")
     matrix = np.full((len(aggregators), len(attacks)), np.nan)
+    broken = np.zeros(matrix.shape, bool)
     for r in rows:
-        matrix[aggregators.index(r["aggregator.name"]), attacks.index(r["attack.name"])] = _pct(r, "mean")
-    return aggregators, attacks, matrix
+        at = aggregators.index(r["aggregator.name"]), attacks.index(r["attack.name"])
+        broken[at] = diverged(r)
+        matrix[at] = math.nan if broken[at] else _pct(r, "mean")
+    return aggregators, attacks, matrix, broken
 
 
-def plot_heatmap(tables: SweepTables, path: str) -> str | None:
-    """Final accuracy, aggregator (rows) x attack (columns); panels by the remaining settings."""
+HEATMAP_CELL = (0.62, 0.36)  # inches per cell (width, height): room for "95.3" at fontsize 9
+HEATMAP_LABELS = (1.9, 1.5)  # inches for the aggregator names (left) and attack names + title (per panel row)
+HEATMAP_MIN_WIDTH = 7.0  # inches: room for the title
+
+
+def _heatmap_grid(num_panels: int, num_rows: int, num_cols: int) -> tuple[int, int, tuple[float, float]]:
+    """(panel rows, panel columns, figure size): as many panels side by side as fit `MAX_WIDTH_INCHES`."""
+    panel = (num_cols * HEATMAP_CELL[0] + 0.3, num_rows * HEATMAP_CELL[1] + HEATMAP_LABELS[1])
+    colorbar = 1.0
+    cols = max(1, min(num_panels, int((MAX_WIDTH_INCHES - HEATMAP_LABELS[0] - colorbar) // panel[0])))
+    rows = -(-num_panels // cols)
+    width = max(HEATMAP_LABELS[0] + cols * panel[0] + colorbar, HEATMAP_MIN_WIDTH)
+    return rows, cols, (width, rows * panel[1] + 1.4)
+
+
+def draw_heatmap(tables: SweepTables):
+    """Final accuracy, aggregator (rows) x attack (columns); panels by the remaining settings, one colour bar."""
     axes_knobs = ["aggregator.name", "attack.name"]
     if not all(k in tables.knobs for k in axes_knobs):
         return None
@@ -270,24 +360,44 @@ def plot_heatmap(tables: SweepTables, path: str) -> str | None:
     panels = _panel_rows(tables.final, others)
     if len(panels) > MAX_PANELS:
         return None
-    fig, axes = _axes(len(panels), width=3.0 + 0.9 * len({r["attack.name"] for r in tables.final}), height=4.2)
-    for ax, rows in zip(axes, panels.values()):
-        aggregators, attacks, matrix = heatmap_matrix(rows)
-        image = ax.imshow(matrix, cmap="viridis", vmin=0, vmax=100, aspect="auto")
+    matrices = [heatmap_matrix(rows) for rows in panels.values()]
+    shape = max(len(m[0]) for m in matrices), max(len(m[1]) for m in matrices)
+    grid_rows, grid_cols, size = _heatmap_grid(len(panels), *shape)
+    plt = _pyplot()
+    fig, grid = plt.subplots(grid_rows, grid_cols, figsize=size, squeeze=False, layout="constrained")
+    for ax in grid.flat[len(panels) :]:
+        ax.set_visible(False)
+    cmap = plt.get_cmap("viridis").with_extremes(bad="white")
+    same_rows = len({tuple(m[0]) for m in matrices}) == 1
+    for k, (ax, rows, (aggregators, attacks, matrix, broken)) in enumerate(zip(grid.flat, panels.values(), matrices)):
+        image = ax.imshow(matrix, cmap=cmap, vmin=0, vmax=100, aspect="auto")
         for (i, j), v in np.ndenumerate(matrix):
-            if not math.isnan(v):
-                ax.text(j, i, f"{v:.1f}", ha="center", va="center", fontsize=8, color="white" if v < 60 else "black")
-        ax.set_xticks(range(len(attacks)), attacks, rotation=35, ha="right")
-        ax.set_yticks(range(len(aggregators)), aggregators)
+            if broken[i, j]:
+                ax.add_patch(
+                    plt.Rectangle((j - 0.5, i - 0.5), 1, 1, facecolor="lightgrey", hatch="///", edgecolor="grey")
+                )
+                ax.text(j, i, DIVERGED_TEXT, ha="center", va="center", fontsize=8, color="black")
+            elif not math.isnan(v):
+                ax.text(j, i, f"{v:.1f}", ha="center", va="center", fontsize=9, color="white" if v < 60 else "black")
+        ax.set_xticks(range(len(attacks)), attacks, rotation=40, ha="right", fontsize=10)
+        first_col = k % grid_cols == 0
+        ax.set_yticks(range(len(aggregators)), aggregators if first_col or not same_rows else [], fontsize=10)
         ax.set_xlabel("attack")
-        ax.set_ylabel("aggregator")
+        if first_col or not same_rows:
+            ax.set_ylabel("aggregator")
         ax.set_title(describe(next((r for r in rows if not _reference(r, "attack.name")), rows[0]), others))
-        fig.colorbar(image, ax=ax, label="final test accuracy (%)")
-    return _save(fig, path, "Final test accuracy (%) by aggregator and attack (mean over seeds)")
+    fig.colorbar(image, ax=list(grid.flat[: len(panels)]), label="final test accuracy (%)", shrink=0.8)
+    title = "Final test accuracy (%) by aggregator and attack (mean over seeds)"
+    if any(m[3].any() for m in matrices):
+        title += f"; grey hatched: {DIVERGED_TEXT} (non-finite model, no accuracy)"
+    return _finish(fig, title)
 
 
-def plot_fraction(tables: SweepTables, path: str) -> str | None:
-    """Final accuracy vs malicious fraction, one line per aggregator; no-attack runs at 0%."""
+NO_ATTACK_TEXT = "0\n(no attack)"
+
+
+def draw_fraction(tables: SweepTables):
+    """Final accuracy vs malicious fraction, one line per aggregator; the no-attack runs at 0%, labelled so."""
     final = tables.final
     if "attack.fraction" not in tables.knobs or len({r["attack.fraction"] for r in final}) < 2:
         return None
@@ -297,23 +407,30 @@ def plot_fraction(tables: SweepTables, path: str) -> str | None:
     panels = _panel_rows(final, [*attack, *others])
     if not panels or len(panels) > MAX_PANELS:
         return None
-    fig, axes = _axes(len(panels))
+    colors = _colors(final, lines)
+    fig, axes = _axes(len(panels), width=4.4, height=3.4)
     for ax, rows in zip(axes, panels.values()):
-        for points in _groups(rows, lines).values():
+        zero = False
+        for key, points in _groups(rows, lines).items():
             points = sorted(points, key=lambda r: float(r["attack.fraction"]) * (not _reference(r, "attack.name")))
             x = [100 * float(r["attack.fraction"]) * (not _reference(r, "attack.name")) for r in points]
             mean, err = _bars([(r, METRIC) for r in points])
-            ax.errorbar(x, mean, yerr=err, marker="o", capsize=3, label=describe(points[0], lines))
+            label = _label(points[0], lines) if lines else None
+            ax.errorbar(x, mean, yerr=err, marker="o", capsize=3, color=colors[key], label=label)
+            _mark_diverged(ax, x, points, colors[key])
+            zero = zero or 0 in x
+        if zero:  # no malicious client: the no-attack run (or an attack on nobody)
+            ticks = [t for t in ax.get_xticks() if 0 < t <= 100 * max(float(r["attack.fraction"]) for r in rows)]
+            ax.set_xticks([0, *ticks], [NO_ATTACK_TEXT, *(f"{t:g}" for t in ticks)])
         ax.set_title(describe(next(r for r in rows if not _reference(r, "attack.name")), [*attack, *others]))
         ax.set_xlabel("malicious clients (% of all clients)")
         ax.set_ylabel("final test accuracy (%)")
         ax.set_ylim(0, 102)
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
-    return _save(fig, path, "Final test accuracy vs malicious fraction (mean, 95% CI over seeds)")
+    return _finish(fig, "Final test accuracy vs malicious fraction (mean, 95% CI over seeds)", _legend_title(lines))
 
 
-def plot_epsilon(tables: SweepTables, path: str) -> str | None:
+def draw_epsilon(tables: SweepTables):
     """Final accuracy vs epsilon (log scale), one line per remaining setting; non-private runs dashed."""
     final = tables.final
     private = [r for r in final if math.isfinite(value(r, "epsilon"))]
@@ -321,28 +438,27 @@ def plot_epsilon(tables: SweepTables, path: str) -> str | None:
         return None
     candidates = [k for k in tables.knobs if not k.startswith("privacy.")]
     lines = sweep.label_knobs(final, candidates)
-    fig, axes = _axes(1, width=6.5, height=4.4)
+    colors = _colors(final, lines)
+    fig, axes = _axes(1, width=7.0, height=4.4)
     ax = axes[0]
-    for rows in _groups(final, lines).values():
+    for key, rows in _groups(final, lines).items():
         points = sorted((r for r in rows if math.isfinite(value(r, "epsilon"))), key=lambda r: value(r, "epsilon"))
-        label = describe(rows[0], lines)
-        color = None
+        label = _label(rows[0], lines) if lines else "all runs"
         if points:
             mean, err = _bars([(r, METRIC) for r in points])
             x = [value(r, "epsilon") for r in points]
-            handle = ax.errorbar(x, mean, yerr=err, marker="o", capsize=3, label=label)
-            color = handle.lines[0].get_color()
+            ax.errorbar(x, mean, yerr=err, marker="o", capsize=3, color=colors[key], label=label)
+            _mark_diverged(ax, x, points, colors[key])
         for r in rows:
             if not math.isfinite(value(r, "epsilon")):
-                ax.axhline(_pct(r, "mean"), ls="--", color=color, label=f"{label}: no DP")
+                ax.axhline(_pct(r, "mean"), ls="--", color=colors[key], label=f"{label}: no DP")
     ax.set_xscale("log")
     note = tables.meta.get("privacy", "")
     ax.set_xlabel(f"privacy budget ε (log scale){', ' + note.split(';')[0] if note else ''}")
     ax.set_ylabel("final test accuracy (%)")
     ax.set_ylim(0, 102)
     ax.grid(alpha=0.3, which="both")
-    ax.legend(fontsize=7)
-    return _save(fig, path, "Final test accuracy vs privacy budget (mean, 95% CI over seeds)")
+    return _finish(fig, "Final test accuracy vs privacy budget (mean, 95% CI over seeds)", _legend_title(lines))
 
 
 def client_columns(row: dict) -> list[str]:
@@ -350,7 +466,16 @@ def client_columns(row: dict) -> list[str]:
     return [m.group(1) for c in row for m in [re.fullmatch(r"client_accuracy\[(.+)\]_mean", c)] if m and row[c] != ""]
 
 
-def plot_clients(tables: SweepTables, path: str) -> str | None:
+def client_ticks(clients: Sequence[str]) -> tuple[list[str], str]:
+    """(tick labels, axis label): names sharing a prefix before their numbers (``client0``...) show the numbers."""
+    match = [re.fullmatch(r"(\D+?)_?(\d+)", c) for c in clients]
+    prefixes = {m.group(1) for m in match if m}
+    if len(clients) > 1 and all(match) and len(prefixes) == 1:
+        return [m.group(2) for m in match], f"{prefixes.pop()} (its own test split)"
+    return list(clients), "client (its own test split)"
+
+
+def draw_clients(tables: SweepTables):
     """Grouped bars: final accuracy on each client's own test split, one bar per setting."""
     final = [r for r in tables.final if client_columns(r)]
     by_clients: dict[tuple, list[dict]] = {}
@@ -360,34 +485,41 @@ def plot_clients(tables: SweepTables, path: str) -> str | None:
     panels = {k: v for k, v in panels.items() if len(_groups(v, sweep.label_knobs(v, tables.knobs))) <= 8}
     if not panels:
         return None
-    fig, axes = _axes(len(panels), width=7.0, height=4.0)
+    bar_knobs = {k: sweep.label_knobs(rows, tables.knobs) for k, rows in panels.items()}
+    shared = len({tuple(b) for b in bar_knobs.values()}) == 1
+    colors = _colors(final, next(iter(bar_knobs.values()))) if shared else {}
+    fig, axes = _axes(len(panels), width=6.6, height=3.8, max_cols=2)
     for ax, (clients, rows) in zip(axes, panels.items()):
-        bars = sweep.label_knobs(rows, tables.knobs)
+        bars = bar_knobs[clients]
         groups = _groups(rows, bars)
         width = 0.8 / len(groups)
-        for g, members in enumerate(groups.values()):
+        for g, (key, members) in enumerate(groups.items()):
             row = members[0]
             mean, err = _bars([(row, f"client_accuracy[{c}]") for c in clients])
             x = np.arange(len(clients)) + (g - (len(groups) - 1) / 2) * width
-            ax.bar(x, mean, width, yerr=err, capsize=2, label=describe(row, bars))
-        rotate = len(clients) > 6
-        ax.set_xticks(range(len(clients)), clients, rotation=30 if rotate else 0, ha="right" if rotate else "center")
-        ax.set_xlabel("client (its own test split)")
+            label = _label(row, bars) if shared else describe(row, bars)
+            color = colors.get(key, f"C{g % 10}")
+            ax.bar(x, mean, width, yerr=err, capsize=2, color=color, label=label)
+            _mark_diverged(ax, x, members[:1] * len(clients), color)
+        ticks, axis_label = client_ticks(clients)
+        rotate = sum(map(len, ticks)) > 48  # about the characters a 6.6-inch axis holds at fontsize 10 unrotated
+        ax.set_xticks(range(len(clients)), ticks, rotation=30 if rotate else 0, ha="right" if rotate else "center")
+        ax.set_xlabel(axis_label)
         ax.set_ylabel("final test accuracy (%)")
         ax.set_ylim(0, 105)
         ax.grid(alpha=0.3, axis="y")
-        ax.legend(fontsize=7)
-        others = sweep.label_knobs(tables.final, tables.knobs)
-        ax.set_title(describe(rows[0], [k for k in others if k not in bars]))
-    return _save(fig, path, "Per-client final test accuracy (mean, 95% CI over seeds)")
+        others = [k for k in sweep.label_knobs(tables.final, tables.knobs) if k not in bars]
+        ax.set_title(describe(rows[0], others) if others else "")
+    title = "Per-client final test accuracy (mean, 95% CI over seeds)"
+    return _finish(fig, title, _legend_title(next(iter(bar_knobs.values()))) if shared else None)
 
 
 FIGURES = (
-    ("curves.png", plot_curves, "Test accuracy vs round"),
-    ("heatmap.png", plot_heatmap, "Aggregator x attack heatmap"),
-    ("fraction.png", plot_fraction, "Accuracy vs malicious fraction"),
-    ("epsilon.png", plot_epsilon, "Accuracy vs privacy budget"),
-    ("clients.png", plot_clients, "Per-client accuracy"),
+    ("curves.png", draw_curves, "Test accuracy vs round"),
+    ("heatmap.png", draw_heatmap, "Aggregator x attack heatmap"),
+    ("fraction.png", draw_fraction, "Accuracy vs malicious fraction"),
+    ("epsilon.png", draw_epsilon, "Accuracy vs privacy budget"),
+    ("clients.png", draw_clients, "Per-client accuracy"),
 )
 
 
@@ -413,10 +545,10 @@ def write_report(workdir: str) -> tuple[str, list[str]]:
     tables = load(workdir)
     runner.write_text_atomic(os.path.join(workdir, "final.csv"), sweep.to_csv(tables.final))
     figures, notes, lines = [], [], []
-    for name, plot, title in FIGURES:
-        made = plot(tables, os.path.join(workdir, name))
-        if made:
-            figures.append(made)
+    for name, draw, title in FIGURES:
+        fig = draw(tables)
+        if fig is not None:
+            figures.append(save_figure(fig, os.path.join(workdir, name)))
             lines += [f"### {title}", "", f"![{title}]({name})", ""]
         else:
             notes.append(f"- {title}: not drawn (the sweep does not vary what it needs, or has too many settings).")
@@ -501,7 +633,8 @@ def define_flags() -> None:
     """The command line's flags (defined only when run as a program, so `cli` can import this module)."""
     flags.DEFINE_multi_string("workdir", None, "Sweep workdir(s) to report on.")
     flags.DEFINE_string("readme", None, "Rewrite this README's Results section from the workdirs.")
-    flags.DEFINE_string("assets", "benchmarks/figures", "Where --readme copies the figures.")
+    flags.DEFINE_string("section", None, "Write the Results section to this file (the README is left alone).")
+    flags.DEFINE_string("assets", "benchmarks/figures", "Where --readme / --section copy the figures.")
     flags.DEFINE_string("command", "make reproduce", "The command named in the Results section.")
     flags.DEFINE_float("wall_seconds", None, "Wall time of the whole command, stated in the section.")
 
@@ -513,12 +646,21 @@ def main(argv: list[str]) -> None:
     if not args.workdir:
         raise app.UsageError("--workdir=<sweep workdir> is required (repeat it for several).")
     try:
-        if args.readme:
+        if args.readme and args.section:
+            raise ValueError("--readme and --section both name where the Results section goes: give one.")
+        target = args.readme or args.section
+        if target:
             wall = f"; the sweeps took {args.wall_seconds / 60:.1f} min" if args.wall_seconds else ""
-            readme_dir = os.path.dirname(os.path.abspath(args.readme))
-            section = results_section(args.workdir, readme_dir, args.assets, args.command, wall)
-            update_readme(args.readme, section)
-            print(f"updated the Results section of {args.readme}")
+            section = results_section(
+                args.workdir, os.path.dirname(os.path.abspath(target)), args.assets, args.command, wall
+            )
+            if args.readme:
+                update_readme(args.readme, section)
+                print(f"updated the Results section of {args.readme} (figures under {args.assets})")
+            else:
+                os.makedirs(os.path.dirname(os.path.abspath(args.section)), exist_ok=True)
+                runner.write_text_atomic(args.section, section + "\n")
+                print(f"wrote the Results section to {args.section} (figures under {args.assets}); README.md unchanged")
         else:
             for workdir in args.workdir:
                 path, figures = write_report(workdir)

@@ -1,19 +1,28 @@
 """Host side of a run: validate, build, loop over evaluation chunks, save, resume.
 
-The device work of each chunk (``eval_every`` rounds under `lax.scan`, then one
-evaluation) is one compiled call; between chunks the host prints a progress
-line and, when given a workdir, writes a checkpoint atomically so that a
-killed run resumes where it stopped with the same results.
+A run trains exactly ``cfg.rounds`` rounds and evaluates after each of
+`medfed_jax.server.eval_rounds` (every ``eval_every`` rounds and the last).
+The device work of each chunk (its rounds, then one evaluation:
+`medfed_jax.server.make_chunk`) is one call of a program compiled ahead of
+time, once for every chunk length, for one seed or vmapped over seeds
+(`train_evaluations`, shared by single runs and ``--seeds``). Between chunks
+the host prints a progress line (rounds/s measured after compiling, ETA) and,
+when given a checkpoint path, writes a checkpoint atomically so that a killed
+run resumes where it stopped with the same results.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
+import re
 import time
-from collections.abc import Callable
-from typing import Any
+import zipfile
+import zlib
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple
 
 import jax
 import numpy as np
@@ -23,7 +32,15 @@ from medfed_jax import config as config_lib
 from medfed_jax import data as data_lib
 from medfed_jax.data import population
 from medfed_jax.models import check_input_fits, make_model
-from medfed_jax.server import Engine, Switches, build_engine, static_config
+from medfed_jax.server import (
+    Engine,
+    Switches,
+    build_engine,
+    chunk_lengths,
+    eval_rounds,  # noqa: F401  (re-exported: the one schedule of evaluation rounds)
+    make_chunk,
+    static_config,
+)
 from medfed_jax.types import ClientData, FederatedDataset, Knobs
 
 # federated (as configured), the baselines, and the personalised methods of `medfed_jax.personalize`.
@@ -102,45 +119,241 @@ def engine_for(method: str, prepared: Prepared, switches: Switches = ()) -> tupl
     raise ValueError(f"unknown method {method!r}; choose one of {METHODS}.")
 
 
+TEMPORARY = re.compile(r"^(?P<target>.+)\.tmp(?P<pid>[0-9]+)$")  # `_write_atomic`'s file before its rename
+
+
+class CorruptFile(ValueError):
+    """A file medfed_jax wrote earlier that cannot be read back (truncated, overwritten, not ours)."""
+
+
 def _write_atomic(path: str, write: Callable[[Any], None], mode: str = "w") -> None:
     tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, mode) as f:
-        write(f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, mode) as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
 
 
 def write_text_atomic(path: str, text: str) -> None:
-    """Write a text file so that a crash leaves either the old or the new file."""
+    """Write a text file so that a crash leaves either the old or the new file.
+
+    A kill between the write and the rename leaves ``<path>.tmp<pid>``
+    (`TEMPORARY`); the next run removes it (`medfed_jax.cli.prepare_workdir`).
+    """
     _write_atomic(path, lambda f: f.write(text))
 
 
-def save_checkpoint(path: str, state: Any, history: list[dict]) -> None:
-    """State leaves and the history so far, written atomically."""
+@dataclasses.dataclass(frozen=True)
+class Evaluation:
+    """One evaluation of a run: after ``round`` rounds, ``elapsed_s`` wall seconds into it (compiling
+    included, resumed runs counting their earlier sessions); ``metrics`` carry a leading seed axis."""
+
+    round: int
+    elapsed_s: float
+    metrics: dict[str, np.ndarray]
+
+
+class DeviceLoop(NamedTuple):
+    """The jitted functions the host loop calls: for one seed, or vmapped over a leading seed axis.
+
+    ``init(seed, train, knobs) -> state``;
+    ``chunk(state, train, test, knobs, num_rounds) -> (state, metrics)``
+    (`medfed_jax.server.make_chunk`, ``num_rounds`` traced: one compile for
+    every chunk length).
+    """
+
+    init: Callable
+    chunk: Callable
+    seed_axis: bool
+
+
+@functools.lru_cache(maxsize=64)
+def _device_loop(engine: Engine, seed_axis: bool) -> DeviceLoop:
+    init = engine.init
+    chunk = make_chunk(engine.round_step, engine.evaluate, engine.eval_params)
+    if seed_axis:
+        init = jax.vmap(init, in_axes=(0, None, None))
+        chunk = jax.vmap(chunk, in_axes=(0, None, None, None, None))
+    return DeviceLoop(jax.jit(init), jax.jit(chunk), seed_axis)
+
+
+def device_loop(engine: Engine, seed_axis: bool) -> DeviceLoop:
+    """The `DeviceLoop` of an engine (cached; engines that differ only in their schedule share it)."""
+    return _device_loop(engine._replace(program=None), seed_axis)
+
+
+def compile_loop(loop: DeviceLoop, seed: Any, train: ClientData, test: ClientData, knobs: Knobs):
+    """``(init, chunk)`` compiled ahead of time for these arguments' shapes, and the seconds it took."""
+    start = time.perf_counter()
+    init = loop.init.lower(seed, train, knobs).compile()
+    state = jax.eval_shape(loop.init, seed, train, knobs)
+    chunk = loop.chunk.lower(state, train, test, knobs, jax.ShapeDtypeStruct((), np.int32)).compile()
+    return init, chunk, time.perf_counter() - start
+
+
+def _evaluations_to_json(evaluations: list[Evaluation]) -> str:
+    return json.dumps(
+        [{**dataclasses.asdict(e), "metrics": jax.tree.map(np.ndarray.tolist, e.metrics)} for e in evaluations]
+    )
+
+
+def _evaluations_from_json(text: str) -> list[Evaluation]:
+    return [
+        Evaluation(e["round"], e["elapsed_s"], {k: np.asarray(v, np.float32) for k, v in e["metrics"].items()})
+        for e in json.loads(text)
+    ]
+
+
+def save_checkpoint(path: str, state: Any, evaluations: list[Evaluation]) -> None:
+    """State leaves and the evaluations so far, written atomically."""
     leaves = {f"leaf{i}": np.asarray(leaf) for i, leaf in enumerate(jax.tree.leaves(state))}
-    _write_atomic(path, lambda f: np.savez(f, history=json.dumps(history), **leaves), mode="wb")
+    history = _evaluations_to_json(evaluations)
+    _write_atomic(path, lambda f: np.savez(f, history=history, **leaves), mode="wb")
 
 
-def load_checkpoint(path: str, like: Any) -> tuple[Any, list[dict]]:
-    """Restore a checkpoint into the tree structure of ``like``."""
-    with np.load(path) as saved:
-        treedef = jax.tree.structure(like)
-        leaves = [saved[f"leaf{i}"] for i in range(treedef.num_leaves)]
-        return jax.tree.unflatten(treedef, leaves), json.loads(str(saved["history"]))
+def load_checkpoint(path: str, like: Any) -> tuple[Any, list[Evaluation]]:
+    """Restore a checkpoint into the tree structure, leaf shapes, dtypes and devices of ``like``.
+
+    Raises `CorruptFile` naming the file and the remedy when it cannot be read.
+    """
+    treedef, expected = jax.tree.structure(like), jax.tree.leaves(like)
+    try:
+        with np.load(path, allow_pickle=False) as saved:
+            leaves = [saved[f"leaf{i}"] for i in range(treedef.num_leaves)]
+            history = _evaluations_from_json(str(saved["history"]))
+        for i, (leaf, want) in enumerate(zip(leaves, expected)):
+            if leaf.shape != np.shape(want):
+                raise ValueError(f"leaf{i} has shape {leaf.shape}, this run's state {np.shape(want)}")
+    except (OSError, EOFError, KeyError, TypeError, ValueError, zipfile.BadZipFile, zlib.error) as error:
+        raise CorruptFile(
+            f"{path} is corrupt (truncated or not a checkpoint of this run: {error}); rerun with --overwrite "
+            "or delete it."
+        ) from error
+    state = jax.tree.map(lambda a, x: jax.device_put(a.astype(x.dtype)), jax.tree.unflatten(treedef, leaves), like)
+    return state, history
 
 
-def _row(metrics: dict, method: str, round_done: int, elapsed: float, client_names: tuple[str, ...]) -> dict:
-    metrics = jax.device_get(metrics)
-    row = {"method": method, "round": round_done}
-    for name, value in metrics.items():
-        value = np.asarray(value)
-        if value.ndim == 0:
-            row[name] = float(value)
-        elif name == "client_accuracy":
-            row.update(client_results.columns(metrics, client_names))
-    row["elapsed_s"] = round(elapsed, 3)
-    return row
+def _is_private(cfg: Any, method: str) -> bool:
+    """Whether a method of the run ``cfg`` releases a DP model (the baselines train without DP)."""
+    return cfg.privacy.mode != "none" and method not in ("local_only", "pooled")
+
+
+def _spread(values: np.ndarray, digits: int = 4) -> str:
+    """``mean`` of one seed's value, ``mean±std`` over several."""
+    values = np.asarray(values, np.float64)
+    return f"{values.mean():.{digits}f}" + (f"±{values.std():.{digits}f}" if values.size > 1 else "")
+
+
+def progress_line(method: str, evaluation: Evaluation, cfg: Any, accounting: privacy.Accounting, rate: float) -> str:
+    """``[method] round r/R`` with accuracy, losses, epsilon, elapsed, rounds/s after compiling and the ETA.
+
+    Over several seeds each metric is ``mean±std``; diverged seeds are counted.
+    """
+    m, left = evaluation.metrics, cfg.rounds - evaluation.round
+    seeds = len(m["test_accuracy"])
+    diverged = int(np.sum(m["diverged"] > 0))
+    return (
+        f"[{method}] round {evaluation.round:4d}/{cfg.rounds}  acc {_spread(m['test_accuracy'])}  "
+        f"loss {_spread(m['test_loss'])}  train_loss {_spread(m['train_loss'])}  "
+        + (
+            f"eps {accounting.epsilon_after(evaluation.round):.3g} (delta {cfg.privacy.delta:g})  "
+            if _is_private(cfg, method)
+            else ""
+        )
+        + (f"DIVERGED {diverged}/{seeds} seed(s)  " if diverged else "")
+        + f"elapsed {evaluation.elapsed_s:7.1f}s  {rate:6.1f} rounds/s  ETA {left / max(rate, 1e-9):6.1f}s"
+    )
+
+
+def _resume(method: str, checkpoint: str | None, state: Any, log: Callable[[str], None] | None):
+    """``(state, evaluations)`` from the checkpoint when there is one, else ``(state, [])``."""
+    if not checkpoint or not os.path.exists(checkpoint):
+        return state, []
+    state, evaluations = load_checkpoint(checkpoint, state)
+    if log:
+        log(f"[{method}] resumed from {checkpoint} at round {evaluations[-1].round if evaluations else 0}")
+    return state, evaluations
+
+
+def train_evaluations(
+    method: str,
+    prepared: Prepared,
+    seeds: Sequence[int],
+    seed_axis: bool = True,
+    checkpoint: str | None = None,
+    log: Callable[[str], None] | None = print,
+) -> list[Evaluation]:
+    """Train one method for every seed in evaluation chunks (`medfed_jax.server.eval_rounds`); the evaluations.
+
+    The host loop of every run: compile `device_loop` ahead of time (its own
+    progress line), then one compiled call per chunk and a progress line (and
+    a checkpoint, when given: a killed run resumes at its last evaluation)
+    after each. ``seed_axis``: vmap over ``seeds`` (else exactly one seed, plain).
+    """
+    engine, view, cfg = engine_for(method, prepared)
+    if not seed_axis and len(seeds) != 1:
+        raise ValueError(f"train_evaluations: without a seed axis give exactly one seed, got {list(seeds)}.")
+    seed = np.asarray(seeds, np.uint32) if seed_axis else np.uint32(seeds[0])
+    train = type(view.train)(*jax.device_put(tuple(view.train)))
+    test = type(view.test)(*jax.device_put(tuple(view.test)))
+    start = time.perf_counter()
+    init, chunk, compile_s = compile_loop(device_loop(engine, seed_axis), seed, train, test, prepared.knobs)
+    if log:
+        log(f"[{method}] compiled in {compile_s:.1f}s" + (f" ({len(seeds)} seeds vmapped)" if seed_axis else ""))
+    state, evaluations = _resume(method, checkpoint, init(seed, train, prepared.knobs), log)
+    done = evaluations[-1].round if evaluations else 0
+    before = evaluations[-1].elapsed_s if evaluations else 0.0
+    run_start, first = time.perf_counter(), done
+    for num_rounds in chunk_lengths(cfg.rounds, cfg.eval_every, done):
+        state, metrics = chunk(state, train, test, prepared.knobs, np.int32(num_rounds))
+        metrics = {k: np.asarray(v) if seed_axis else np.asarray(v)[None] for k, v in jax.device_get(metrics).items()}
+        done += num_rounds
+        now = time.perf_counter()
+        evaluations.append(Evaluation(done, round(before + now - start, 3), metrics))
+        if checkpoint:
+            save_checkpoint(checkpoint, state, evaluations)
+        if log:
+            log(
+                progress_line(
+                    method, evaluations[-1], cfg, prepared.accounting, (done - first) / max(now - run_start, 1e-9)
+                )
+            )
+    return evaluations
+
+
+def history_rows(method: str, prepared: Prepared, evaluations: list[Evaluation], seeds: Sequence[int] | None = None):
+    """history.csv rows: per seed (a ``seed`` column when ``seeds`` is given, else the one seed), per evaluation.
+
+    Scalars as they are, ``client_accuracy`` as ``accuracy[<client>]`` (or
+    quantiles beyond `client_results.PER_CLIENT_COLUMNS` clients), then
+    ``epsilon`` for private methods and ``elapsed_s``.
+    """
+    names, cfg = prepared.dataset.eval_names, prepared.cfg
+    rows = []
+    for s in range(len(seeds) if seeds is not None else 1):
+        for evaluation in evaluations:
+            row = {"seed": seeds[s]} if seeds is not None else {}
+            row.update({"method": method, "round": evaluation.round})
+            for name, values in evaluation.metrics.items():
+                value = values[s]
+                if value.ndim == 0:
+                    row[name] = float(value)
+                elif name == "client_accuracy":  # named columns, or quantiles and clients.csv values
+                    per_client = {
+                        m: evaluation.metrics[m][s] for m in client_results.LONG_METRICS if m in evaluation.metrics
+                    }
+                    row.update(client_results.columns(per_client, names))
+            if _is_private(cfg, method):
+                row["epsilon"] = prepared.accounting.epsilon_after(evaluation.round)
+            row["elapsed_s"] = evaluation.elapsed_s
+            rows.append(row)
+    return rows
 
 
 def train_method(
@@ -150,41 +363,10 @@ def train_method(
     checkpoint: str | None = None,
     log: Callable[[str], None] | None = print,
 ) -> list[dict]:
-    """Train one method in evaluation chunks; returns one history row per evaluation."""
-    engine, view, cfg = engine_for(method, prepared)
-    seed = cfg.seed if seed is None else seed
-    train, test = jax.device_put(tuple(view.train)), jax.device_put(tuple(view.test))
-    train, test = type(view.train)(*train), type(view.test)(*test)
-    start = time.perf_counter()
-    state = engine.init(seed, train, prepared.knobs)
-    history: list[dict] = []
-    if checkpoint and os.path.exists(checkpoint):
-        state, history = load_checkpoint(checkpoint, state)
-        if log:
-            log(f"[{method}] resumed from {checkpoint} at round {int(state.round)}")
-    previous = history[-1]["elapsed_s"] if history else 0.0
-    while int(state.round) < cfg.rounds:
-        chunk_start = time.perf_counter()
-        state, metrics = engine.run_rounds(state, train, prepared.knobs, cfg.eval_every)
-        evaluation = engine.evaluate(engine.eval_params(state, train, prepared.knobs), test)
-        last = jax.tree.map(lambda m: m[-1], metrics)
-        elapsed = previous + time.perf_counter() - start
-        row = _row({**last, **evaluation}, method, int(state.round), elapsed, view.eval_names)
-        private = cfg.privacy.mode != "none" and method != "local_only"
-        if private:
-            row["epsilon"] = prepared.accounting.epsilon_after(row["round"])
-        history.append(row)
-        if checkpoint:
-            save_checkpoint(checkpoint, state, history)
-        if log:
-            rate = cfg.eval_every / max(time.perf_counter() - chunk_start, 1e-9)
-            log(
-                f"[{method}] round {row['round']:4d}/{cfg.rounds}  acc {row['test_accuracy']:.4f}  "
-                f"loss {row['test_loss']:.4f}  train_loss {row['train_loss']:.4f}  "
-                + (f"eps {row['epsilon']:.3g} (delta {cfg.privacy.delta:g})  " if private else "")
-                + f"elapsed {elapsed:7.1f}s  {rate:6.1f} rounds/s"
-            )
-    return history
+    """Train one method (one seed, default ``cfg.seed``) in evaluation chunks; one history row per evaluation."""
+    seed = prepared.cfg.seed if seed is None else seed
+    evaluations = train_evaluations(method, prepared, [seed], seed_axis=False, checkpoint=checkpoint, log=log)
+    return history_rows(method, prepared, evaluations)
 
 
 def methods_of(cfg: Any) -> tuple[str, ...]:
@@ -198,13 +380,20 @@ def run(cfg: Any, dataset: FederatedDataset | None = None, log: Callable[[str], 
     return {method: train_method(method, prepared, log=log) for method in methods_of(cfg)}
 
 
-def run_seeds(prepared: Prepared, method: str, seeds: list[int]) -> dict:
-    """Every seed of one method as ONE compiled program (vmap over seeds).
+def stack_evaluations(evaluations: list[Evaluation]) -> dict[str, np.ndarray]:
+    """Metrics ``[seeds, evaluations, ...]`` of a run's evaluations."""
+    return {k: np.stack([e.metrics[k] for e in evaluations], axis=1) for k in evaluations[0].metrics}
 
-    Returns the history arrays with a leading seed axis.
+
+def run_seeds(
+    prepared: Prepared,
+    method: str,
+    seeds: list[int],
+    checkpoint: str | None = None,
+    log: Callable[[str], None] | None = None,
+) -> dict:
+    """Every seed of one method, vmapped, in evaluation chunks (`train_evaluations`).
+
+    Returns the history arrays with a leading seed axis: ``[seeds, evaluations, ...]``.
     """
-    engine, view, _ = engine_for(method, prepared)
-    seeds = np.asarray(seeds, np.uint32)
-    return jax.device_get(
-        jax.vmap(engine.program, in_axes=(0, None, None, None))(seeds, view.train, view.test, prepared.knobs)
-    )
+    return stack_evaluations(train_evaluations(method, prepared, seeds, checkpoint=checkpoint, log=log))

@@ -26,6 +26,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 import optax
 
 from medfed_jax import aggregators, attacks, personalize, privacy
@@ -134,8 +135,8 @@ class Engine(NamedTuple):
     ``run_rounds(state, train, knobs, num_rounds) -> (state, metrics[R])``
     (``num_rounds`` static);
     ``evaluate(params, test) -> metrics``;
-    ``program(seed, train, test, knobs) -> history`` (the whole run, evaluation
-    every ``eval_every`` rounds, one XLA program: what sweeps vmap);
+    ``program(seed, train, test, knobs) -> history`` (the whole run, evaluated
+    after each of `eval_rounds`, one XLA program: what sweeps vmap);
     ``eval_params(state, train, knobs) -> params``: what ``evaluate`` takes
     for a state, ``state.params`` unless the engine has one model per client
     (personalised methods: the personal models ``[C, ...]``). Evaluate a state
@@ -151,29 +152,68 @@ class Engine(NamedTuple):
     eval_params: Callable = global_params
 
 
+def eval_rounds(rounds: int, eval_every: int) -> tuple[int, ...]:
+    """The rounds after which a run of ``rounds`` rounds evaluates: every ``eval_every``-th and the last.
+
+    ``eval_rounds(7, 5) == (5, 7)``, ``eval_rounds(3, 5) == (3,)``; every path
+    (single runs, seeds, programs, sweeps) trains exactly ``rounds`` rounds.
+    """
+    return (*range(eval_every, rounds, eval_every), rounds)
+
+
+def chunk_lengths(rounds: int, eval_every: int, done: int = 0) -> tuple[int, ...]:
+    """Rounds trained before each evaluation of `eval_rounds` still ahead after round ``done``."""
+    ahead = [r for r in eval_rounds(rounds, eval_every) if r > done]
+    return tuple(b - a for a, b in zip([done, *ahead], ahead))
+
+
+def advance(round_step: Callable, state: Any, train: ClientData, knobs: Knobs, num_rounds: Array):
+    """``num_rounds`` (traced, >= 1) rounds of ``round_step``; returns (state, the last round's metrics).
+
+    A loop with a traced trip count: one compiled program trains chunks of any length.
+    """
+    _, like = jax.eval_shape(round_step, state, train, knobs)
+    metrics = jax.tree.map(lambda m: jnp.zeros(m.shape, m.dtype), like)
+    return jax.lax.fori_loop(0, num_rounds, lambda _, carry: round_step(carry[0], train, knobs), (state, metrics))
+
+
+def make_chunk(round_step: Callable, evaluate: Callable, eval_params: Callable = global_params) -> Callable:
+    """``chunk(state, train, test, knobs, num_rounds) -> (state, metrics)``: one evaluation chunk.
+
+    `advance` ``num_rounds`` rounds, then ``evaluate(eval_params(state, train,
+    knobs), test)``; the metrics are the last round's training metrics and the
+    evaluation. What a whole-run program scans and the host loop of
+    `medfed_jax.runner` calls.
+    """
+
+    def chunk(state: Any, train: ClientData, test: ClientData, knobs: Knobs, num_rounds: Array):
+        state, metrics = advance(round_step, state, train, knobs, num_rounds)
+        return state, {**metrics, **evaluate(eval_params(state, train, knobs), test)}
+
+    return chunk
+
+
 def make_program(
     init: Callable,
-    run_rounds: Callable,
+    round_step: Callable,
     evaluate: Callable,
     rounds: int,
     eval_every: int,
     eval_params: Callable = global_params,
 ):
-    """A whole run as one function: init, then scans of ``eval_every`` rounds, each evaluated.
+    """A whole run as one function: init, then a scan over the evaluation chunks of `eval_rounds`.
 
     Returns ``program(seed, train, test, knobs) -> history`` whose leaves have a
-    leading axis of ``rounds // eval_every`` evaluations; the last round's
-    training metrics stand for each chunk. Each evaluation is
-    ``evaluate(eval_params(state, train, knobs), test)``.
+    leading axis of ``len(eval_rounds(rounds, eval_every))`` evaluations (see
+    `make_chunk`): exactly ``rounds`` rounds, the last chunk shorter when
+    ``eval_every`` does not divide ``rounds``.
     """
+    chunk = make_chunk(round_step, evaluate, eval_params)
+    lengths = np.asarray(chunk_lengths(rounds, eval_every), np.int32)
 
     def program(seed: Array, train: ClientData, test: ClientData, knobs: Knobs) -> Metrics:
-        def chunk_step(state, _):
-            state, metrics = run_rounds(state, train, knobs, eval_every)
-            evaluation = evaluate(eval_params(state, train, knobs), test)
-            return state, {**jax.tree.map(lambda m: m[-1], metrics), **evaluation}
-
-        _, history = jax.lax.scan(chunk_step, init(seed, train, knobs), None, length=rounds // eval_every)
+        step = lambda state, num_rounds: chunk(state, train, test, knobs, num_rounds)  # noqa: E731
+        _, history = jax.lax.scan(step, init(seed, train, knobs), lengths)
         return history
 
     return program
@@ -205,6 +245,23 @@ def build_engine(
     that field (`static_config` with ``switched``). Sweeps use this to compile
     the aggregator x attack matrix once.
     """
+    core = _build_round_functions(_without_schedule(cfg), context, switches)
+    program = make_program(core.init, core.round_step, core.evaluate, cfg.rounds, cfg.eval_every, core.eval_params)
+    return core._replace(program=jax.jit(program))
+
+
+SCHEDULE = ("rounds", "eval_every")  # only a whole-run program depends on them
+
+
+def _without_schedule(cfg: ml_collections.FrozenConfigDict) -> ml_collections.FrozenConfigDict:
+    return ml_collections.FrozenConfigDict({k: v for k, v in cfg.items() if k not in SCHEDULE})
+
+
+@functools.lru_cache(maxsize=32)
+def _build_round_functions(
+    cfg: ml_collections.FrozenConfigDict, context: config_lib.BuildContext, switches: Switches
+) -> Engine:
+    """The engine's jitted functions but ``program`` (None): shared by configs that differ in their schedule only."""
     unknown = [path for path, _ in switches if path not in SWITCHABLE]
     if unknown:
         raise ValueError(f"build_engine: {unknown} cannot be switched at run time; switchable: {SWITCHABLE}.")
@@ -324,14 +381,13 @@ def build_engine(
         evaluate, eval_params = make_evaluate_personal(model, parallelism, chunk), personal_params
     else:
         evaluate, eval_params = make_evaluate(model, parallelism, chunk), global_params
-    program = make_program(init, run_rounds, evaluate, cfg.rounds, cfg.eval_every, eval_params)
 
     return Engine(
         init=jax.jit(init),
         round_step=jax.jit(round_step),
         run_rounds=jax.jit(run_rounds, static_argnums=3),
         evaluate=jax.jit(evaluate),
-        program=jax.jit(program),
+        program=None,
         context=context,
         eval_params=jax.jit(eval_params),
     )

@@ -52,11 +52,19 @@ filling every core (`benchmarks/sweep_results.md`).
 Results (workdir): ``results.csv``, one row per cell x evaluation (every knob
 a column, then ``round``, ``epsilon`` for private runs, the metrics and
 per-client metrics ``<metric>[<client>]``); ``summary.csv``, the same over
-seeds (mean, sample std, t-based 95% confidence half-width, n); both rebuilt
-atomically after every chunk. Each chunk's histories are kept in
-``chunks/<hash>.json`` (a hash of the chunk's cells), so a sweep killed at any
-point and started again recomputes only the missing chunks and ends with
-byte-identical CSVs.
+seeds (mean, sample std, t-based 95% confidence half-width, n). While the
+sweep runs, each chunk's rows are appended to ``results.csv`` and
+``summary.csv`` is refreshed every `SUMMARY_EVERY_S` seconds; at the end both
+are written atomically in cell order (`TableFiles`). Each chunk's histories
+are kept in ``chunks/<hash>.json`` (a hash of the chunk's cells), so a sweep
+killed at any point and started again recomputes only the missing chunks and
+ends with byte-identical CSVs.
+
+Before compiling, a sweep logs its cells, compiled programs, cell-rounds and
+an estimated cost (`SweepCost`, from nominal rates); a sweep above
+`MAX_CELLS` cells or `MAX_PROGRAMS` programs is refused unless
+``allow_large`` (``--allow_large_sweep``). Progress lines give the rate after
+compiling and an ETA from the measured chunk times.
 """
 
 from __future__ import annotations
@@ -72,7 +80,6 @@ import itertools
 import json
 import math
 import os
-import runpy
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -95,6 +102,12 @@ SPECIAL_KNOBS = ("seed", "method")
 AUTO_CHUNK = {"cpu": 32}  # cells per chunk when chunk_size = 0; accelerators: 256
 AUTO_CHUNK_DEFAULT = 256
 CHUNK_DIR = "chunks"
+SUMMARY_EVERY_S = 30.0  # while a sweep runs, summary.csv is rewritten at most this often (and at the end)
+# The cost estimate printed before compiling (nominal: measured on a 2-core AMD EPYC with the digits
+# robustness matrix, benchmarks/sweep_results.md: 23 s to compile, 54,000 cell-rounds in 205 s of chunk time).
+NOMINAL_COMPILE_S = 20.0  # per compiled program
+NOMINAL_CELL_ROUNDS_PER_S = 250.0  # per running chunk; bigger models and datasets run slower
+MAX_CELLS, MAX_PROGRAMS = 20_000, 100  # larger sweeps run only with allow_large (--allow_large_sweep)
 
 
 def numeric_knobs() -> tuple[str, ...]:
@@ -394,11 +407,6 @@ def with_overrides(cfg: Any, values: Mapping[str, Any]) -> ml_collections.Config
     return cfg
 
 
-def load_config(path: str) -> ml_collections.ConfigDict:
-    """``get_config()`` of a config file, for sweep configs built from other configs."""
-    return runpy.run_path(path)["get_config"]()
-
-
 def variant_cells(variants: Sequence[Any], first: Sequence[str] = ("data.name",)) -> list[dict[str, Any]]:
     """One cell per config in ``variants``: every field on which they differ (``name`` excluded).
 
@@ -464,7 +472,7 @@ def prepare_program(cfg: Any, plan: Plan, spec: ProgramSpec, datasets: dict) -> 
     except ValueError as e:
         raise ValueError(f"sweep program {spec.label()}: {e}") from None
     engine, view, _ = runner.engine_for(method, prepared, plan.switches)
-    rounds = tuple(range(struct_cfg.eval_every, struct_cfg.rounds + 1, struct_cfg.eval_every))
+    rounds = runner.eval_rounds(struct_cfg.rounds, struct_cfg.eval_every)
     seeds, knobs, epsilons, notes = [], [], [], []
     for index in spec.cells:
         cell = plan.cells[index]
@@ -574,9 +582,16 @@ def _save_chunk(path: str, cells: Sequence[int], history: dict[str, np.ndarray])
 
 
 def _load_chunk(path: str) -> tuple[list[int], dict[str, np.ndarray]]:
-    with open(path) as f:
-        payload = json.load(f)
-    return payload["cells"], {k: np.asarray(v, np.float32) for k, v in payload["history"].items()}
+    """A saved chunk's cells and histories; `runner.CorruptFile` naming the file and the remedy if unreadable."""
+    try:
+        with open(path) as f:
+            payload = json.load(f)
+        return payload["cells"], {k: np.asarray(v, np.float32) for k, v in payload["history"].items()}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as error:
+        raise runner.CorruptFile(
+            f"{path} is corrupt (truncated or not a chunk of this sweep: {error}); delete it to recompute that "
+            "chunk, or rerun with --overwrite."
+        ) from error
 
 
 # --------------------------------------------------------------------------- tables
@@ -635,13 +650,35 @@ def summary_rows(plan: Plan, rows: Sequence[dict]) -> list[dict]:
     return [summarize(keys, members) for members in groups.values()]
 
 
-def summarize(keys: Sequence[str], members: Sequence[dict]) -> dict:
-    """One summary row over the result rows ``members`` (which agree on ``keys``)."""
+def parse_metrics(keys: Sequence[str], row: Mapping[str, str]) -> tuple[tuple[str, ...], np.ndarray, np.ndarray]:
+    """(metric columns, values, present) of one result row: what `summarize` reads from it."""
     skip = {"cell", "seed", *keys}
-    metrics = list(dict.fromkeys(k for row in members for k in row if k not in skip))
-    present = np.asarray([[r.get(m, "") != "" for m in metrics] for r in members], bool).reshape(-1, len(metrics))
-    values = np.asarray([[float(r[m]) if r.get(m, "") != "" else 0.0 for m in metrics] for r in members])
-    stats = [values.tolist() for values in mean_std_ci(values.reshape(present.shape), present)]
+    metrics = tuple(k for k in row if k not in skip)
+    present = np.asarray([row[m] != "" for m in metrics], bool)
+    values = np.asarray([float(row[m]) if row[m] != "" else 0.0 for m in metrics], np.float64)
+    return metrics, values, present
+
+
+def summarize(keys: Sequence[str], members: Sequence[dict], parsed: Sequence[tuple] | None = None) -> dict:
+    """One summary row over the result rows ``members`` (which agree on ``keys``).
+
+    ``parsed``: the members' `parse_metrics`, when already known. A metric
+    missing from a member counts as absent there.
+    """
+    parsed = parsed if parsed is not None else [parse_metrics(keys, r) for r in members]
+    columns = {names for names, _, _ in parsed}
+    same = len(columns) == 1  # the usual case: every member has the same columns
+    metrics = [*next(iter(columns))] if same else list(dict.fromkeys(m for names, _, _ in parsed for m in names))
+    if same:
+        values = np.stack([v for _, v, _ in parsed]).reshape(len(parsed), len(metrics))
+        present = np.stack([p for _, _, p in parsed]).reshape(values.shape)
+    else:
+        column = {m: j for j, m in enumerate(metrics)}
+        values, present = np.zeros((len(parsed), len(metrics))), np.zeros((len(parsed), len(metrics)), bool)
+        for i, (names, v, p) in enumerate(parsed):
+            at = [column[m] for m in names]
+            values[i, at], present[i, at] = v, p
+    stats = [values.tolist() for values in mean_std_ci(values, present)]
     found = present.any(axis=0).tolist()
     summary = {**{k: members[0][k] for k in keys}, "n": str(len(members))}
     for j, name in enumerate(metrics):
@@ -653,10 +690,10 @@ def summarize(keys: Sequence[str], members: Sequence[dict]) -> dict:
 class Tables:
     """``results.csv`` and ``summary.csv`` kept up to date as cells finish.
 
-    Each cell's rows and each group's summary are computed once (a group
-    again only when one of its cells arrives), so rebuilding both tables after
-    every chunk stays linear in the sweep's size. Equal to `result_rows` and
-    `summary_rows` of the finished cells.
+    Each cell's rows are computed and parsed once; a group's summary is
+    recomputed when the summary is asked for and the group has new cells
+    (`TableFiles` asks at most every `SUMMARY_EVERY_S`). Equal to `result_rows` and
+    `summary_rows` of the finished cells; `TableFiles` writes them.
     """
 
     def __init__(self, plan: Plan, programs: Sequence[PreparedProgram]):
@@ -664,27 +701,75 @@ class Tables:
         self.keys = summary_keys(plan, self.private)
         self.cells: dict[int, list[dict]] = {}
         self.members: dict[tuple, dict[int, dict]] = {}  # group -> cell -> row
+        self.parsed: dict[tuple, dict[int, tuple]] = {}  # group -> cell -> its row's `parse_metrics`
         self.summaries: dict[tuple, dict] = {}
+        self.stale: set[tuple] = set()  # groups with new cells since their summary was computed
 
-    def add(self, histories: Mapping[int, dict]) -> None:
-        """Add finished cells (index -> history) and refresh the summaries they touch."""
-        touched = set()
-        for index, history in histories.items():
-            self.cells[index] = cell_rows(self.plan, self.program_of[index], index, history, self.private)
+    def add(self, histories: Mapping[int, dict]) -> list[dict]:
+        """Add finished cells (index -> history), marking the summaries they touch stale; returns their rows."""
+        added = []
+        for index in sorted(histories):
+            self.cells[index] = cell_rows(self.plan, self.program_of[index], index, histories[index], self.private)
+            added.extend(self.cells[index])
             for row in self.cells[index]:
                 key = tuple(row[k] for k in self.keys)
                 self.members.setdefault(key, {})[index] = row
-                touched.add(key)
-        for key in touched:
-            members = self.members[key]
-            self.summaries[key] = summarize(self.keys, [members[i] for i in sorted(members)])
+                self.parsed.setdefault(key, {})[index] = parse_metrics(self.keys, row)
+                self.stale.add(key)
+        return added
 
     def rows(self) -> list[dict]:
         return [row for index in sorted(self.cells) for row in self.cells[index]]
 
     def summary(self) -> list[dict]:
+        """The summary rows, in the order of their first result row; stale groups recomputed first."""
+        for key in self.stale:
+            members, parsed = self.members[key], self.parsed[key]
+            order = sorted(members)
+            self.summaries[key] = summarize(self.keys, [members[i] for i in order], [parsed[i] for i in order])
+        self.stale.clear()
         order = dict.fromkeys(tuple(row[k] for k in self.keys) for row in self.rows())
         return [self.summaries[key] for key in order]
+
+
+class TableFiles:
+    """``results.csv`` and ``summary.csv`` of a workdir while a sweep runs, without rewriting them per chunk.
+
+    Each chunk's rows are appended to ``results.csv`` (in the order chunks
+    finish; the file is rewritten whole only when a chunk brings new columns,
+    e.g. another program's clients); ``summary.csv`` is rewritten at most
+    every `SUMMARY_EVERY_S` seconds. `rewrite` writes both atomically in cell
+    order (`result_rows`, `summary_rows`): at the start (over any torn line a
+    kill left) and at the end, so a finished sweep's CSVs are byte-identical
+    however it was interrupted.
+    """
+
+    def __init__(self, workdir: str, tables: Tables):
+        self.results, self.summary = (os.path.join(workdir, n) for n in ("results.csv", "summary.csv"))
+        self.tables = tables
+        self.columns: set[str] = set()
+        self.header: list[str] = []
+        self.summary_written = -math.inf
+
+    def rewrite(self) -> None:
+        rows = self.tables.rows()
+        self.header = list(dict.fromkeys(k for row in rows for k in row))
+        self.columns = set(self.header)
+        runner.write_text_atomic(self.results, to_csv(rows))
+        self.write_summary()
+
+    def write_summary(self) -> None:
+        runner.write_text_atomic(self.summary, to_csv(self.tables.summary()))
+        self.summary_written = time.perf_counter()
+
+    def append(self, rows: Sequence[dict]) -> None:
+        if not self.header or any(k not in self.columns for row in rows for k in row):
+            self.rewrite()
+            return
+        with open(self.results, "a", newline="") as f:
+            csv.DictWriter(f, self.header, restval="", lineterminator="\n").writerows(rows)
+        if time.perf_counter() - self.summary_written >= SUMMARY_EVERY_S:
+            self.write_summary()
 
 
 def mean_std_ci(values: np.ndarray, present: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -814,22 +899,81 @@ def run_workers() -> int:
 
 
 @dataclasses.dataclass(frozen=True)
+class SweepCost:
+    """What a sweep will take, before compiling: its size, and a nominal estimate of its wall time.
+
+    Compiles run one at a time on a background thread while compiled
+    programs' chunks run (``workers`` at once), so the estimate is the longer
+    of the two, plus the first compile that nothing overlaps.
+    """
+
+    cells: int
+    programs: int
+    cell_rounds: int
+    workers: int
+
+    @property
+    def compile_seconds(self) -> float:
+        return self.programs * NOMINAL_COMPILE_S
+
+    @property
+    def run_seconds(self) -> float:
+        return self.cell_rounds / (NOMINAL_CELL_ROUNDS_PER_S * self.workers)
+
+    @property
+    def seconds(self) -> float:
+        return max(self.compile_seconds, NOMINAL_COMPILE_S + self.run_seconds)
+
+    @property
+    def large(self) -> bool:
+        return self.cells > MAX_CELLS or self.programs > MAX_PROGRAMS
+
+    def describe(self) -> str:
+        return (
+            f"{self.cells} cells, {self.programs} compiled program(s), {self.cell_rounds} cell-rounds; estimated "
+            f"~{_duration(self.seconds)} (an estimate from nominal rates: {NOMINAL_COMPILE_S:g}s per compile, "
+            f"{NOMINAL_CELL_ROUNDS_PER_S:g} cell-rounds/s per chunk, {self.workers} chunk(s) at once; "
+            "bigger models and datasets are slower)"
+        )
+
+
+def sweep_cost(cfg: Any, plan: Plan, workers: int | None = None) -> SweepCost:
+    """`SweepCost` of a parsed sweep (no data loaded): each cell trains its ``rounds`` (a knob, or the config's)."""
+    cell_rounds = sum(int(c.values.get("rounds", cfg.rounds)) for c in plan.cells)
+    return SweepCost(len(plan.cells), plan.num_compiled, cell_rounds, workers or run_workers())
+
+
+def check_size(cost: SweepCost, allow_large: bool) -> None:
+    """Refuse a sweep above `MAX_CELLS` cells or `MAX_PROGRAMS` compiled programs unless ``allow_large``."""
+    if cost.large and not allow_large:
+        raise ValueError(
+            f"the sweep is large: {cost.describe()}; the limits are {MAX_CELLS} cells and {MAX_PROGRAMS} compiled "
+            "programs. Rerun with --allow_large_sweep (Python: allow_large=True) to run it anyway, or shrink "
+            "sweep.grid / sweep.cells."
+        )
+
+
+@dataclasses.dataclass(frozen=True)
 class PreparedSweep:
     """A parsed, loaded and validated sweep: nothing compiled yet."""
 
     cfg: Any
     plan: Plan
     programs: tuple[PreparedProgram, ...]
+    cost: SweepCost
 
 
-def prepare_sweep(cfg: Any, num_seeds: int = 1) -> PreparedSweep:
-    """Parse ``cfg.sweep``, load each program's data, validate every cell and compute epsilons.
+def prepare_sweep(cfg: Any, num_seeds: int = 1, allow_large: bool = False) -> PreparedSweep:
+    """Parse ``cfg.sweep``, check its size (`check_size`), load each program's data, validate every cell, epsilons.
 
     Raises ValueError naming the knob or cell and the fix, before any compile.
     """
     plan = plan_sweep(cfg, num_seeds)
+    cost = sweep_cost(cfg, plan)
+    check_size(cost, allow_large)
     datasets: dict = {}
-    return PreparedSweep(cfg, plan, tuple(prepare_program(cfg, plan, spec, datasets) for spec in plan.programs))
+    programs = tuple(prepare_program(cfg, plan, spec, datasets) for spec in plan.programs)
+    return PreparedSweep(cfg, plan, programs, cost)
 
 
 def run_sweep(
@@ -838,9 +982,10 @@ def run_sweep(
     num_seeds: int = 1,
     log: Callable[[str], None] | None = print,
     on_chunk: Callable[[int], None] | None = None,
+    allow_large: bool = False,
 ) -> SweepResult:
     """Run every cell of ``cfg.sweep`` (`prepare_sweep`, then `run_prepared`)."""
-    return run_prepared(prepare_sweep(cfg, num_seeds), workdir, log, on_chunk)
+    return run_prepared(prepare_sweep(cfg, num_seeds, allow_large), workdir, log, on_chunk)
 
 
 def run_prepared(
@@ -852,9 +997,11 @@ def run_prepared(
     """Run a prepared sweep chunk by chunk; see the module docstring.
 
     With a ``workdir``, finished chunks found there are reused and every new
-    chunk is saved, then ``results.csv`` and ``summary.csv`` are rebuilt.
+    chunk is saved, its rows appended to ``results.csv`` (`TableFiles`).
     Programs compile in order on a background thread; `run_workers` chunks run
-    at once as their programs become ready. ``on_chunk(k)`` is called after
+    at once as their programs become ready. The log gets the sweep's size and
+    estimated cost first, then a line per compiled program and per chunk (with
+    an ETA from the measured chunk times). ``on_chunk(k)`` is called after
     the k-th chunk computed in this call (tests use it to simulate a crash);
     chunks still running when it raises are dropped, not saved.
     """
@@ -876,48 +1023,58 @@ def run_prepared(
 
     tables = Tables(plan, programs)
     tables.add(histories)
-
-    def write_tables() -> tuple[list[dict], list[dict]]:
-        rows, summary = tables.rows(), tables.summary()
-        if workdir:
-            runner.write_text_atomic(os.path.join(workdir, "results.csv"), to_csv(rows))
-            runner.write_text_atomic(os.path.join(workdir, "summary.csv"), to_csv(summary))
-        return rows, summary
-
+    files = TableFiles(workdir, tables) if workdir else None
     workers = run_workers()
     if log:
+        log(f"[sweep] {prepared.cost.describe()}")
         log(
             f"[sweep] {len(plan.cells)} cells in {len(programs)} group(s), {plan.num_compiled} compiled program(s)"
             + (f" switching {', '.join(plan.switched)} at run time" if plan.switches else "")
             + f"; {len(histories)} cells already done, {len(todo)} chunk(s) to run (chunk size "
             f"{effective_chunk_size(plan)}, {workers} at once, backend {jax.default_backend()})"
         )
-    rows, summary = write_tables()
-    progress = _Progress(todo, start)
+    if files:
+        files.rewrite()
+    progress = _Progress(todo, start, workers)
     compile_pool = concurrent.futures.ThreadPoolExecutor(max_workers=1)
     run_pool = concurrent.futures.ThreadPoolExecutor(max_workers=workers)
     try:
-        compiles: dict[tuple, concurrent.futures.Future] = {}
+        compiles: dict[concurrent.futures.Future, _Chunk] = {}
+        by_key: dict[tuple, concurrent.futures.Future] = {}
         for chunk in todo:
             key = _compile_key(chunk)
-            if key not in compiles:
-                compiles[key] = compile_pool.submit(_compile_job, chunk)
-        runs = {run_pool.submit(_run_job, chunk, compiles[_compile_key(chunk)], progress): chunk for chunk in todo}
-        for k, future in enumerate(concurrent.futures.as_completed(runs)):
-            chunk, history = runs[future], future.result()
-            new = {i: {key: v[j] for key, v in history.items()} for j, i in enumerate(chunk.cells)}
-            histories.update(new)
-            tables.add(new)
-            if chunk.path:
-                _save_chunk(chunk.path, chunk.cells, history)
-            rows, summary = write_tables()
-            if log:
-                log(progress.line(chunk, len(histories), len(plan.cells)))
-            if on_chunk:
-                on_chunk(k + 1)
+            if key not in by_key:
+                by_key[key] = compile_pool.submit(_compile_job, chunk)
+                compiles[by_key[key]] = chunk
+        runs = {run_pool.submit(_run_job, chunk, by_key[_compile_key(chunk)], progress): chunk for chunk in todo}
+        pending, computed = {*compiles, *runs}, 0
+        while pending:
+            finished, pending = concurrent.futures.wait(pending, return_when=concurrent.futures.FIRST_COMPLETED)
+            for future in sorted(finished, key=lambda f: f not in compiles):  # compile lines first
+                if future in compiles:
+                    line = progress.compiled(compiles[future], *future.result()[1:])
+                    if log:
+                        log(line)
+                    continue
+                chunk, history = runs[future], future.result()
+                new = {i: {key: v[j] for key, v in history.items()} for j, i in enumerate(chunk.cells)}
+                histories.update(new)
+                rows = tables.add(new)
+                if chunk.path:
+                    _save_chunk(chunk.path, chunk.cells, history)
+                if files:
+                    files.append(rows)
+                progress.recorded(chunk)
+                if log:
+                    log(progress.line(chunk, len(histories), len(plan.cells)))
+                computed += 1
+                if on_chunk:
+                    on_chunk(computed)
     finally:
         run_pool.shutdown(wait=True, cancel_futures=True)
         compile_pool.shutdown(wait=True, cancel_futures=True)
+    if files and todo:
+        files.rewrite()
     seconds = time.perf_counter() - start
     stats = progress.stats
     if log:
@@ -926,55 +1083,78 @@ def run_prepared(
             f"{stats['compile_s']:.1f}s on a background thread, {stats['cells']} cells run in {stats['run_s']:.1f}s "
             f"of chunk time ({workers} at once); wall {seconds:.1f}s"
         )
-    return SweepResult(plan, histories, rows, summary, stats["compiled"], stats["compile_s"], stats["run_s"], seconds)
+    return SweepResult(
+        plan, histories, tables.rows(), tables.summary(), stats["compiled"], stats["compile_s"], stats["run_s"], seconds
+    )
 
 
 def _run_job(chunk: _Chunk, compile_future: concurrent.futures.Future, progress: _Progress) -> dict[str, np.ndarray]:
     """Wait for the chunk's program, run the chunk, record the timings."""
-    compiled, seconds, fresh = compile_future.result()
-    progress.compiled(compile_future, seconds, fresh)
+    compiled, _, _ = compile_future.result()
     t0 = time.perf_counter()
     history = run_chunk(chunk.program, chunk.start, chunk.stop, chunk.batch, compiled)
-    progress.ran(chunk, t0, time.perf_counter() - t0)
+    progress.ran(chunk, time.perf_counter() - t0)
     return history
 
 
 class _Progress:
-    """Timings shared by the run threads, and the progress line (cells, programs compiled, elapsed, ETA)."""
+    """Timings of a sweep's compiles and chunks, and its log lines.
 
-    def __init__(self, todo: list[_Chunk], start: float):
-        self.start, self.todo = start, todo
+    Rates and the ETA come from measured chunk times only (compiling
+    excluded): seconds of chunk time per cell-round, over the chunks run so
+    far, times the cell-rounds not yet recorded, divided by the chunks that
+    run at once; never less than the compiles still to come.
+    """
+
+    def __init__(self, todo: list[_Chunk], start: float, workers: int):
+        self.start, self.todo, self.workers = start, todo, workers
         self.programs = len({_compile_key(c) for c in todo})
-        self.stats = {"compiled": 0, "compile_s": 0.0, "run_s": 0.0, "cells": 0}
-        self.first_run: float | None = None
-        self.counted: set[int] = set()
+        self.stats = {"compiled": 0, "compile_s": 0.0, "run_s": 0.0, "cells": 0, "cell_rounds": 0}
+        self.compiles_done = 0
+        self.left = {"chunks": len(todo), "cell_rounds": sum(_cell_rounds(c) for c in todo)}
         self.lock = threading.Lock()
 
-    def compiled(self, future: concurrent.futures.Future, seconds: float, fresh: bool) -> None:
-        with self.lock:
-            if id(future) not in self.counted:
-                self.counted.add(id(future))
-                self.stats["compiled"] += fresh
-                self.stats["compile_s"] += seconds * fresh
+    def compiled(self, chunk: _Chunk, seconds: float, fresh: bool) -> str:
+        """Record a finished compile (main thread); its log line."""
+        self.compiles_done += 1
+        self.stats["compiled"] += fresh
+        self.stats["compile_s"] += seconds * fresh
+        how = f"compiled in {seconds:.1f}s" if fresh else "already compiled in this process"
+        return f"[sweep] program {self.compiles_done}/{self.programs} {how}  | {chunk.program.spec.label()}"
 
-    def ran(self, chunk: _Chunk, started: float, seconds: float) -> None:
+    def ran(self, chunk: _Chunk, seconds: float) -> None:
+        """Record a chunk's run (run threads)."""
         with self.lock:
-            self.first_run = started if self.first_run is None else min(self.first_run, started)
             self.stats["run_s"] += seconds
             self.stats["cells"] += chunk.stop - chunk.start
+            self.stats["cell_rounds"] += _cell_rounds(chunk)
+
+    def recorded(self, chunk: _Chunk) -> None:
+        """A chunk's results are saved (main thread)."""
+        self.left["chunks"] -= 1
+        self.left["cell_rounds"] -= _cell_rounds(chunk)
+
+    def eta(self) -> float:
+        with self.lock:
+            per_cell_round = self.stats["run_s"] / max(self.stats["cell_rounds"], 1)
+        at_once = max(1, min(self.workers, self.left["chunks"]))
+        mean_compile = self.stats["compile_s"] / max(self.stats["compiled"], 1)
+        compile_left = (self.programs - self.compiles_done) * mean_compile
+        return max(self.left["cell_rounds"] * per_cell_round / at_once, compile_left)
 
     def line(self, chunk: _Chunk, done: int, total: int) -> str:
+        now = time.perf_counter()
         with self.lock:
-            stats, now = dict(self.stats), time.perf_counter()
-            finished = len(self.counted)
-        cells_left = sum(c.stop - c.start for c in self.todo) - stats["cells"]
-        rate = stats["cells"] / max(now - (self.first_run or now), 1e-9)
-        compile_left = (self.programs - finished) * stats["compile_s"] / max(stats["compiled"], 1)
+            rate = self.stats["cell_rounds"] / max(self.stats["run_s"], 1e-9)
         specs = list({id(c.program): c.program.spec for c in self.todo}.values())
         rows = [{key: format_value(v) for key, v in p.structural.items()} for p in specs]
         shown = label_knobs(rows, list(chunk.program.spec.structural))
         return (
-            f"[sweep] cells {done}/{total}  programs compiled {finished}/{self.programs}  "
-            f"elapsed {_duration(now - self.start)}  ETA {_duration(max(cells_left / max(rate, 1e-9), compile_left))}"
-            f"  | {chunk.program.spec.label(shown)}"
+            f"[sweep] cells {done}/{total}  {rate:.0f} cell-rounds/s per chunk ({self.workers} at once)  "
+            f"elapsed {_duration(now - self.start)}  ETA {_duration(self.eta())}  | {chunk.program.spec.label(shown)}"
         )
+
+
+def _cell_rounds(chunk: _Chunk) -> int:
+    """Rounds the chunk's cells train in all (the last evaluation is the last round)."""
+    return (chunk.stop - chunk.start) * max(chunk.program.rounds, default=0)

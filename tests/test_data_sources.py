@@ -70,8 +70,10 @@ def test_heart_rows_labels_and_train_only_standardisation(heart_data):
         np.testing.assert_array_equal(fed.train.y[c, :n_tr], y_ref[train])
         np.testing.assert_array_equal(fed.test.y[c, :n_te], y_ref[test])
         varying = x_ref[train].std(0) > 0
-        np.testing.assert_allclose(x_tr.mean(0), 0, atol=1e-5)
-        np.testing.assert_allclose(x_tr.std(0)[varying], 1, atol=1e-4)
+        # Statistics in float64: a float32 accumulation over n rows could be off by n eps |z| (~2e-5 here),
+        # while the float32 z themselves are within a few eps |z| of exact, well inside these tolerances.
+        np.testing.assert_allclose(x_tr.mean(0, dtype=np.float64), 0, atol=1e-5)
+        np.testing.assert_allclose(x_tr.std(0, dtype=np.float64)[varying], 1, atol=1e-4)
         forced.append(np.abs(x_te.mean(0)[varying]).max())
     assert max(forced) > 0.1  # test statistics are not re-standardised
 
@@ -114,8 +116,9 @@ def test_digits_and_breast_cancer_through_load_dataset():
     fed = data.load_dataset(cfg)
     assert fed.feature_shape == (30,) and fed.num_classes == 2
     train = data.pool_clients(fed.train).x[0]
-    np.testing.assert_allclose(train.mean(0), 0, atol=1e-4)  # standardised with all training rows
-    np.testing.assert_allclose(train.std(0), 1, atol=1e-3)
+    # Standardised with all training rows (statistics in float64, as above).
+    np.testing.assert_allclose(train.mean(0, dtype=np.float64), 0, atol=1e-4)
+    np.testing.assert_allclose(train.std(0, dtype=np.float64), 1, atol=1e-3)
     counts = fed.train.count.sum() + fed.test.count.sum()
     assert counts == len(load_breast_cancer().target)
 

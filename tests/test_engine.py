@@ -261,19 +261,6 @@ def test_program_equals_chunked_run():
     np.testing.assert_allclose([r["test_loss"] for r in rows], program["test_loss"][0], rtol=1e-5)
 
 
-def test_workdir_with_a_different_config_is_refused_unless_overwrite(tmp_path):
-    from medfed_jax import cli
-
-    workdir = str(tmp_path / "run")
-    cli.prepare_workdir(workdir, small_config(), overwrite=False)
-    cli.prepare_workdir(workdir, small_config(), overwrite=False)  # same config: resume is allowed
-    with pytest.raises(SystemExit, match="different config"):
-        cli.prepare_workdir(workdir, small_config(**{"local.lr": 0.2}), overwrite=False)
-    cli.prepare_workdir(workdir, small_config(**{"local.lr": 0.2}), overwrite=True)
-    with open(f"{workdir}/config.json") as f:
-        assert '"lr": 0.2' in f.read()
-
-
 @pytest.mark.parametrize("num_classes", [2, 4])
 def test_roc_auc_matches_sklearn_with_ties_padding_and_missing_classes(num_classes):
     """`eval.roc_auc` against sklearn's per-class binary AUC, macro-averaged over classes with both kinds."""

@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from dp_accounting import pld, rdp
+from float32_bounds import assert_within, sum_bound
 
 from medfed_jax import config as config_lib
 from medfed_jax import privacy
@@ -145,7 +146,9 @@ def test_sigma_zero_and_no_clipping_is_fedavg():
     agg = privacy.build_central_aggregator(_cfg(mode="central").privacy, _knobs(0.0, np.inf), CONTEXT)
     out, _, diag = jax.jit(agg.aggregate)(updates, weights, jnp.ones(clients, bool), agg.init(None), jax.random.key(0))
     for name in ("w", "b"):
-        np.testing.assert_allclose(out[name], np.asarray(updates[name], np.float64).mean(0), rtol=1e-6, atol=1e-7)
+        u = np.asarray(updates[name], np.float64)
+        # A float32 mean of 8 signed terms: sum bound of |u_i| / 8, one division each.
+        assert_within(out[name], u.mean(0), sum_bound(np.abs(u) / clients, ops_per_term=2), name)
     assert float(diag["clipped_fraction"]) == 0.0 and np.isinf(diag["clip_norm"])
 
 
@@ -163,7 +166,11 @@ def test_masked_out_and_nonfinite_clients_have_no_influence():
     keep = mask.copy()
     keep[1] = False
     expected = _numpy_clip(rows[keep], clip).sum(0) / 5  # fixed denominator: expected cohort
-    np.testing.assert_allclose(out["u"], expected, rtol=1e-5)
+    # Sum of signed clipped rows over all 6 clients: each term bounded by its |value| / 5 and off by the
+    # norm (p/2 + 1 operations), the clip factor, its product and / 5 (tests/float32_bounds.py).
+    terms = np.zeros(rows.shape)
+    terms[keep] = np.abs(_numpy_clip(rows[keep], clip)) / 5
+    assert_within(out["u"], expected, sum_bound(terms, ops_per_term=rows.shape[1] // 2 + 5), "dp_fedavg")
     assert int(diag["nonfinite_clients"]) == 1
     norms = np.linalg.norm(rows[keep], axis=1)
     np.testing.assert_allclose(diag["clipped_fraction"], (norms > clip).sum() / mask.sum())
@@ -220,11 +227,25 @@ def test_dpsgd_gradient_matches_numpy_clipped_mean():
         jax.random.key(0),
         expected_batch,
     )
-    residual = x[valid] @ w - y[valid]
-    per_example = residual[:, None] * x[valid]
+    # float64 reference from the float32 inputs; float32 bound (tests/float32_bounds.py): the residual
+    # r_i = w . x_i - y_i is off by up to d eps A_i, A_i = sum_j |w_j x_ij| + |y_i| (cancellation makes a
+    # relative tolerance meaningless here); each clipped term is bounded by s_i A_i |x_i| / B with
+    # s_i = min(1, clip / |g_i|) and carries 2d + 5 rounded operations (residual, product, norm, clip
+    # factor, its product, / B), then a sum over all N rows, padding included. The loss term 0.5 r_i^2 is
+    # bounded by 0.5 A_i^2 and off by 2d + 3 operations.
+    rows, d = x.shape
+    x64, y64, w64 = x[valid].astype(np.float64), y[valid].astype(np.float64), w.astype(np.float64)
+    residual = x64 @ w64 - y64
+    per_example = residual[:, None] * x64
     assert (np.linalg.norm(per_example, axis=1) > clip).sum() >= 2
-    np.testing.assert_allclose(grads, _numpy_clip(per_example, clip).sum(0) / expected_batch, rtol=1e-5)
-    np.testing.assert_allclose(mean_loss, np.mean(0.5 * residual**2), rtol=1e-5)
+    scale = np.minimum(1.0, clip / np.linalg.norm(per_example, axis=1))
+    magnitude = np.abs(x64) @ np.abs(w64) + np.abs(y64)
+    gradient_terms, loss_terms = np.zeros((rows, d)), np.zeros(rows)
+    gradient_terms[valid] = (scale * magnitude)[:, None] * np.abs(x64) / expected_batch
+    loss_terms[valid] = 0.5 * magnitude**2 / valid.sum()
+    want = _numpy_clip(per_example, clip).sum(0) / expected_batch
+    assert_within(grads, want, sum_bound(gradient_terms, ops_per_term=2 * d + 5), "clipped gradient")
+    assert_within(mean_loss, np.mean(0.5 * residual**2), sum_bound(loss_terms, ops_per_term=2 * d + 3), "loss")
 
 
 def test_builders_return_none_outside_their_mode():

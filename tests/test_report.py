@@ -2,14 +2,20 @@
 
 from __future__ import annotations
 
+import io
 import json
+import math
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 from test_sweep import tiny_sweep
 
 from medfed_jax import report, sweep
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.fixture(scope="module")
@@ -40,19 +46,24 @@ def test_report_on_a_tiny_sweep_writes_its_figures_and_tables(tiny_workdir):
     assert cell in text
 
 
-def _synthetic_workdir(path: str) -> dict:
-    """summary.csv + sweep.json of a made-up aggregator x attack x fraction sweep with known accuracies."""
+def _synthetic_workdir(path: str, diverged: tuple = (), attacks=("sign_flip", "ipm"), fractions=(0.1, 0.3)) -> dict:
+    """summary.csv + sweep.json of a made-up aggregator x attack x fraction sweep with known accuracies.
+
+    ``diverged``: (aggregator, attack) pairs whose models diverge under attack: accuracy nan, ``diverged`` 1.
+    """
 
     def accuracy(aggregator, attack, fraction, seed, round_done):
         drop = {"mean": 1.0, "coordinate_median": 0.2}[aggregator] * fraction + (0.05 if attack == "ipm" else 0.0)
         return 0.9 - drop - 0.01 * seed - (0.1 if round_done == 5 else 0.0)
 
-    settings = [("none", 0.0)] + [(a, f) for a in ("sign_flip", "ipm") for f in (0.1, 0.3)]
+    settings = [("none", 0.0)] + [(a, f) for a in attacks for f in fractions]
     rows = []
     for attack, fraction in settings:
         for aggregator in ("mean", "coordinate_median"):
+            broken = (aggregator, attack) in diverged
             for seed in (0, 1):
                 for round_done in (5, 10):
+                    value = math.nan if broken else accuracy(aggregator, attack, fraction, seed, round_done)
                     rows.append(
                         {
                             "cell": "0",
@@ -61,9 +72,8 @@ def _synthetic_workdir(path: str) -> dict:
                             "aggregator.name": aggregator,
                             "seed": str(seed),
                             "round": str(round_done),
-                            "test_accuracy": sweep.format_float(
-                                accuracy(aggregator, attack, fraction, seed, round_done)
-                            ),
+                            "test_accuracy": sweep.format_float(value),
+                            "diverged": str(int(broken)),
                         }
                     )
     knobs = ("attack.name", "attack.fraction", "aggregator.name", "seed")
@@ -87,7 +97,8 @@ def test_heatmap_holds_final_means_with_the_no_attack_row_in_every_panel(tmp_pat
     panels = report._panel_rows(tables.final, ["attack.fraction"])
     assert list(panels) == [("0.1",), ("0.3",)]
     for (fraction,), rows in panels.items():
-        aggregators, attacks, matrix = report.heatmap_matrix(rows)
+        aggregators, attacks, matrix, broken = report.heatmap_matrix(rows)
+        assert not broken.any()
         assert aggregators == ["mean", "coordinate_median"] and attacks == ["none", "sign_flip", "ipm"]
         for i, ag in enumerate(aggregators):
             for j, at in enumerate(attacks):
@@ -112,3 +123,96 @@ def test_readme_section_is_replaced_from_the_generated_tables(tiny_workdir, tmp_
     plain.write_text("# no markers\n")
     report.update_readme(str(plain), section)
     assert plain.read_text().startswith("# no markers\n\n" + report.START)
+
+
+def _png_size(fig) -> tuple[int, int]:
+    """(width, height) in pixels of the figure as saved."""
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=report.DPI)
+    header = buffer.getvalue()[16:24]
+    return int.from_bytes(header[:4], "big"), int.from_bytes(header[4:], "big")
+
+
+def _texts(fig) -> list[str]:
+    return [t.get_text() for ax in fig.axes for t in [*ax.texts, *ax.get_xticklabels()]]
+
+
+def test_every_figure_has_one_legend_outside_its_panels_and_fits_the_readme_width(tiny_workdir, tmp_path):
+    _synthetic_workdir(str(tmp_path))
+    # Figure -> legends: one per figure with several settings; none for the heatmap (a colour bar) and
+    # for the tiny sweep's fraction plot (one line per panel).
+    expected = {
+        tiny_workdir: {"curves.png": 1, "fraction.png": 0, "epsilon.png": 1, "clients.png": 1},
+        str(tmp_path): {"curves.png": 1, "heatmap.png": 0, "fraction.png": 1},
+    }
+    for workdir, legends in expected.items():
+        tables = report.load(workdir)
+        drawn = {name: draw(tables) for name, draw, _ in report.FIGURES}
+        assert {name for name, fig in drawn.items() if fig is not None} == set(legends)
+        for name, count in legends.items():
+            fig = drawn[name]
+            assert all(ax.get_legend() is None for ax in fig.axes), name  # nothing drawn over the data
+            assert len(fig.legends) == count, name
+            assert _png_size(fig)[0] <= report.MAX_WIDTH_INCHES * report.DPI + 1, name
+            report._pyplot().close(fig)
+
+
+def test_the_wide_heatmap_is_a_grid_within_the_readme_width(tmp_path):
+    """Seven attacks x three fractions (the robustness matrix's shape) would be 3 panels in a row, 3672 px."""
+    attacks = ("sign_flip", "ipm", "alie", "gaussian", "scaling", "label_flip", "non_finite")
+    _synthetic_workdir(str(tmp_path), attacks=attacks, fractions=(0.1, 0.2, 0.3))
+    fig = report.draw_heatmap(report.load(str(tmp_path)))
+    panels = [ax for ax in fig.axes if ax.get_images()]
+    assert len(panels) == 3 and len(panels[0].get_xticklabels()) == 1 + len(attacks)
+    assert _png_size(fig)[0] <= report.MAX_WIDTH_INCHES * report.DPI + 1
+    assert len({ax.get_position().y0 for ax in panels}) > 1  # more than one row of panels
+
+
+def test_fraction_plot_labels_the_zero_point_as_no_attack(tmp_path):
+    _synthetic_workdir(str(tmp_path))
+    fig = report.draw_fraction(report.load(str(tmp_path)))
+    for ax in fig.axes[:1]:
+        labels = {t.get_position()[0]: t.get_text() for t in ax.get_xticklabels()}
+        assert labels[0] == report.NO_ATTACK_TEXT and "no attack" in labels[0]
+
+
+def test_diverged_settings_show_as_diverged_never_as_a_number(tmp_path):
+    _synthetic_workdir(str(tmp_path), diverged=(("mean", "sign_flip"),))
+    tables = report.load(str(tmp_path))
+    panel = report._panel_rows(tables.final, ["attack.fraction"])[("0.1",)]
+    aggregators, attacks, matrix, broken = report.heatmap_matrix(panel)
+    at = aggregators.index("mean"), attacks.index("sign_flip")
+    assert broken[at] and broken.sum() == 1 and math.isnan(matrix[at])
+    heatmap = report.draw_heatmap(tables)
+    ax = heatmap.axes[0]
+    cell_texts = {(round(t.get_position()[0]), round(t.get_position()[1])): t.get_text() for t in ax.texts}
+    assert cell_texts[at[::-1]] == report.DIVERGED_TEXT  # (x = attack, y = aggregator)
+    assert any(p.get_hatch() for p in ax.patches)
+    assert "10.0" not in cell_texts.values()
+    for draw in (report.draw_fraction, report.draw_curves):  # a labelled cross, explained in the legend
+        fig = draw(tables)
+        assert report.DIVERGED_TEXT in _texts(fig)
+        assert report.DIVERGED_LEGEND in [t.get_text() for t in fig.legends[0].get_texts()]
+    table = report.final_table(tables.summary, tables.meta["knobs"])
+    line = next(r for r in table.splitlines() if "| sign_flip " in r and "| mean " in r)
+    assert "diverged (2/2)" in line and "nan" not in line
+
+
+def test_section_flag_writes_the_results_section_to_a_file_and_leaves_the_readme_alone(tiny_workdir, tmp_path):
+    """`make reproduce` runs this; only `make readme` (--readme) rewrites README.md."""
+    readme = tmp_path / "README.md"
+    readme.write_text(f"{report.START}\nold results\n{report.END}\n")
+    section = tmp_path / "runs" / "results_section.md"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([REPO, os.environ.get("PYTHONPATH", "")])}
+    args = [f"--workdir={tiny_workdir}", f"--section={section}", f"--assets={tmp_path / 'figures'}"]
+    done = subprocess.run(
+        [sys.executable, "-m", "medfed_jax.report", *args], cwd=tmp_path, env=env, capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stderr
+    assert f"wrote the Results section to {section}" in done.stdout and "README.md unchanged" in done.stdout
+    assert readme.read_text() == f"{report.START}\nold results\n{report.END}\n"
+    text = section.read_text()
+    assert text.startswith(report.START) and text.rstrip().endswith(report.END)
+    tables = report.load(tiny_workdir)
+    assert report.final_table(tables.summary, tables.meta["knobs"]) in text
+    assert f"](../figures/{os.path.basename(tiny_workdir)}/curves.png)" in text  # relative to the section file

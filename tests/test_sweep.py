@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import os
+import types
 
 import jax.numpy as jnp
 import numpy as np
@@ -170,6 +171,85 @@ def test_resume_after_an_interruption_is_byte_identical(finished, tmp_path):
     for name in ("results.csv", "summary.csv", "sweep.json"):
         with open(os.path.join(workdir, name), "rb") as a, open(os.path.join(reference, name), "rb") as b:
             assert a.read() == b.read(), name
+
+
+def test_resume_after_a_crash_mid_append_is_byte_identical(finished, tmp_path):
+    """A kill while appending leaves a torn last line in results.csv and a stale summary.csv; both are rebuilt."""
+    reference, _ = finished
+    workdir = str(tmp_path)
+
+    def crash(k):
+        if k == 3:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        sweep.run_sweep(tiny_sweep(), workdir, log=None, on_chunk=crash)
+    with open(os.path.join(workdir, "results.csv")) as f:
+        lines = f.read().splitlines()
+    assert len(lines) == 1 + 12 * 2  # the header, then 3 chunks' rows appended as they finished
+    with open(os.path.join(workdir, "results.csv"), "a") as f:
+        f.write(lines[-1][: len(lines[-1]) // 2])  # torn: half a row, no newline
+    sweep.run_sweep(tiny_sweep(), workdir, log=None)
+    for name in ("results.csv", "summary.csv"):
+        with open(os.path.join(workdir, name), "rb") as a, open(os.path.join(reference, name), "rb") as b:
+            assert a.read() == b.read(), name
+
+
+def test_sweep_logs_its_size_and_cost_first_then_compiles_and_chunks_with_an_eta():
+    lines = []
+    sweep.run_sweep(tiny_sweep(), log=lines.append)
+    cost = sweep.sweep_cost(tiny_sweep(), sweep.plan_sweep(tiny_sweep()))
+    # 16 cells of 4 rounds in one program; compiles overlap the runs, the first one does not.
+    assert (cost.cells, cost.programs, cost.cell_rounds) == (16, 1, 64)
+    assert cost.seconds == max(sweep.NOMINAL_COMPILE_S, sweep.NOMINAL_COMPILE_S + 64 / (250.0 * cost.workers))
+    assert lines[0].startswith("[sweep] 16 cells, 1 compiled program(s), 64 cell-rounds; estimated")
+    assert "estimate" in lines[0]
+    program_lines = [i for i, line in enumerate(lines) if line.startswith("[sweep] program 1/1 ")]
+    chunk_lines = [i for i, line in enumerate(lines) if line.startswith("[sweep] cells ")]
+    assert len(program_lines) == 1 and len(chunk_lines) == 4 and program_lines[0] < chunk_lines[0]
+    assert all("cell-rounds/s per chunk" in lines[i] and " ETA " in lines[i] for i in chunk_lines)
+
+
+def test_eta_counts_the_cells_not_yet_recorded_at_the_measured_chunk_rate():
+    """10 chunks of 10 cells x 10 rounds, 2 at once; chunk time 2 s each (no clock involved)."""
+    program = types.SimpleNamespace(
+        engine="engine",
+        train=None,
+        test=None,
+        switch_index={},
+        rounds=(5, 10),
+        spec=sweep.ProgramSpec({}, tuple(range(100))),
+    )
+    chunks = [sweep._Chunk(program, lo, lo + 10, 10, None) for lo in range(0, 100, 10)]
+    progress = sweep._Progress(chunks, start=0.0, workers=2)
+    for chunk in chunks[:3]:
+        progress.ran(chunk, 2.0)  # 100 cell-rounds in 2 s: 0.02 s per cell-round
+    progress.recorded(chunks[0])
+    # Ran but not yet recorded still count as left (the main loop had fallen behind: 'ETA 0m00s' at 14%).
+    assert progress.eta() == pytest.approx(9 * 100 * 0.02 / 2)
+    for chunk in chunks[1:9]:
+        progress.ran(chunk, 2.0)
+        progress.recorded(chunk)
+    assert progress.eta() == pytest.approx(100 * 0.02 / 1)  # the last chunk runs alone
+    progress.compiles_done, progress.programs = 1, 3  # two compiles of 30 s each still to come
+    progress.stats.update(compiled=1, compile_s=30.0)
+    assert progress.eta() == pytest.approx(60.0)
+
+
+def test_large_sweeps_are_refused_before_loading_data_unless_allowed(monkeypatch):
+    monkeypatch.setattr(sweep, "MAX_CELLS", 15)  # tiny_sweep has 16 cells
+
+    def no_data(*args):
+        raise AssertionError("data loaded before the size check")
+
+    monkeypatch.setattr(sweep.data_lib, "load_dataset", no_data)
+    with pytest.raises(ValueError, match=r"^the sweep is large: 16 cells.*limits are 15 cells.*--allow_large_sweep"):
+        sweep.prepare_sweep(tiny_sweep())
+    monkeypatch.undo()
+    monkeypatch.setattr(sweep, "MAX_PROGRAMS", 0)
+    with pytest.raises(ValueError, match=r"1 compiled program\(s\).*limits are .* 0 compiled programs"):
+        sweep.prepare_sweep(tiny_sweep())
+    assert len(sweep.prepare_sweep(tiny_sweep(), allow_large=True).plan.cells) == 16
 
 
 def _sweep_with(**fields):

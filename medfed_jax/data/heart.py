@@ -35,6 +35,9 @@ from __future__ import annotations
 
 import csv
 import importlib.resources
+import os
+import pathlib
+from typing import Any
 
 import numpy as np
 
@@ -58,28 +61,56 @@ FEATURES = (
 TEST_FRACTION = 0.34
 
 
-def _encode(row: dict[str, str]) -> list[float]:
-    values = {c: float(row[c]) for c in NUMERIC}
+REINSTALL = "restore it (pip install --force-reinstall medfed_jax, or git checkout the file)"
+
+
+def _encode(row: dict[str, str], where: str) -> list[float]:
+    def number(col: str) -> float:
+        try:
+            return float(row[col])
+        except ValueError:
+            raise ValueError(f"{where}, column {col!r}: {row[col]!r} is not a number; {REINSTALL}.") from None
+
+    values = {c: number(c) for c in NUMERIC}
     values.update({c: float(row[c] == true) for c, true in BINARY.items()})
     for col, levels in CATEGORIES.items():
         if row[col] not in levels:
-            raise ValueError(f"heart_disease_uci.csv: unknown {col} value {row[col]!r}")
+            raise ValueError(f"{where}, column {col!r}: unknown value {row[col]!r} (known: {levels}); {REINSTALL}.")
         values.update({f"{col}={level}": float(row[col] == level) for level in levels[1:]})
     return [values[f] for f in FEATURES]
 
 
-def read_heart_disease() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def read_heart_disease(source: Any = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Steps 1-5: the 740 complete patients before any split or scaling.
 
-    Returns ``x [740, 13]`` float64 (columns `FEATURES`), ``y [740]`` int32
-    and ``hospital [740]`` (str), in file order.
+    ``source``: the CSV (a path or a `importlib.resources` file; default the
+    bundled one). Returns ``x [740, 13]`` float64 (columns `FEATURES`),
+    ``y [740]`` int32 and ``hospital [740]`` (str), in file order. A malformed
+    file is refused naming its row (line) and column.
     """
-    source = importlib.resources.files("medfed_jax.data").joinpath("heart_disease_uci.csv")
+    source = source or importlib.resources.files("medfed_jax.data").joinpath("heart_disease_uci.csv")
+    source = pathlib.Path(source) if isinstance(source, (str, os.PathLike)) else source
     with source.open(newline="") as f:
-        rows = [r for r in csv.DictReader(f) if all(r[c].strip() for c in KEPT)]
-    x = np.array([_encode(r) for r in rows], np.float64)
-    y = np.array([int(r["num"]) > 0 for r in rows], np.int32)
-    return x, y, np.array([r["dataset"] for r in rows])
+        reader = csv.DictReader(f)
+        missing = [c for c in (*KEPT, "num", "dataset") if c not in (reader.fieldnames or ())]
+        if missing:
+            raise ValueError(f"{source}: lacks the columns {missing}; {REINSTALL}.")
+        encoded, labels, hospitals = [], [], []
+        for row in reader:
+            where = f"{source}, line {reader.line_num}"
+            if None in row or any(v is None for v in row.values()):
+                raise ValueError(
+                    f"{where}: {len(reader.fieldnames)} fields expected, the row has another count; {REINSTALL}."
+                )
+            if not all(row[c].strip() for c in KEPT):
+                continue
+            encoded.append(_encode(row, where))
+            try:
+                labels.append(int(row["num"]) > 0)
+            except ValueError:
+                raise ValueError(f"{where}, column 'num': {row['num']!r} is not an integer; {REINSTALL}.") from None
+            hospitals.append(row["dataset"])
+    return np.array(encoded, np.float64).reshape(-1, len(FEATURES)), np.array(labels, np.int32), np.array(hospitals)
 
 
 def load_heart_disease(pooled: bool = False, seed: int = 0, test_fraction: float = TEST_FRACTION) -> FederatedDataset:

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import os
 import pathlib
+import zipfile
+import zlib
 from typing import NamedTuple
 
 import numpy as np
@@ -92,20 +94,29 @@ def load_medmnist(flag: str, root: str | os.PathLike | None = None, size: int = 
             "its folder."
         )
     num_classes = NUM_CLASSES[flag]
-    with np.load(path, allow_pickle=False) as npz:
-        missing = [f"{s}_{k}" for s in SPLITS for k in ("images", "labels") if f"{s}_{k}" not in npz.files]
-        if missing:
-            raise ValueError(
-                f"{path} lacks the keys {missing} (has {sorted(npz.files)}); it is not an official MedMNIST file. "
-                "Re-download it with `python -m medmnist download`."
-            )
-        splits = {}
-        for s in SPLITS:
-            x, y = _images(npz[f"{s}_images"], size, path), npz[f"{s}_labels"]
-            if y.ndim not in (1, 2) or y.size != len(x):
-                raise ValueError(f"{path}: {s}_labels has shape {y.shape}, expected [{len(x)}, 1].")
-            y = y.reshape(-1).astype(np.int32)
-            if y.size and (y.min() < 0 or y.max() >= num_classes):
-                raise ValueError(f"{path}: {s}_labels outside [0, {num_classes}) for {flag}.")
-            splits[s] = (x, y)
+    download = f"delete it and download it again with `python -m medmnist download --size={size} --root={path.parent}`"
+    with open(path, "rb") as f:
+        if f.read(4) != b"PK\x03\x04":
+            raise ValueError(f"{path} is not an .npz file (it does not start like a zip archive); {download}.")
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            names = npz.files
+            arrays = {k: npz[k] for k in names if k.split("_")[0] in SPLITS}
+    except (OSError, EOFError, ValueError, zipfile.BadZipFile, zlib.error) as error:
+        raise ValueError(f"{path} is not a readable .npz file (corrupt or truncated: {error}); {download}.") from None
+    missing = [f"{s}_{k}" for s in SPLITS for k in ("images", "labels") if f"{s}_{k}" not in names]
+    if missing:
+        raise ValueError(
+            f"{path} lacks the keys {missing} (has {sorted(names)}); it is not an official MedMNIST file. "
+            "Re-download it with `python -m medmnist download`."
+        )
+    splits = {}
+    for s in SPLITS:
+        x, y = _images(arrays[f"{s}_images"], size, path), arrays[f"{s}_labels"]
+        if y.ndim not in (1, 2) or y.size != len(x):
+            raise ValueError(f"{path}: {s}_labels has shape {y.shape}, expected [{len(x)}, 1].")
+        y = y.reshape(-1).astype(np.int32)
+        if y.size and (y.min() < 0 or y.max() >= num_classes):
+            raise ValueError(f"{path}: {s}_labels outside [0, {num_classes}) for {flag}.")
+        splits[s] = (x, y)
     return MedMNIST(**splits, num_classes=num_classes)
