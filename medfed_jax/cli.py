@@ -306,9 +306,10 @@ def final_accuracy_table(
         return every
     quartiles = {f"client {q}%": (lambda a, q=q: np.percentile(a, q, axis=1)) for q in (25, 50, 75)}
     folded = table({**quartiles, "best client": lambda a: a.max(1)})
+    where = "clients.csv" if client_results.summarised(len(client_names)) else "history.csv"
     return (
         f"{folded}\n\n({len(client_names)} clients: their quartiles and best are shown; every client's "
-        "accuracy is in history.csv and summary.json)"
+        f"accuracy is in {where} and summary.json)"
     )
 
 
