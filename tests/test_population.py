@@ -171,6 +171,17 @@ def test_cap_from_quantile_and_cap_below_one_is_refused_before_compiling(forbid_
         ({"data.storage": "flat", "baselines": ("pooled",)}, "set baselines=()"),
         ({"data.storage": "flat", "personalization.method": "ditto"}, "only global-model training"),
         ({"data.eval_clients": 3, "baselines": ("local_only",)}, "set baselines=()"),
+        (
+            {
+                "data.storage": "flat",
+                "data.cap": 2,
+                "privacy.mode": "dpsgd",
+                "local.sampling": "poisson",
+                "local.epochs": 0,
+                "local.steps": 2,
+            },
+            "does not model per-round row subsets",
+        ),
         ({"data.name": "digits", "data.partition": "iid", "data.size_sigma": 1.0}, "applies to the 'random'"),
     ],
 )

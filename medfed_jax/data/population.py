@@ -343,3 +343,9 @@ def validate_run(cfg: Any, dataset: FederatedDataset) -> None:
         )
     if "sweep" in cfg and len(cfg.sweep):
         raise ValueError(f"{what} runs single configs, not sweeps: {fix}, or drop the sweep section.")
+    largest = int(np.max(dataset.train.count))
+    if flat and cfg.privacy.mode == "dpsgd" and resolve_cap(cfg.data, dataset.train.count) < largest:
+        raise ValueError(
+            f"privacy.mode='dpsgd' with a cohort cap below the largest client ({largest} rows): the accountant "
+            "does not model per-round row subsets; set data.cap=0 and data.cap_quantile=1."
+        )
