@@ -19,7 +19,6 @@ Batch sampling (``LocalSpec.sampling``):
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -46,13 +45,6 @@ class LocalSpec(NamedTuple):
     def from_config(cls, local: Any, max_count: int) -> LocalSpec:
         """The spec of a config's ``local`` section for clients padded to ``max_count`` rows."""
         return cls(local.epochs, local.steps, local.batch_size, local.optimizer, local.sampling, max_count)
-
-    @property
-    def num_steps(self) -> int:
-        """Steps of the largest client a spec admits (``max_count`` rows)."""
-        if self.steps > 0:
-            return self.steps
-        return max(1, math.ceil(self.max_count * self.epochs / self.batch_size))
 
     @property
     def batch_rows(self) -> int:
