@@ -126,7 +126,9 @@ def test_generated_population_stores_no_rows_and_gives_each_client_its_own_strea
         n = min(int(train.count[c]), 40)
         assert int(wide.count[slot]) == n and not np.asarray(wide.x[slot, n:]).any()
         x = np.asarray(wide.x[slot, :n])
-        np.testing.assert_array_equal(wide.y[slot, :n], np.argmax(x @ np.asarray(train.teacher), 1))
+        logits = np.sort(x @ np.asarray(train.teacher), 1)
+        clear = logits[:, -1] - logits[:, -2] > 1e-4  # float32 matmuls may order near-ties differently
+        np.testing.assert_array_equal(wide.y[slot, :n][clear], np.argmax(x @ np.asarray(train.teacher), 1)[clear])
         if c in narrow_slot:  # a client's rows do not depend on the block's width or its neighbours
             np.testing.assert_array_equal(narrow.x[narrow_slot[c], : min(n, 5)], x[: min(n, 5)])
     assert len(generated.test.count) == 10 and generated.eval_clients is not None
