@@ -6,8 +6,7 @@ row carries quantiles of the client accuracies (``client_accuracy_p0`` (the
 worst), ``_p10``, ``_p50``, ``_p90``, ``_p100``) and keeps every client's
 accuracy and loss under `VALUES`; the CLI writes those to ``clients.csv`` in
 long format (`long_csv`: ``method, [seed,] round, client, metric, value``),
-one line per value in one pass, and the final table shows only the mean and
-worst client.
+one line per value in one pass.
 """
 
 from __future__ import annotations
