@@ -48,7 +48,7 @@ from typing import Any
 import numpy as np
 from absl import app, flags
 
-from medfed_jax import compilation_cache, config_files, report, runner, sweep
+from medfed_jax import client_results, compilation_cache, config_files, report, runner, sweep
 from medfed_jax import config as config_lib
 from medfed_jax import mesh as mesh_lib
 
@@ -248,9 +248,7 @@ def prepare_workdir(workdir: str, cfg: Any, overwrite: bool, extra: dict | None 
 
 def rows_to_csv(rows: list[dict]) -> str:
     """A CSV table whose columns are the union of the rows' keys (first-seen order)."""
-    columns: list[str] = []
-    for row in rows:
-        columns.extend(k for k in row if k not in columns)
+    columns = list(dict.fromkeys(k for row in rows for k in row))  # linear in the cells
     out = io.StringIO()
     writer = csv.DictWriter(out, columns, lineterminator="\n")
     writer.writeheader()
@@ -323,9 +321,10 @@ def final_accuracy_table(
         return every
     quartiles = {f"client {q}%": (lambda a, q=q: np.percentile(a, q, axis=1)) for q in (25, 50, 75)}
     folded = table({**quartiles, "best client": lambda a: a.max(1)})
+    where = "clients.csv" if client_results.summarised(len(client_names)) else "history.csv"
     return (
         f"{folded}\n\n({len(client_names)} clients: their quartiles and best are shown; every client's "
-        "accuracy is in history.csv and summary.json)"
+        f"accuracy is in {where} and summary.json)"
     )
 
 
@@ -370,18 +369,21 @@ def final_summary(final: dict[str, np.ndarray], num_clients: int) -> dict:
 
 
 def _finish(workdir, prepared, rows, finals, seeds) -> dict:
-    names = prepared.dataset.client_names
+    names = prepared.dataset.eval_names
     rounds = max(row["round"] for row in rows)  # the rounds trained (every method trains cfg.rounds)
     table = final_accuracy_table(finals, names)
+    evaluated = prepared.dataset.info.get("eval_sample", "every client")
+    sampled = f"; evaluated on {evaluated}" if "eval_sample" in prepared.dataset.info else ""
     print(
         f"\nFinal test accuracy (%) on {prepared.dataset.name}, {len(seeds)} seed(s), "
         f"{rounds} rounds: each client's own test split, their mean, and the pooled test set; "
-        "then the pooled test set's ROC AUC (macro one-vs-rest)\n"
+        f"then the pooled test set's ROC AUC (macro one-vs-rest){sampled}\n"
     )
     print(table)
     summary = {
         "dataset": prepared.dataset.name,
         "client_names": list(names),
+        "evaluated_clients": evaluated,
         "seeds": seeds,
         "rounds": rounds,
         "privacy": prepared.accounting.report(rounds),
@@ -389,11 +391,14 @@ def _finish(workdir, prepared, rows, finals, seeds) -> dict:
         "table": table,
     }
     if workdir:
-        runner.write_text_atomic(os.path.join(workdir, "history.csv"), rows_to_csv(rows))
+        history, per_client = client_results.split(rows)
+        runner.write_text_atomic(os.path.join(workdir, "history.csv"), rows_to_csv(history))
+        if per_client:
+            runner.write_text_atomic(os.path.join(workdir, "clients.csv"), client_results.long_csv(rows, names))
         runner.write_text_atomic(
             os.path.join(workdir, "summary.json"), json.dumps(config_lib.json_safe(summary), indent=2)
         )
-        print(f"\nwrote {workdir}/history.csv, summary.json, config.json")
+        print(f"\nwrote {workdir}/history.csv, {'clients.csv, ' if per_client else ''}summary.json, config.json")
     return summary
 
 

@@ -1,8 +1,10 @@
 """Local training on one client, as a pure function the caller vmaps.
 
 ``local_update(params, data, key, hparams) -> (delta, metrics)`` runs a
-fixed-length `lax.scan` of optimizer steps so that every client has the same
-program; steps past a client's own budget are masked no-ops.
+`lax.while_loop` of exactly the client's own number of optimizer steps
+(`client_steps`). Vmapped over a chunk of clients, the loop runs as many steps
+as the chunk's largest member (finished clients keep their state: JAX's
+batched while loop selects), not as many as the population's largest client.
 
 Batch sampling (``LocalSpec.sampling``):
 
@@ -17,7 +19,6 @@ Batch sampling (``LocalSpec.sampling``):
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -45,13 +46,6 @@ class LocalSpec(NamedTuple):
     def from_config(cls, local: Any, max_count: int) -> LocalSpec:
         """The spec of a config's ``local`` section for clients padded to ``max_count`` rows."""
         return cls(local.epochs, local.steps, local.batch_size, local.optimizer, local.sampling, max_count)
-
-    @property
-    def num_steps(self) -> int:
-        """Length of the step loop: the largest client's step count."""
-        if self.steps > 0:
-            return self.steps
-        return max(1, math.ceil(self.max_count * self.epochs / self.batch_size))
 
     @property
     def batch_rows(self) -> int:
@@ -126,6 +120,14 @@ def example_loss_fn(model: Model) -> Callable[[Params, Array, Array], Array]:
     return example_loss
 
 
+def client_steps(spec: LocalSpec, count: Array) -> Array:
+    """Optimizer steps of a client with ``count`` rows: ``ceil(count * E / B)`` epochs' worth, or
+    ``spec.steps``; none without rows."""
+    if spec.steps > 0:
+        return jnp.where(count > 0, spec.steps, 0)
+    return (count * spec.epochs + spec.batch_size - 1) // spec.batch_size
+
+
 def _shuffled_order(key: Array, count: Array, max_count: int) -> Array:
     """A random permutation of ``0..count-1`` followed by the padding rows."""
     scores = jnp.where(jnp.arange(max_count) < count, jax.random.uniform(key, (max_count,)), jnp.inf)
@@ -182,10 +184,9 @@ def make_local_update(
             epoch_orders = None
         optimizer = make_client_optimizer(spec.optimizer, hparams)
 
-        def step(carry, t):
-            local_params, opt_state = carry
+        def step(carry):
+            t, local_params, opt_state, loss_sum = carry
             rows, valid, expected = _batch_rows(spec, step_key, t, count, epoch_orders)
-            active = jnp.any(valid) if spec.sampling == "shuffle" else count > 0
             loss, grads = gradient_fn(local_params, x[rows], y[rows], valid, jax.random.fold_in(noise_key, t), expected)
             grads = jax.tree.map(lambda g, w, w0: g + hparams.prox_mu * (w - w0), grads, local_params, params)
             updates, new_opt_state = optimizer.update(grads, opt_state, local_params)
@@ -193,14 +194,13 @@ def make_local_update(
             if anchor is not None:
                 shrink = hparams.lr * anchor.strength
                 new_params = jax.tree.map(lambda v, a: (v + shrink * a) / (1 + shrink), new_params, anchor.params)
-            keep = lambda new, old: jnp.where(active, new, old)  # noqa: E731
-            carry = (jax.tree.map(keep, new_params, local_params), jax.tree.map(keep, new_opt_state, opt_state))
-            return carry, (jnp.where(active, loss, 0.0), active)
+            return t + 1, new_params, new_opt_state, loss_sum + loss
 
-        (final, _), (losses, active) = jax.lax.scan(step, (params, optimizer.init(params)), jnp.arange(spec.num_steps))
-        num_steps = jnp.sum(active)
+        num_steps = client_steps(spec, count)
+        start = (jnp.zeros((), jnp.int32), params, optimizer.init(params), jnp.zeros((), jnp.float32))
+        _, final, _, loss_sum = jax.lax.while_loop(lambda carry: carry[0] < num_steps, step, start)
         delta = jax.tree.map(jnp.subtract, final, params)
-        metrics = {"train_loss": jnp.sum(losses) / jnp.maximum(num_steps, 1), "num_steps": num_steps}
+        metrics = {"train_loss": loss_sum / jnp.maximum(num_steps, 1), "num_steps": num_steps}
         return delta, metrics
 
     return local_update

@@ -62,6 +62,7 @@ class BuildContext(NamedTuple):
     cohort_size: int
     num_classes: int
     feature_shape: tuple[int, ...]
+    cohort_cap: int = 0  # rows per client of a flat population's cohort block (0: padded storage)
 
 
 def local_config() -> ml_collections.ConfigDict:

@@ -27,10 +27,11 @@ from typing import Any, NamedTuple
 import jax
 import numpy as np
 
-from medfed_jax import baselines, compilation_cache, personalize, privacy
+from medfed_jax import baselines, client_results, compilation_cache, personalize, privacy
 from medfed_jax import config as config_lib
 from medfed_jax import data as data_lib
 from medfed_jax import mesh as mesh_lib
+from medfed_jax.data import population
 from medfed_jax.models import check_input_fits, make_model
 from medfed_jax.server import (
     Engine,
@@ -61,11 +62,13 @@ class Prepared:
 
 def build_context(cfg: Any, dataset: FederatedDataset) -> config_lib.BuildContext:
     """Facts about the data that validation and builders need."""
+    flat = not isinstance(dataset.train, ClientData)  # a flat or generated population
     return config_lib.BuildContext(
         num_clients=dataset.num_clients,
         cohort_size=cfg.cohort_size or dataset.num_clients,
         num_classes=dataset.num_classes,
         feature_shape=dataset.feature_shape,
+        cohort_cap=population.resolve_cap(cfg.data, dataset.train.count) if flat else 0,
     )
 
 
@@ -82,6 +85,7 @@ def prepare(cfg: Any, dataset: FederatedDataset | None = None) -> Prepared:
     if dataset is None:
         dataset = data_lib.load_dataset(cfg.data)
     data_lib.validate_dataset(dataset)
+    population.validate_run(cfg, dataset)
     context = build_context(cfg, dataset)
     config_lib.validate(cfg, context)
     client_sizes = [int(n) for n in np.asarray(dataset.train.count)]
@@ -345,10 +349,11 @@ def train_evaluations(
 def history_rows(method: str, prepared: Prepared, evaluations: list[Evaluation], seeds: Sequence[int] | None = None):
     """history.csv rows: per seed (a ``seed`` column when ``seeds`` is given, else the one seed), per evaluation.
 
-    Scalars as they are, ``client_accuracy`` as ``accuracy[<client>]``, then
+    Scalars as they are, ``client_accuracy`` as ``accuracy[<client>]`` (or
+    quantiles beyond `client_results.PER_CLIENT_COLUMNS` clients), then
     ``epsilon`` for private methods and ``elapsed_s``.
     """
-    names, cfg = prepared.dataset.client_names, prepared.cfg
+    names, cfg = prepared.dataset.eval_names, prepared.cfg
     rows = []
     for s in range(len(seeds) if seeds is not None else 1):
         for evaluation in evaluations:
@@ -358,8 +363,11 @@ def history_rows(method: str, prepared: Prepared, evaluations: list[Evaluation],
                 value = values[s]
                 if value.ndim == 0:
                     row[name] = float(value)
-                elif name == "client_accuracy" and value.shape == (len(names),):
-                    row.update({f"accuracy[{c}]": float(v) for c, v in zip(names, value)})
+                elif name == "client_accuracy":  # named columns, or quantiles and clients.csv values
+                    per_client = {
+                        m: evaluation.metrics[m][s] for m in client_results.LONG_METRICS if m in evaluation.metrics
+                    }
+                    row.update(client_results.columns(per_client, names))
             if _is_private(cfg, method):
                 row["epsilon"] = prepared.accounting.epsilon_after(evaluation.round)
             row["elapsed_s"] = evaluation.elapsed_s

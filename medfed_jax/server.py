@@ -8,8 +8,11 @@ attacks), aggregate, and apply the server optimizer. Personalisation
 personal state is gathered from ``FedState.clients``, updated by the local
 step and scattered back, and only the *shared* part of each update reaches
 the privatizer, attack, aggregator and server optimizer. ``train`` is the full
-population's `ClientData`; ``knobs`` the traced numeric settings. The engine is
-built once per *structural* config (`build_engine`, cached) and every function
+population: padded `ClientData`, or a flat (or generated) population whose
+cohort is drawn in O(cohort) and gathered (or generated) into a
+``[cohort, cap]`` block ordered by client size (`medfed_jax.data.population`);
+``knobs`` the traced numeric settings. The engine is built once per
+*structural* config (`build_engine`, cached) and every function
 it returns is jitted with no static arguments, so numeric knobs never
 recompile.
 """
@@ -30,6 +33,7 @@ from medfed_jax import aggregators, attacks, personalize, privacy
 from medfed_jax import config as config_lib
 from medfed_jax import mesh as mesh_lib
 from medfed_jax.client import LocalHParams, LocalSpec, example_loss_fn, map_clients
+from medfed_jax.data import population
 from medfed_jax.eval import make_evaluate, make_evaluate_personal
 from medfed_jax.models import make_model
 from medfed_jax.types import Array, AttackContext, ClientData, Knobs, Metrics, Params
@@ -42,7 +46,7 @@ Switches = tuple[tuple[str, tuple[str, ...]], ...]
 MEANS = {"mean", "weighted_mean"}
 
 # Purposes of the per-round keys, folded into the round key.
-_SAMPLE, _LOCAL, _PRIVACY, _ATTACK, _AGGREGATE, _PERSONAL = range(6)
+_SAMPLE, _LOCAL, _PRIVACY, _ATTACK, _AGGREGATE, _PERSONAL, _SUBSAMPLE = range(7)
 
 
 class FedState(NamedTuple):
@@ -291,6 +295,12 @@ def _build_round_functions(
     sampled = cohort < num_clients
     rules = dict(switches).get("aggregator.name") or (cfg.aggregator.name,)
     by_coordinate = cfg.privacy.mode != "central" and not set(rules) <= MEANS  # see mesh_lib.spread_coordinates
+    flat = context.cohort_cap > 0  # a flat or generated population, in [cohort, cohort_cap] blocks
+    indexed = sampled or flat  # the round's clients are train[index], not train itself
+
+    def block_rows(train: Any) -> int:
+        """Rows per client of a round's cohort block."""
+        return context.cohort_cap if flat else train.y.shape[1]
 
     def build_personalizer(knobs: Knobs, max_count: int) -> personalize.Personalizer:
         spec = LocalSpec.from_config(cfg.local, max_count)
@@ -313,8 +323,8 @@ def _build_round_functions(
     def init(seed: Array, train: ClientData, knobs: Knobs) -> FedState:
         key = jax.random.PRNGKey(seed)
         model_key, attack_key, run_key = jax.random.split(key, 3)
-        params = model.init(model_key, jnp.zeros((1, *train.x.shape[2:]), jnp.float32))
-        personal, _, _, aggregator, server_opt = components(knobs, train.y.shape[1])
+        params = model.init(model_key, jnp.zeros((1, *train.feature_shape), jnp.float32))
+        personal, _, _, aggregator, server_opt = components(knobs, block_rows(train))
         malicious = attacks.attack_mask(cfg.attack, attack_key, knobs, num_clients)
         shared = personal.shared(params)
         return FedState(
@@ -328,15 +338,23 @@ def _build_round_functions(
         )
 
     def round_step(state: FedState, train: ClientData, knobs: Knobs) -> tuple[FedState, Metrics]:
-        personal, privatizer, attack, aggregator, server_opt = components(knobs, train.y.shape[1])
+        personal, privatizer, attack, aggregator, server_opt = components(knobs, block_rows(train))
         round_key = jax.random.fold_in(state.key, state.round)
         key_for = lambda purpose: jax.random.fold_in(round_key, purpose)  # noqa: E731
-        if sampled:
+        if flat:
+            index = (
+                population.draw_cohort(key_for(_SAMPLE), train, cohort)
+                if sampled
+                else jnp.argsort(train.count, stable=True)
+            )
+            data = population.cohort_block(train, index, context.cohort_cap, key_for(_SUBSAMPLE))
+            malicious = state.malicious[index]
+        elif sampled:
             index = jax.random.choice(key_for(_SAMPLE), num_clients, (cohort,), replace=False)
             data, malicious = train.take(index), state.malicious[index]
         else:
             index, data, malicious = jnp.arange(num_clients), train, state.malicious
-        cohort_clients = jax.tree.map(lambda s: s[index], state.clients) if sampled else state.clients
+        cohort_clients = jax.tree.map(lambda s: s[index], state.clients) if indexed else state.clients
         labels = attack.poison_labels(data.y, malicious, context.num_classes)
         client_keys = jax.vmap(lambda i: jax.random.fold_in(key_for(_LOCAL), i))(index)
         deltas, cohort_clients, local_metrics = map_clients(
@@ -348,7 +366,7 @@ def _build_round_functions(
             mesh,
         )
         clients = cohort_clients
-        if sampled:  # clients outside the cohort keep their personal state
+        if indexed:  # clients outside the cohort keep their personal state
             clients = jax.tree.map(lambda s, new: s.at[index].set(new), state.clients, cohort_clients)
         if by_coordinate:
             deltas = mesh_lib.spread_coordinates(deltas, mesh)

@@ -2,7 +2,10 @@
 
 Everything that varies per client lives on a leading *client axis* ``[C, ...]``.
 Clients are padded to the largest one; ``count`` says how many rows are real,
-and padding never enters a loss, a gradient, a metric or a weight.
+and padding never enters a loss, a gradient, a metric or a weight. A
+`Population` stores the same clients compactly (flat rows with per-client
+offsets, see `medfed_jax.data.population`) for populations far larger than a
+cohort.
 """
 
 from __future__ import annotations
@@ -69,20 +72,88 @@ class ClientData(NamedTuple):
         return ClientData(self.x[index], self.y[index], self.count[index])
 
 
+class Population(NamedTuple):
+    """Clients stored flat: no padding (see `medfed_jax.data.population`).
+
+    Attributes:
+      x: ``[R, *feature_shape]`` float32 features, every client's rows back to back.
+      y: ``[R]`` int32 labels.
+      offset: ``[C]`` int32 first row of each client in ``x``/``y``.
+      count: ``[C]`` int32 number of rows of each client (at least 0).
+    """
+
+    x: Any
+    y: Any
+    offset: Any
+    count: Any
+
+    @property
+    def num_clients(self) -> int:
+        return int(self.count.shape[0])
+
+    @property
+    def total_rows(self) -> int:
+        return int(self.y.shape[0])
+
+    @property
+    def feature_shape(self) -> tuple[int, ...]:
+        return tuple(self.x.shape[1:])
+
+
+class GeneratedPopulation(NamedTuple):
+    """Linear-teacher clients generated on device from per-client keys: no stored rows.
+
+    Row ``j`` of client ``c``'s split ``s`` (0 train, 1 test) is the ``j``-th
+    row of ``normal(fold_in(fold_in(key, s), c), (n, F))`` (a prefix of the
+    client's own stream, whatever ``n``), labelled ``argmax(x @ teacher)``
+    (`medfed_jax.data.population.generate`).
+
+    Attributes:
+      key: the population's PRNG key (raw ``uint32[2]``).
+      teacher: ``[F, num_classes]`` float32 teacher weights.
+      count: ``[C]`` int32 training rows per client.
+    """
+
+    key: Any
+    teacher: Any
+    count: Any
+
+    @property
+    def num_clients(self) -> int:
+        return int(self.count.shape[0])
+
+    @property
+    def feature_shape(self) -> tuple[int, ...]:
+        return tuple(self.teacher.shape[:1])
+
+
 @dataclasses.dataclass(frozen=True)
 class FederatedDataset:
-    """Train and test `ClientData` of one federation, with client names.
+    """Train and test data of one federation, with client names.
 
-    ``test`` has the same client axis as ``train``: client ``c``'s own test
-    split is ``test`` row ``c``; the pooled test set is all real test rows.
+    ``train`` is padded `ClientData`, a flat `Population` or a
+    `GeneratedPopulation`. ``test`` (always
+    `ClientData`) holds the test splits of the evaluated clients: every client
+    (``eval_clients is None``; client ``c``'s own test split is ``test`` row
+    ``c``) or the population indices ``eval_clients`` (a seeded sample of a
+    huge population, `medfed_jax.data.population.store`). The pooled test set
+    is all real test rows.
     """
 
     name: str
-    train: ClientData
+    train: ClientData | Population | GeneratedPopulation
     test: ClientData
     client_names: tuple[str, ...]
     num_classes: int
     info: dict = dataclasses.field(default_factory=dict, compare=False)
+    eval_clients: np.ndarray | None = dataclasses.field(default=None, compare=False)
+
+    @property
+    def eval_names(self) -> tuple[str, ...]:
+        """Names of the clients on ``test``'s client axis."""
+        if self.eval_clients is None:
+            return self.client_names
+        return tuple(self.client_names[c] for c in self.eval_clients)
 
     @property
     def num_clients(self) -> int:

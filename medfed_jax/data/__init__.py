@@ -13,6 +13,11 @@ Partitions (``data.partition``): ``natural`` (a source's own clients: the
 hospitals, or the generated clients), ``iid``, ``dirichlet``, ``shards``,
 ``quantity`` (`partition`). Array sources are partitioned, then each client's
 rows are split into its own train/test (``data.test_fraction``).
+
+Storage (``data.storage``, ``cap``, ``cap_quantile``, ``eval_clients``;
+`population`): padded `ClientData`, or flat rows for populations far larger
+than a cohort; ``data.size_sigma`` gives the generated sources log-normal
+client sizes.
 """
 
 from __future__ import annotations
@@ -23,7 +28,7 @@ from typing import Any
 import ml_collections
 import numpy as np
 
-from medfed_jax.data import builtin, heart, medmnist, partition, synthetic
+from medfed_jax.data import builtin, heart, medmnist, partition, population, synthetic
 from medfed_jax.data.base import (
     format_summary,
     partition_summary,
@@ -70,6 +75,12 @@ def default_config() -> ml_collections.ConfigDict:
             medmnist_flag="pathmnist",  # medmnist: which 2D dataset
             medmnist_size=28,  # medmnist: 28, 64, 128 or 224
             root="",  # medmnist: folder with the .npz files ('' = $MEDMNIST_ROOT or ~/.medmnist)
+            size_sigma=0.0,  # random / mnist_like: log-normal sigma of client sizes (median samples_per_client)
+            storage="auto",  # 'padded', 'flat' (rows back to back), 'generated' (random, mnist_like: no rows
+            # stored, generated on device per round) or 'auto' (flat from 10^4 clients)
+            cap=0,  # flat: rows per client in a round's cohort block; 0 = the cap_quantile of client sizes
+            cap_quantile=1.0,  # flat, cap=0: size quantile for the block (1 = largest client, no subsampling)
+            eval_clients=0,  # clients evaluated: 0 = all, N = a seeded sample of N (huge populations)
         )
     )
 
@@ -159,6 +170,17 @@ def validate_config(cfg: Any) -> None:
             field = "medmnist_size" if cfg.medmnist_flag in medmnist.NUM_CLASSES else "medmnist_flag"
             raise ValueError(f"data.{field}: {err}") from None
         _check_shards(cfg, medmnist.NUM_CLASSES[cfg.medmnist_flag])
+    population.validate_config(cfg)
+    if cfg.storage == "generated" and cfg.name not in ("random", "mnist_like"):
+        raise ValueError(
+            f"data.storage='generated' generates linear-teacher rows on device; data.name={cfg.name!r} has stored "
+            "rows: use data.name='random' or 'mnist_like', or data.storage='flat'."
+        )
+    if cfg.size_sigma > 0 and cfg.name not in ("random", "mnist_like"):
+        raise ValueError(
+            f"data.size_sigma={cfg.size_sigma!r} applies to the 'random' and 'mnist_like' generators; set it to 0 "
+            "(array sources size their clients through data.partition='quantity')."
+        )
     if cfg.name in KNOWN_SIZES:
         _check_clients(cfg, KNOWN_SIZES[cfg.name][0])
         _check_shards(cfg, KNOWN_SIZES[cfg.name][1])
@@ -197,12 +219,32 @@ def _partition(cfg: Any, y: np.ndarray, groups: np.ndarray | None):
 
 
 def _generate(cfg: Any) -> FederatedDataset:
+    if cfg.storage == "generated":
+        features, classes = (784, 10) if cfg.name == "mnist_like" else (cfg.num_features, cfg.num_classes)
+        return synthetic.generated_linear_teacher(
+            cfg.num_clients,
+            cfg.samples_per_client,
+            features,
+            classes,
+            cfg.seed,
+            cfg.test_fraction,
+            cfg.name,
+            cfg.size_sigma,
+        )
     if cfg.name == "random":
         return synthetic.linear_teacher(
-            cfg.num_clients, cfg.samples_per_client, cfg.num_features, cfg.num_classes, cfg.seed, cfg.test_fraction
+            cfg.num_clients,
+            cfg.samples_per_client,
+            cfg.num_features,
+            cfg.num_classes,
+            cfg.seed,
+            cfg.test_fraction,
+            size_sigma=cfg.size_sigma,
         )
     if cfg.name == "mnist_like":
-        return synthetic.mnist_like(cfg.num_clients, cfg.samples_per_client, cfg.seed, cfg.test_fraction)
+        return synthetic.mnist_like(
+            cfg.num_clients, cfg.samples_per_client, cfg.seed, cfg.test_fraction, cfg.size_sigma
+        )
     return synthetic.fedprox_synthetic(
         cfg.num_clients, cfg.synthetic_alpha, cfg.synthetic_beta, cfg.seed, cfg.samples_per_client, cfg.test_fraction
     )
@@ -214,7 +256,9 @@ def load_dataset(cfg: Any) -> FederatedDataset:
     Checked by `validate_config` before loading and by `validate_dataset`
     (inside `federate` and the generators) after. ``info`` holds ``summary``
     (`partition_summary`) and, for array sources, ``rows`` (source row indices
-    of every client's train and test split).
+    of every client's train and test split). The result is stored as
+    ``data.storage`` says, its test splits those of ``data.eval_clients``
+    (`population.store`).
     """
     validate_config(cfg)
     if cfg.name in GENERATED:
@@ -237,7 +281,7 @@ def load_dataset(cfg: Any) -> FederatedDataset:
         )
         if cfg.name == "heart":
             dataset.info["features"] = heart.FEATURES
-    return dataset
+    return population.store(dataset, cfg)
 
 
 __all__ = [

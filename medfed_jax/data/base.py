@@ -171,8 +171,13 @@ def validate_dataset(dataset: FederatedDataset) -> None:
         raise ValueError(f"{dataset.name}: {len(dataset.client_names)} client names for {dataset.num_clients} clients")
     if not isinstance(dataset.num_classes, (int, np.integer)) or dataset.num_classes < 2:
         raise ValueError(f"{dataset.name}: num_classes={dataset.num_classes!r} must be an integer >= 2")
+    from medfed_jax.data import population  # flat splits (imports this module)
+
     for split in ("train", "test"):
         data: ClientData = getattr(dataset, split)
+        if not isinstance(data, ClientData):
+            population.validate_split(dataset, split)
+            continue
         x, y, count = (np.asarray(a) for a in data)
         if x.ndim < 3 or y.ndim != 2 or count.ndim != 1 or not (x.shape[0] == y.shape[0] == count.shape[0]):
             raise ValueError(

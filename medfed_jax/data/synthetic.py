@@ -4,17 +4,23 @@ Both generators draw every client at once (or in large blocks of clients),
 so 10^5 clients take seconds. ``samples_per_client`` counts *training* rows;
 each client also gets ``round(f / (1 - f) * n)`` test rows from the same
 distribution (``f = test_fraction``), so test rows are the fraction ``f`` of
-the client's rows.
+the client's rows. `linear_teacher` with ``size_sigma > 0`` draws log-normal
+client sizes and writes its rows flat (`medfed_jax.data.population`), block
+by block, so that 10^6 clients fit in a few GB.
 """
 
 from __future__ import annotations
 
 import math
 
+import jax
 import numpy as np
 
+from medfed_jax.data import population
 from medfed_jax.data.base import partition_summary, validate_dataset
-from medfed_jax.types import ClientData, FederatedDataset
+from medfed_jax.types import ClientData, FederatedDataset, GeneratedPopulation
+
+ROWS_PER_BLOCK = 1 << 20  # rows generated at once by the flat generator (bounds its temporaries)
 
 FEDPROX_DIM, FEDPROX_CLASSES = 60, 10
 MAX_BYTES = 4 << 30  # refuse to allocate more than this for one feature array
@@ -90,11 +96,20 @@ def linear_teacher(
     seed: int,
     test_fraction: float = 0.2,
     name: str = "random",
+    size_sigma: float = 0.0,
 ) -> FederatedDataset:
-    """IID clients: ``x ~ N(0, I)``, label ``argmax(x @ W)`` with ``W = teacher_weights(..., seed)``."""
+    """IID clients: ``x ~ N(0, I)``, label ``argmax(x @ W)`` with ``W = teacher_weights(..., seed)``.
+
+    ``size_sigma > 0``: log-normal training sizes ``max(1, round(n * exp(size_sigma * z)))``,
+    ``z ~ N(0, 1)`` (median ``n = samples_per_client``), stored flat (`lognormal_sizes`).
+    """
     _check(num_clients, samples_per_client, test_fraction)
     if num_features < 1 or num_classes < 2:
         raise ValueError(f"need num_features >= 1 and num_classes >= 2, got {num_features}, {num_classes}")
+    if size_sigma > 0:
+        return _flat_linear_teacher(
+            num_clients, samples_per_client, num_features, num_classes, seed, test_fraction, name, size_sigma
+        )
     n_test = int(test_rows(samples_per_client, test_fraction))
     _check_memory(num_clients, samples_per_client + n_test, num_features)
     rng = np.random.default_rng(seed)
@@ -105,9 +120,85 @@ def linear_teacher(
     return _dataset(name, x, y, sizes, np.full(num_clients, n_test, np.int64), num_classes)
 
 
-def mnist_like(num_clients: int, samples_per_client: int, seed: int, test_fraction: float = 0.2) -> FederatedDataset:
+def lognormal_sizes(rng: np.random.Generator, num_clients: int, median: int, sigma: float) -> np.ndarray:
+    """``[C]`` int64 client sizes ``max(1, round(median * exp(sigma * z)))``, ``z ~ N(0, 1)``."""
+    return np.maximum(1, np.round(median * np.exp(sigma * rng.standard_normal(num_clients)))).astype(np.int64)
+
+
+def _teacher_rows(rng: np.random.Generator, rows: int, w: np.ndarray):
+    """``rows`` IID teacher rows ``(x[rows, F], y[rows])``, drawn in blocks of `ROWS_PER_BLOCK`."""
+    x = np.empty((rows, w.shape[0]), np.float32)
+    y = np.empty(rows, np.int32)
+    for s in range(0, rows, ROWS_PER_BLOCK):
+        e = min(s + ROWS_PER_BLOCK, rows)
+        x[s:e] = rng.standard_normal((e - s, w.shape[0]), dtype=np.float32)
+        y[s:e] = np.argmax(x[s:e] @ w, -1)
+    return x, y
+
+
+def _flat_linear_teacher(num_clients, median, num_features, num_classes, seed, test_fraction, name, sigma):
+    """`linear_teacher` with log-normal sizes, train and test stored flat (no padding)."""
+    rng = np.random.default_rng(seed)
+    w = rng.standard_normal((num_features, num_classes), dtype=np.float32)
+    n_train = lognormal_sizes(rng, num_clients, median, sigma)
+    n_test = test_rows(n_train, test_fraction)
+    total = int(n_train.sum() + n_test.sum())
+    if total * (num_features + 1) * 4 > 2 * MAX_BYTES:
+        raise ValueError(
+            f"{num_clients} clients of median {median} rows (size_sigma={sigma}) hold {total} rows x "
+            f"{num_features} features ({total * (num_features + 1) * 4 / 2**30:.1f} GiB); use fewer clients, "
+            "a smaller data.samples_per_client or data.size_sigma."
+        )
+    train = population.flat(*_teacher_rows(rng, int(n_train.sum()), w), n_train)
+    test = population.flat(*_teacher_rows(rng, int(n_test.sum()), w), n_test)
+    names = tuple(f"client{c}" for c in range(num_clients))
+    dataset = FederatedDataset(name, train, test, names, num_classes)
+    validate_dataset(dataset)
+    dataset.info["summary"] = population.summary(dataset)
+    return dataset
+
+
+def generated_linear_teacher(
+    num_clients: int,
+    samples_per_client: int,
+    num_features: int,
+    num_classes: int,
+    seed: int,
+    test_fraction: float = 0.2,
+    name: str = "random",
+    size_sigma: float = 0.0,
+) -> FederatedDataset:
+    """`linear_teacher`'s clients, sizes and teacher, with rows generated on device each round (none stored).
+
+    The teacher and the sizes are the flat generator's for ``seed``; the rows
+    come from per-client keys (`medfed_jax.types.GeneratedPopulation`), the
+    test splits from a second key.
+    """
+    _check(num_clients, samples_per_client, test_fraction)
+    rng = np.random.default_rng(seed)
+    w = rng.standard_normal((num_features, num_classes), dtype=np.float32)
+    if size_sigma > 0:
+        n_train = lognormal_sizes(rng, num_clients, samples_per_client, size_sigma)
+    else:
+        n_train = np.full(num_clients, samples_per_client, np.int64)
+    n_test = test_rows(n_train, test_fraction)
+    key = np.asarray(jax.random.PRNGKey(seed))
+    train, test = (
+        GeneratedPopulation(np.asarray(jax.random.fold_in(key, split)), w, n.astype(np.int32))
+        for split, n in ((0, n_train), (1, n_test))
+    )
+    dataset = FederatedDataset(name, train, test, tuple(f"client{c}" for c in range(num_clients)), num_classes)
+    validate_dataset(dataset)
+    return dataset
+
+
+def mnist_like(
+    num_clients: int, samples_per_client: int, seed: int, test_fraction: float = 0.2, size_sigma: float = 0.0
+) -> FederatedDataset:
     """Benchmark W1's data: MNIST-shaped (784 features, 10 classes) `linear_teacher` clients."""
-    return linear_teacher(num_clients, samples_per_client, 784, 10, seed, test_fraction, name="mnist_like")
+    return linear_teacher(
+        num_clients, samples_per_client, 784, 10, seed, test_fraction, name="mnist_like", size_sigma=size_sigma
+    )
 
 
 def fedprox_synthetic(
