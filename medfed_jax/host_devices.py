@@ -40,8 +40,14 @@ def default_before_jax(environ: MutableMapping[str, str] = os.environ) -> None:
     An explicit ``MEDFED_JAX_DEVICES`` wins; the default yields to a count the
     user gave JAX or XLA (``JAX_NUM_CPU_DEVICES``, ``XLA_FLAGS``). A malformed
     value is left for `medfed_jax.mesh.configure_devices` to refuse in one line.
+    If JAX is already imported (costing nothing more here), this is
+    `medfed_jax.mesh.configure_default_devices`, which applies while JAX's
+    backend has not started.
     """
     if "jax" in sys.modules:
+        from medfed_jax import mesh  # noqa: PLC0415 (JAX is loaded already)
+
+        mesh.configure_default_devices()
         return
     try:
         count = parse_devices(environ.get(ENV_DEVICES, "all"), ENV_DEVICES)

@@ -117,12 +117,17 @@ def static_config(cfg: Any, switched: Sequence[str] = ()) -> ml_collections.Froz
     return ml_collections.FrozenConfigDict(plain)
 
 
+# Clients per vmapped chunk under 'map' when ``client_chunk`` is 0: the fastest of 1, 2, 3, 4, 5, 8, 10
+# and 25 for W1 on the 2-core AVX-512 CPU with the cohort split over both cores (benchmarks/RESULTS.md).
+DEFAULT_CHUNK = 2
+
+
 def default_parallelism(cfg: Any) -> tuple[str, int]:
-    """Client-parallel strategy: full vmap on accelerators, chunked map on CPU."""
+    """Client-parallel strategy: full vmap on accelerators, chunked map (`DEFAULT_CHUNK`) on CPU."""
     mode = cfg.client_parallelism
     if mode == "auto":
         mode = "map" if jax.default_backend() == "cpu" else "vmap"
-    return mode, (cfg.client_chunk or 8)
+    return mode, (cfg.client_chunk or DEFAULT_CHUNK)
 
 
 def global_params(state: Any, train: ClientData, knobs: Knobs) -> Any:
