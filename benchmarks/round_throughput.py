@@ -197,7 +197,9 @@ def main() -> None:
     parser.add_argument("--clients", default="", help="populations (default: W1 10,100,1000; W2 1000)")
     parser.add_argument("--samples", type=int, default=0, help="rows per client (0: the workload's own)")
     parser.add_argument("--cohort", type=int, default=50, help="W2's clients per round")
-    parser.add_argument("--strategies", default="map:8", help="client_parallelism[:chunk] of the engine")
+    parser.add_argument(
+        "--strategies", default="map", help="client_parallelism[:chunk] of the engine (map: its CPU default)"
+    )
     parser.add_argument("--devices", default="1,all", help="device counts the engine is split over")
     parser.add_argument("--rounds", type=int, default=2, help="rounds per scanned engine call")
     parser.add_argument("--passes", type=int, default=5, help="interleaved timing passes")
