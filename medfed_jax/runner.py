@@ -103,27 +103,30 @@ def prepare(cfg: Any, dataset: FederatedDataset | None = None) -> Prepared:
     return Prepared(cfg, dataset, context, config_lib.knobs_from_config(cfg), accounting)
 
 
-def engine_for(method: str, prepared: Prepared, switches: Switches = ()) -> tuple[Engine, FederatedDataset, Any]:
+def engine_for(
+    method: str, prepared: Prepared, switches: Switches = (), mesh: jax.sharding.Mesh | None = None
+) -> tuple[Engine, FederatedDataset, Any]:
     """The engine, data view and config of one method of a prepared run.
 
     ``switches`` (`medfed_jax.server.build_engine`): structural choices the
     program picks at run time from ``knobs``; pooled training ignores them (it
     has no attack and a plain mean), local-only training has no use for them.
+    ``mesh``: the devices the cohort is split over (`build_engine`'s default: every device).
     """
     cfg, dataset = prepared.cfg, prepared.dataset
     switched = [path for path, _ in switches]
     if method == "federated":
-        return build_engine(static_config(cfg, switched), prepared.context, switches), dataset, cfg
+        return build_engine(static_config(cfg, switched), prepared.context, switches, mesh), dataset, cfg
     if method == "local_only":
         return baselines.build_local_only(static_config(cfg, switched), prepared.context), dataset, cfg
     if method == "pooled":
         pooled_cfg = baselines.pooled_config(cfg)
         view = baselines.pooled_training_view(dataset)
-        return build_engine(static_config(pooled_cfg), build_context(pooled_cfg, view)), view, pooled_cfg
+        return build_engine(static_config(pooled_cfg), build_context(pooled_cfg, view), (), mesh), view, pooled_cfg
     if method in personalize.PERSONAL_METHODS:
         personal_cfg = cfg.copy_and_resolve_references()
         personal_cfg.personalization.method = method
-        engine = build_engine(static_config(personal_cfg, switched), prepared.context, switches)
+        engine = build_engine(static_config(personal_cfg, switched), prepared.context, switches, mesh)
         return engine, dataset, personal_cfg
     raise ValueError(f"unknown method {method!r}; choose one of {METHODS}.")
 

@@ -93,6 +93,7 @@ import numpy as np
 from medfed_jax import baselines, privacy, runner
 from medfed_jax import config as config_lib
 from medfed_jax import data as data_lib
+from medfed_jax import mesh as mesh_lib
 from medfed_jax.server import SWITCHABLE, Engine, Switches
 from medfed_jax.types import ClientData, FederatedDataset
 
@@ -470,7 +471,7 @@ def prepare_program(cfg: Any, plan: Plan, spec: ProgramSpec, datasets: dict) -> 
         prepared = runner.prepare(struct_cfg, _dataset(struct_cfg, datasets))
     except ValueError as e:
         raise ValueError(f"sweep program {spec.label()}: {e}") from None
-    engine, view, _ = runner.engine_for(method, prepared, plan.switches)
+    engine, view, _ = runner.engine_for(method, prepared, plan.switches, program_mesh())
     rounds = runner.eval_rounds(struct_cfg.rounds, struct_cfg.eval_every)
     seeds, knobs, epsilons, notes = [], [], [], []
     for index in spec.cells:
@@ -892,6 +893,15 @@ def _compile_job(chunk: _Chunk) -> tuple[Any, float, bool]:
 
 
 MAX_CPU_WORKERS = 8  # each running chunk holds its own buffers: bound the memory on big hosts
+
+
+def program_mesh() -> jax.sharding.Mesh | None:
+    """The devices one sweep program runs on: one on a CPU, where `run_workers` chunks already fill the
+    cores (splitting each cell's clients over them as well ran the 540-cell matrix in 70 s instead of 53 s); the
+    default client mesh (None) elsewhere."""
+    if run_workers() > 1:
+        return jax.sharding.Mesh(np.asarray(jax.devices()[:1]), (mesh_lib.AXIS,))
+    return None
 
 
 def run_workers() -> int:
