@@ -30,7 +30,7 @@ import numpy as np
 import optax
 from jax.flatten_util import ravel_pytree
 
-from medfed_jax import privacy
+from medfed_jax import host_devices, privacy
 from medfed_jax.models import make_model
 from medfed_jax.types import Array, Params, PRNGKey
 
@@ -376,4 +376,5 @@ def main(argv: Sequence[str] | None = None) -> dict[str, list[dict]]:
 
 
 if __name__ == "__main__":
+    host_devices.quiet_backend_probe()
     main()

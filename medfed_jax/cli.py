@@ -39,7 +39,6 @@ import dataclasses
 import fnmatch
 import io
 import json
-import logging
 import math
 import os
 import sys
@@ -48,7 +47,7 @@ from typing import Any
 import numpy as np
 from absl import app, flags
 
-from medfed_jax import client_results, compilation_cache, config_files, report, runner, sweep
+from medfed_jax import client_results, compilation_cache, config_files, host_devices, report, runner, sweep
 from medfed_jax import config as config_lib
 from medfed_jax import mesh as mesh_lib
 
@@ -468,6 +467,5 @@ def parse_or_refuse(argv: list[str]) -> Command:
 
 
 def run_main() -> None:
-    # jax logs every backend it cannot start (e.g. "Unable to initialize backend 'tpu'") at INFO.
-    logging.getLogger("jax._src.xla_bridge").setLevel(logging.WARNING)
+    host_devices.quiet_backend_probe()
     app.run(main, flags_parser=parse_or_refuse)

@@ -9,6 +9,7 @@ same through ``jax.config`` and refuses a late explicit change.
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 from collections.abc import MutableMapping
@@ -57,3 +58,11 @@ def default_before_jax(environ: MutableMapping[str, str] = os.environ) -> None:
         environ[JAX_ENV_DEVICES] = str(count or host_cores())
     elif JAX_ENV_DEVICES not in environ and XLA_DEVICE_FLAG not in environ.get("XLA_FLAGS", ""):
         environ[JAX_ENV_DEVICES] = str(host_cores())
+
+
+def quiet_backend_probe() -> None:
+    """Hide JAX's INFO line for every backend it cannot start ("Unable to initialize backend 'tpu'").
+
+    Called by the command-line programs (`medfed_jax.cli`, `.report`, `.audit`) before they use JAX.
+    """
+    logging.getLogger("jax._src.xla_bridge").setLevel(logging.WARNING)

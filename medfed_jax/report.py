@@ -41,7 +41,7 @@ from typing import Any
 import numpy as np
 from absl import app, flags
 
-from medfed_jax import runner, sweep
+from medfed_jax import host_devices, runner, sweep
 
 START, END = "<!-- results:start -->", "<!-- results:end -->"
 METRIC = "test_accuracy"
@@ -671,4 +671,5 @@ def main(argv: list[str]) -> None:
 
 if __name__ == "__main__":
     define_flags()
+    host_devices.quiet_backend_probe()
     app.run(main)
