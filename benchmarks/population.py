@@ -61,7 +61,7 @@ class Run:
         self.prepared = runner.prepare(population_config(args, num_clients, storage))
         self.generate_s = time.perf_counter() - start
         self.engine = build_engine(static_config(self.prepared.cfg), self.prepared.context)
-        self.train = jax.device_put(self.prepared.dataset.train)
+        self.train, _ = runner.place_data(self.engine, self.prepared.dataset)  # on the engine's devices
         self.state = self.engine.init(0, self.train, self.prepared.knobs)
         self.rounds = args.rounds
         start = time.perf_counter()
