@@ -46,8 +46,8 @@ import numpy as np
 import optax
 
 from medfed_jax import config as config_lib
+from medfed_jax import host_devices, runner
 from medfed_jax import mesh as mesh_lib
-from medfed_jax import runner
 from medfed_jax.data.synthetic import linear_teacher, mnist_like
 from medfed_jax.models import make_model
 from medfed_jax.server import build_engine, static_config
@@ -206,7 +206,7 @@ def main() -> None:
     args = parser.parse_args()
     print(
         f"# {args.workload.upper()} round throughput, {datetime.date.today()}, "
-        f"{platform.processor() or platform.machine()}, {mesh_lib.host_cores()} cores, "
+        f"{platform.processor() or platform.machine()}, {host_devices.host_cores()} cores, "
         f"{jax.device_count()} x {jax.devices()[0].device_kind}, jax {jax.__version__}, {args.passes} passes"
     )
     print("| workload | clients | cohort | implementation | s/round | GFLOP/s | compile s | loop / this (min-max) |")

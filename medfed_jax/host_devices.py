@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
-from collections.abc import MutableMapping
+from collections.abc import Mapping, MutableMapping
 from typing import Any
 
 ENV_DEVICES = "MEDFED_JAX_DEVICES"
@@ -35,14 +35,31 @@ def parse_devices(value: Any, source: str) -> int | None:
     raise ValueError(f"{source}={value!r} must be 'all' or a positive integer (the number of devices to use).")
 
 
-def default_before_jax(environ: MutableMapping[str, str] = os.environ) -> None:
-    """Set ``JAX_NUM_CPU_DEVICES`` from ``MEDFED_JAX_DEVICES`` (every core by default) if JAX is not loaded yet.
+def resolve_devices(
+    value: Any = None, source: str = "--devices", environ: Mapping[str, str] = os.environ
+) -> tuple[int | None, int | None, bool]:
+    """``(count, cpu_devices, explicit)`` for ``value`` (from ``source``), else ``$MEDFED_JAX_DEVICES``, else all.
 
-    An explicit ``MEDFED_JAX_DEVICES`` wins; the default yields to a count the
-    user gave JAX or XLA (``JAX_NUM_CPU_DEVICES``, ``XLA_FLAGS``). A malformed
-    value is left for `medfed_jax.mesh.configure_devices` to refuse in one line.
-    If JAX is already imported (costing nothing more here), this is
-    `medfed_jax.mesh.configure_default_devices`, which applies while JAX's
+    ``count``: the devices asked for (None = every device); ``cpu_devices``:
+    the host device count to set on a CPU, None when a default yields to a
+    count the user gave JAX or XLA (``JAX_NUM_CPU_DEVICES``, ``XLA_FLAGS``);
+    ``explicit``: whether a value or ``MEDFED_JAX_DEVICES`` was given. A
+    malformed value is one clear error (`parse_devices`).
+    """
+    explicit = value is not None or ENV_DEVICES in environ
+    if value is None:
+        value, source = environ.get(ENV_DEVICES, "all"), ENV_DEVICES
+    count = parse_devices(value, source)
+    user_set = JAX_ENV_DEVICES in environ or XLA_DEVICE_FLAG in environ.get("XLA_FLAGS", "")
+    return count, (count or host_cores()) if explicit or not user_set else None, explicit
+
+
+def default_before_jax(environ: MutableMapping[str, str] = os.environ) -> None:
+    """Set ``JAX_NUM_CPU_DEVICES`` as `resolve_devices` says (every core by default) if JAX is not loaded yet.
+
+    A malformed value is left for `medfed_jax.mesh.configure_devices` to refuse
+    in one line. If JAX is already imported (costing nothing more here), this
+    is `medfed_jax.mesh.configure_default_devices`, which applies while JAX's
     backend has not started.
     """
     if "jax" in sys.modules:
@@ -51,13 +68,11 @@ def default_before_jax(environ: MutableMapping[str, str] = os.environ) -> None:
         mesh.configure_default_devices()
         return
     try:
-        count = parse_devices(environ.get(ENV_DEVICES, "all"), ENV_DEVICES)
+        _, cpu_devices, _ = resolve_devices(environ=environ)
     except ValueError:
         return
-    if ENV_DEVICES in environ:
-        environ[JAX_ENV_DEVICES] = str(count or host_cores())
-    elif JAX_ENV_DEVICES not in environ and XLA_DEVICE_FLAG not in environ.get("XLA_FLAGS", ""):
-        environ[JAX_ENV_DEVICES] = str(host_cores())
+    if cpu_devices is not None:
+        environ[JAX_ENV_DEVICES] = str(cpu_devices)
 
 
 def quiet_backend_probe() -> None:

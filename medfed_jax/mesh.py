@@ -31,7 +31,7 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from medfed_jax.host_devices import ENV_DEVICES, XLA_DEVICE_FLAG, host_cores, parse_devices
+from medfed_jax.host_devices import ENV_DEVICES, resolve_devices
 
 AXIS = "clients"
 ENV_DISTRIBUTED = ("MEDFED_JAX_COORDINATOR", "MEDFED_JAX_NUM_PROCESSES", "MEDFED_JAX_PROCESS_ID")
@@ -49,22 +49,22 @@ def configure_devices(value: Any = None, source: str = "--devices") -> None:
     """Set the device count: ``value`` (from ``source``), else ``$MEDFED_JAX_DEVICES``, else every device.
 
     On a CPU this sets the host platform's device count, which JAX reads when
-    its backend starts; if the backend already runs with another count, an
-    explicit setting is refused (one line naming the fix), a default is kept.
-    A default also leaves a count given by ``XLA_FLAGS`` (``XLA_DEVICE_FLAG``).
+    its backend starts (`medfed_jax.host_devices.resolve_devices`: a default
+    leaves a count the user gave JAX or XLA); if the backend already runs with
+    another count, an explicit setting is refused (one line naming the fix), a
+    default is kept.
     """
-    explicit = value is not None or ENV_DEVICES in os.environ
-    if value is None:
-        value, source = os.environ.get(ENV_DEVICES, "all"), ENV_DEVICES
-    count = parse_devices(value, source)
-    cpu_devices = count or host_cores()
+    count, cpu_devices, explicit = resolve_devices(value, source)
     if not _backend_started():
-        if explicit or XLA_DEVICE_FLAG not in os.environ.get("XLA_FLAGS", ""):  # a default yields to XLA's flag
+        if cpu_devices is not None:
             jax.config.update("jax_num_cpu_devices", cpu_devices)
     elif explicit and jax.default_backend() == "cpu" and len(jax.local_devices()) != cpu_devices:
+        shown = value if value is not None else os.environ[ENV_DEVICES]
+        shown_source = source if value is not None else ENV_DEVICES
         raise ValueError(
-            f"{source}={value!r}: JAX's CPU backend already started with {len(jax.local_devices())} device(s); "
-            f"set {ENV_DEVICES}={value} (or call medfed_jax.mesh.configure_devices) before anything uses JAX."
+            f"{shown_source}={shown!r}: JAX's CPU backend already started with {len(jax.local_devices())} "
+            f"device(s); set {ENV_DEVICES}={shown} (or call medfed_jax.mesh.configure_devices) before anything "
+            "uses JAX."
         )
     _requested["devices"] = count
 

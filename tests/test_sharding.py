@@ -29,6 +29,7 @@ import sys
 import numpy as np
 import pytest
 
+from medfed_jax import host_devices
 from medfed_jax import mesh as mesh_lib
 
 U = 2.0**-24
@@ -114,8 +115,8 @@ def test_sharded_mean_run_matches_one_device(results, case):
 def test_bad_device_counts_are_refused_in_one_line():
     for bad in ("0", "-2", "two", "1.5"):
         with pytest.raises(ValueError, match=r"--devices='?.*'? must be 'all' or a positive integer"):
-            mesh_lib.parse_devices(bad, "--devices")
-    assert mesh_lib.parse_devices("all", "--devices") is None and mesh_lib.parse_devices(" 4 ", "x") == 4
+            host_devices.parse_devices(bad, "--devices")
+    assert host_devices.parse_devices("all", "--devices") is None and host_devices.parse_devices(" 4 ", "x") == 4
     with pytest.raises(ValueError, match=r"devices=8 but only 1 device\(s\) are available"):
         mesh_lib.client_mesh(16, devices=8)
 
@@ -129,3 +130,14 @@ def test_device_count_after_the_backend_started_is_refused(monkeypatch):
         mesh_lib.configure_devices("4", "--devices")
     monkeypatch.setenv(mesh_lib.ENV_DEVICES, "1")
     mesh_lib.configure_devices()  # the count it already has: fine
+
+
+def test_device_settings_precedence():
+    """An explicit setting wins; the default (every core) yields to the user's own JAX or XLA count."""
+    cores = host_devices.host_cores()
+    resolve = host_devices.resolve_devices
+    assert resolve(environ={}) == (None, cores, False)
+    assert resolve("3", environ={"JAX_NUM_CPU_DEVICES": "5"}) == (3, 3, True)
+    assert resolve(environ={"MEDFED_JAX_DEVICES": "all", "JAX_NUM_CPU_DEVICES": "5"}) == (None, cores, True)
+    assert resolve(environ={"JAX_NUM_CPU_DEVICES": "5"}) == (None, None, False)
+    assert resolve(environ={"XLA_FLAGS": "--xla_force_host_platform_device_count=3"}) == (None, None, False)
