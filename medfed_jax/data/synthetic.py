@@ -136,12 +136,23 @@ def _teacher_rows(rng: np.random.Generator, rows: int, w: np.ndarray):
     return x, y
 
 
-def _flat_linear_teacher(num_clients, median, num_features, num_classes, seed, test_fraction, name, sigma):
-    """`linear_teacher` with log-normal sizes, train and test stored flat (no padding)."""
+def _teacher_and_sizes(num_clients, median, num_features, num_classes, seed, test_fraction, sigma):
+    """``(rng, W, n_train, n_test)`` for ``seed``: the teacher, then the training sizes (log-normal when
+    ``sigma > 0``, else ``median`` each) and their test splits; ``rng`` goes on to draw the rows."""
     rng = np.random.default_rng(seed)
     w = rng.standard_normal((num_features, num_classes), dtype=np.float32)
-    n_train = lognormal_sizes(rng, num_clients, median, sigma)
-    n_test = test_rows(n_train, test_fraction)
+    if sigma > 0:
+        n_train = lognormal_sizes(rng, num_clients, median, sigma)
+    else:
+        n_train = np.full(num_clients, median, np.int64)
+    return rng, w, n_train, test_rows(n_train, test_fraction)
+
+
+def _flat_linear_teacher(num_clients, median, num_features, num_classes, seed, test_fraction, name, sigma):
+    """`linear_teacher` with log-normal sizes, train and test stored flat (no padding)."""
+    rng, w, n_train, n_test = _teacher_and_sizes(
+        num_clients, median, num_features, num_classes, seed, test_fraction, sigma
+    )
     total = int(n_train.sum() + n_test.sum())
     if total * (num_features + 1) * 4 > 2 * MAX_BYTES:
         raise ValueError(
@@ -175,13 +186,9 @@ def generated_linear_teacher(
     test splits from a second key.
     """
     _check(num_clients, samples_per_client, test_fraction)
-    rng = np.random.default_rng(seed)
-    w = rng.standard_normal((num_features, num_classes), dtype=np.float32)
-    if size_sigma > 0:
-        n_train = lognormal_sizes(rng, num_clients, samples_per_client, size_sigma)
-    else:
-        n_train = np.full(num_clients, samples_per_client, np.int64)
-    n_test = test_rows(n_train, test_fraction)
+    _, w, n_train, n_test = _teacher_and_sizes(
+        num_clients, samples_per_client, num_features, num_classes, seed, test_fraction, size_sigma
+    )
     key = np.asarray(jax.random.PRNGKey(seed))
     train, test = (
         GeneratedPopulation(np.asarray(jax.random.fold_in(key, split)), w, n.astype(np.int32))
