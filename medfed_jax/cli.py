@@ -34,10 +34,8 @@ resumes from its checkpoints when started again with the same command.
 
 from __future__ import annotations
 
-import csv
 import dataclasses
 import fnmatch
-import io
 import json
 import math
 import os
@@ -245,16 +243,6 @@ def prepare_workdir(workdir: str, cfg: Any, overwrite: bool, extra: dict | None 
     runner.write_text_atomic(path, text)
 
 
-def rows_to_csv(rows: list[dict]) -> str:
-    """A CSV table whose columns are the union of the rows' keys (first-seen order)."""
-    columns = list(dict.fromkeys(k for row in rows for k in row))  # linear in the cells
-    out = io.StringIO()
-    writer = csv.DictWriter(out, columns, lineterminator="\n")
-    writer.writeheader()
-    writer.writerows(rows)
-    return out.getvalue()
-
-
 def format_table(header: list[str], rows: list[list[str]]) -> str:
     """A markdown table with padded columns."""
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
@@ -391,7 +379,7 @@ def _finish(workdir, prepared, rows, finals, seeds) -> dict:
     }
     if workdir:
         history, per_client = client_results.split(rows)
-        runner.write_text_atomic(os.path.join(workdir, "history.csv"), rows_to_csv(history))
+        runner.write_text_atomic(os.path.join(workdir, "history.csv"), sweep.to_csv(history))
         if per_client:
             runner.write_text_atomic(os.path.join(workdir, "clients.csv"), client_results.long_csv(rows, names))
         runner.write_text_atomic(
