@@ -51,7 +51,9 @@ def table(rows: list[dict], rounds: int) -> str:
 
     for key in order:
         values = np.asarray(groups[key])
-        half = stats.t.ppf(0.975, len(values) - 1) * values.std(ddof=1) / math.sqrt(len(values)) if len(values) > 1 else 0
+        half = (
+            stats.t.ppf(0.975, len(values) - 1) * values.std(ddof=1) / math.sqrt(len(values)) if len(values) > 1 else 0
+        )
         eps = "∞" if math.isinf(key[1]) else f"{key[1]:.3g}"
         lines.append(
             f"| {key[0]} | {eps} | {key[2]} | {sigmas[key]:.3g} | {values.mean():.1f} | {half:.1f} | {len(values)} |"
