@@ -155,6 +155,49 @@ def distinct_label_batch(y: np.ndarray, batch_size: int, rng: np.random.Generato
     return np.array([rng.choice(np.flatnonzero(y == label)) for label in labels])
 
 
+def engine_round(width: int, batch_size: int, local_steps: int, lr: float, seed: int) -> Callable:
+    """``round(x, y, sigma) -> (params, upload)``: one client's real round in the engine, under local DP.
+
+    A one-client federation whose client holds the batch ``(x, y)`` trains
+    ``local_steps`` SGD steps on it (``local.sampling='fixed'``, the whole batch
+    each step) from the global model of ``seed``; with the plain mean of one
+    client and server lr 1 the global step is exactly its (privatised) upload.
+    The clip norm is the noiseless upload's own norm, so the noise std is
+    ``sigma * ||update||``. Returns the negated upload: the direction of the
+    summed gradients the attacker matches.
+    """
+    from medfed_jax import config as config_lib
+    from medfed_jax import runner, server
+    from medfed_jax.data.base import stack_clients
+
+    x_all, y_all = load_digits_images()
+    dataset = FederatedDataset(
+        "digits-batch", stack_clients([x_all[:batch_size]], [y_all[:batch_size]]), None, ("client",), 10
+    )
+    dataset = dataclasses.replace(dataset, test=dataset.train)
+    cfg = config_lib.default_config()
+    cfg.model.widths, cfg.rounds, cfg.eval_every, cfg.baselines, cfg.seed = (width,), 1, 1, (), seed
+    cfg.local.epochs, cfg.local.steps, cfg.local.sampling, cfg.local.batch_size = 0, local_steps, "fixed", batch_size
+    cfg.local.lr, cfg.aggregator.name = lr, "mean"
+    cfg.privacy.mode, cfg.privacy.clip_norm = "local", 1.0
+    cfg.privacy.delta = 0.5  # one client: delta < 1/units; the epsilon rows use their own delta
+    prepared = runner.prepare(cfg, dataset)
+    engine = server.build_engine(server.static_config(cfg), prepared.context)
+
+    def round_update(x, y, sigma, clip):
+        train = ClientData(x[None], y[None], jnp.asarray([batch_size], jnp.int32))
+        knobs = {**prepared.knobs, "privacy.noise_multiplier": sigma, "privacy.clip_norm": clip}
+        state = engine.init(seed, train, knobs)
+        stepped, _ = engine.round_step(state, train, knobs)
+        return state.params, jax.tree.map(jnp.subtract, state.params, stepped.params)
+
+    def round_fn(x, y, sigma):
+        _, plain = round_update(x, y, jnp.float32(0.0), jnp.float32(jnp.inf))
+        return round_update(x, y, sigma, privacy.global_norm(plain))
+
+    return round_fn
+
+
 def inversion_experiment(
     noise_multipliers: Sequence[float],
     batch_size: int = 4,
@@ -164,6 +207,8 @@ def inversion_experiment(
     restarts: int = 4,
     delta: float = 1e-5,
     seed: int = 0,
+    local_steps: int = 0,
+    local_lr: float = 0.1,
 ) -> tuple[list[dict], dict[float, np.ndarray], np.ndarray]:
     """Gradient inversion against a client update under local DP of several noise multipliers.
 
@@ -171,7 +216,10 @@ def inversion_experiment(
     update is its mean gradient on that batch, clipped to its own norm (so
     clipping changes nothing and the noise std is ``sigma * ||update||``; a
     clip norm fixed in advance above the update norm only adds noise) and
-    noised as by `privacy.local_privatizer`. Labels are inferred iDLG-style
+    noised as by `privacy.local_privatizer`. ``local_steps > 0``: the update
+    is instead the client's real upload after ``local_steps`` SGD steps at
+    ``local_lr`` in the engine (`engine_round`), which the attack matches as
+    if it were one gradient. Labels are inferred iDLG-style
     from the noised update. Rows give means over trials; epsilon is that of
     the single release (local DP, replace-one). Returns ``(rows,
     reconstructions of trial 0 by sigma, true images of trial 0)``.
@@ -181,12 +229,16 @@ def inversion_experiment(
     params = model.init(jax.random.key(seed), jnp.zeros((1, x_all.shape[1])))
     rng = np.random.default_rng(seed)
     batches = [distinct_label_batch(y_all, batch_size, rng) for _ in range(trials)]
+    in_engine = engine_round(width, batch_size, local_steps, local_lr, seed) if local_steps else None
 
     @jax.jit
     def attack(params, x, y, sigma, key):  # params as an argument: constants would slow XLA's compile
-        update = batch_gradient(model.apply, params, x, y)
         noise_key, attack_key = jax.random.split(key)
-        noised = privacy.local_privatizer(sigma, privacy.global_norm(update))(update, noise_key)
+        if in_engine is None:
+            update = batch_gradient(model.apply, params, x, y)
+            noised = privacy.local_privatizer(sigma, privacy.global_norm(update))(update, noise_key)
+        else:
+            params, noised = in_engine(x, y, sigma)
         labels = infer_labels(noised["params"]["head"]["bias"], batch_size)
         inputs, match = invert_gradients(model.apply, params, noised, labels, attack_key, x.shape[1], steps, restarts)
         return inputs, labels, match
@@ -214,6 +266,7 @@ def inversion_experiment(
                 "match_loss": match,
                 "trials": trials,
                 "batch_size": batch_size,
+                "local_steps": local_steps,
             }
         )
     return rows, shown, x_all[batches[0]]
@@ -527,6 +580,24 @@ def audit_settings(cfg: Any, noise_multiplier: float, personalization: str) -> l
     return settings
 
 
+def federated_table(rows: Sequence[dict], summaries: Sequence[dict]) -> str:
+    """Markdown: per hospital and overall attack AUCs of each released model, with the epsilons."""
+    clients = list(dict.fromkeys(row["client"] for row in rows))
+    head = "| model | DP | ε accounted (record) | ε lower bound (95%) | attack | " + " | ".join(clients) + " |"
+    lines = [head, "|" + "---|" * (5 + len(clients))]
+    for summary in summaries:
+        label = (summary["model"], summary["dp"])
+        mine = {row["client"]: row for row in rows if (row["model"], row["dp"]) == label}
+        audit_ = summary["audit"]
+        accounted = audit_["accounted_record_epsilon"]
+        accounted = "∞" if math.isinf(accounted) else f"{accounted:.3g}"
+        for attack_name, key in (("loss", "loss_auc"), ("LiRA", "lira_auc")):
+            aucs = " | ".join(f"{float(mine[c][key]):.3f}" for c in clients)
+            bound = f"{audit_['empirical_epsilon_lower_bound']:.3g}" if key == "lira_auc" else ""
+            lines.append(f"| {label[0]} | {label[1]} | {accounted} | {bound} | {attack_name} AUC | {aucs} |")
+    return "\n".join(lines)
+
+
 def federated_main(args: argparse.Namespace) -> dict[str, Any]:
     """``--federated=CONFIG``: `federated_audit` of each of `audit_settings`; CSV rows and ``summary.json``."""
     import json
@@ -552,6 +623,10 @@ def federated_main(args: argparse.Namespace) -> dict[str, Any]:
     summary = {"config": args.federated, "shadows": args.shadows, "seed": args.seed, "settings": summaries}
     with open(os.path.join(args.out, "summary.json"), "w") as f:
         json.dump(config_lib.json_safe(summary), f, indent=2)
+    table = federated_table(rows, summaries)
+    with open(os.path.join(args.out, "federated_membership.md"), "w") as f:
+        f.write(table + "\n")
+    print(table)
     return summary
 
 
@@ -563,6 +638,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--trials", type=int, default=3)
     parser.add_argument("--inversion_steps", type=int, default=1000)
     parser.add_argument("--membership_steps", type=int, default=200)
+    parser.add_argument("--local_steps", type=int, default=0, help="inversion of the engine's real round update")
     parser.add_argument("--epsilons", type=float, nargs="+", default=[8.0, 2.0, 0.5], help="DP-SGD targets")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--federated", help="a config (e.g. heart_fedavg): audit its federated training instead")
@@ -577,7 +653,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         return federated_main(args)
 
     inversion, shown, true = inversion_experiment(
-        args.noise, trials=args.trials, steps=args.inversion_steps, seed=args.seed
+        args.noise, trials=args.trials, steps=args.inversion_steps, seed=args.seed, local_steps=args.local_steps
     )
     write_csv(inversion, os.path.join(args.out, "inversion.csv"))
     save_inversion_figure(true, shown, os.path.join(args.out, "inversion.png"))

@@ -136,3 +136,25 @@ def test_federated_audit_lower_bound_never_exceeds_the_accounted_epsilon():
     _, private = audit.federated_audit(cfg, dataset, shadows=4)
     assert private["accounted_record_epsilon"] <= 2.0
     assert private["empirical_epsilon_lower_bound"] <= private["accounted_record_epsilon"]
+
+
+def test_engine_round_upload_is_the_clients_local_sgd_steps():
+    """The attacked upload is the engine's real round: ``local_steps`` of full-batch SGD (a plain-JAX loop here)."""
+    batch, steps, lr = 4, 3, 0.1
+    round_fn = audit.engine_round(16, batch, steps, lr, seed=0)
+    x_all, y_all = audit.load_digits_images()
+    x, y = jnp.asarray(x_all[10:14]), jnp.asarray(y_all[10:14])
+    params, upload = round_fn(x, y, jnp.float32(0.0))
+    model = make_model("mlp", 10, (16,))
+    reference = params
+    for _ in range(steps):
+        grads = audit.batch_gradient(model.apply, reference, x, y)
+        reference = jax.tree.map(lambda p, g: p - lr * g, reference, grads)
+    expected = jax.tree.map(jnp.subtract, params, reference)
+    for got, want in zip(jax.tree.leaves(upload), jax.tree.leaves(expected)):
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-6)
+    _, noised = round_fn(x, y, jnp.float32(1.0))  # sigma = 1: noise std per coordinate = ||update||
+    noise = privacy.global_norm(jax.tree.map(jnp.subtract, noised, upload))
+    dim = sum(leaf.size for leaf in jax.tree.leaves(upload))
+    ratio = float(noise / privacy.global_norm(upload)) / np.sqrt(dim)
+    assert abs(ratio - 1.0) < 5 / np.sqrt(2 * dim)  # ||N(0, s^2 I_d)|| / (s sqrt(d)): mean 1, std ~ 1/sqrt(2d)
