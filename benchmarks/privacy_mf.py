@@ -24,40 +24,34 @@ from medfed_jax import host_devices, sweep  # noqa: E402
 ACCURACY = "test_accuracy"
 
 
+def row_key(row: dict) -> tuple[str, float, str]:
+    """``(dataset, epsilon, mechanism)`` of a results row."""
+    mode, bands = row["privacy.mode"], int(row["privacy.bands"])
+    mechanism = {"none": "no DP", "central": "DP-FedAvg"}.get(mode, f"BandMF, {bands} bands")
+    eps = row.get("epsilon") or "inf"
+    return row["data.name"], float(eps), mechanism
+
+
 def table(rows: list[dict], rounds: int) -> str:
-    """Markdown: one line per (dataset, mechanism, bands, epsilon), accuracy over the splits."""
-    groups: dict[tuple, list[float]] = {}
+    """Markdown: one line per (dataset, epsilon, mechanism), final accuracy over the splits."""
+    from scipy import stats
+
+    accuracy: dict[tuple, list[float]] = {}
+    sigma: dict[tuple, float] = {}
     for row in rows:
-        if int(row["round"]) != rounds:
-            continue
-        mode, bands = row["privacy.mode"], int(row["privacy.bands"])
-        mechanism = {"none": "no DP", "central": "DP-FedAvg"}.get(mode, f"BandMF, {bands} bands")
-        eps = row.get("epsilon", "inf")
-        key = (row["data.name"], float(eps) if eps not in ("", None) else math.inf, mechanism)
-        groups.setdefault(key, []).append(100 * float(row[ACCURACY]))
-    order = sorted(groups, key=lambda k: (k[0] != "heart", -k[1], k[2] != "DP-FedAvg", k[2]))
+        if int(row["round"]) == rounds:
+            accuracy.setdefault(row_key(row), []).append(100 * float(row[ACCURACY]))
+            sigma[row_key(row)] = float(row["privacy.noise_multiplier"])
     lines = [
         "| dataset | ε (δ = 1e-5) | mechanism | noise multiplier σ | test accuracy (%) | 95% CI (±) | n |",
         "|---|---|---|---|---|---|---|",
     ]
-    sigmas = {}
-    for row in rows:
-        eps = row.get("epsilon", "inf")
-        mode, bands = row["privacy.mode"], int(row["privacy.bands"])
-        mechanism = {"none": "no DP", "central": "DP-FedAvg"}.get(mode, f"BandMF, {bands} bands")
-        key = (row["data.name"], float(eps) if eps not in ("", None) else math.inf, mechanism)
-        sigmas[key] = float(row["privacy.noise_multiplier"])
-    from scipy import stats
-
-    for key in order:
-        values = np.asarray(groups[key])
-        half = (
-            stats.t.ppf(0.975, len(values) - 1) * values.std(ddof=1) / math.sqrt(len(values)) if len(values) > 1 else 0
-        )
+    for key in sorted(accuracy, key=lambda k: (k[0] != "heart", -k[1], k[2] != "DP-FedAvg", k[2])):
+        values = np.asarray(accuracy[key])
+        n = len(values)
+        half = stats.t.ppf(0.975, n - 1) * values.std(ddof=1) / math.sqrt(n) if n > 1 else math.nan
         eps = "∞" if math.isinf(key[1]) else f"{key[1]:.3g}"
-        lines.append(
-            f"| {key[0]} | {eps} | {key[2]} | {sigmas[key]:.3g} | {values.mean():.1f} | {half:.1f} | {len(values)} |"
-        )
+        lines.append(f"| {key[0]} | {eps} | {key[2]} | {sigma[key]:.3g} | {values.mean():.1f} | {half:.1f} | {n} |")
     return "\n".join(lines)
 
 

@@ -580,22 +580,42 @@ def audit_settings(cfg: Any, noise_multiplier: float, personalization: str) -> l
     return settings
 
 
+MAX_CLIENT_COLUMNS = 6  # more clients: `federated_table` gives the overall AUCs and the per-client range
+
+
 def federated_table(rows: Sequence[dict], summaries: Sequence[dict]) -> str:
-    """Markdown: per hospital and overall attack AUCs of each released model, with the epsilons."""
-    clients = list(dict.fromkeys(row["client"] for row in rows))
-    head = "| model | DP | ε accounted (record) | ε lower bound (95%) | attack | " + " | ".join(clients) + " |"
-    lines = [head, "|" + "---|" * (5 + len(clients))]
+    """Markdown: each released model's epsilons and attack AUCs, per hospital (or overall and the clients' range)."""
+    clients = [c for c in dict.fromkeys(row["client"] for row in rows) if c != "all"]
+    wide = len(clients) <= MAX_CLIENT_COLUMNS
+    columns = [*clients, "all"] if wide else ["all", "clients (min–max)"]
+    lines = [
+        "| model | DP | ε accounted (record) | ε lower bound (95%) | attack | " + " | ".join(columns) + " |",
+        "|" + "---|" * (5 + len(columns)),
+    ]
     for summary in summaries:
         label = (summary["model"], summary["dp"])
-        mine = {row["client"]: row for row in rows if (row["model"], row["dp"]) == label}
-        audit_ = summary["audit"]
-        accounted = audit_["accounted_record_epsilon"]
+        auc = {row["client"]: row for row in rows if (row["model"], row["dp"]) == label}
+        accounted = float(summary["audit"]["accounted_record_epsilon"])
         accounted = "∞" if math.isinf(accounted) else f"{accounted:.3g}"
         for attack_name, key in (("loss", "loss_auc"), ("LiRA", "lira_auc")):
-            aucs = " | ".join(f"{float(mine[c][key]):.3f}" for c in clients)
-            bound = f"{audit_['empirical_epsilon_lower_bound']:.3g}" if key == "lira_auc" else ""
-            lines.append(f"| {label[0]} | {label[1]} | {accounted} | {bound} | {attack_name} AUC | {aucs} |")
+            per_client = [float(auc[c][key]) for c in clients]
+            cells = [f"{v:.3f}" for v in per_client] if wide else [f"{min(per_client):.3f}–{max(per_client):.3f}"]
+            cells = [*cells, f"{float(auc['all'][key]):.3f}"] if wide else [f"{float(auc['all'][key]):.3f}", *cells]
+            bound = f"{summary['audit']['empirical_epsilon_lower_bound']:.3g}" if key == "lira_auc" else ""
+            lines.append(
+                f"| {label[0]} | {label[1]} | {accounted} | {bound} | {attack_name} AUC | {' | '.join(cells)} |"
+            )
     return "\n".join(lines)
+
+
+def table_from_dir(out: str) -> str:
+    """`federated_table` of a finished ``--federated`` run's ``federated_membership.csv`` and ``summary.json``."""
+    import json
+
+    with open(os.path.join(out, "federated_membership.csv")) as f:
+        rows = list(csv.DictReader(f))
+    with open(os.path.join(out, "summary.json")) as f:
+        return federated_table(rows, json.load(f)["settings"])
 
 
 def federated_main(args: argparse.Namespace) -> dict[str, Any]:
