@@ -651,7 +651,11 @@ def federated_main(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
-    """CLI: ``python -m medfed_jax.audit --out=DIR`` (gradient inversion + membership inference)."""
+    """CLI: ``python -m medfed_jax.audit --out=DIR`` (gradient inversion + membership inference).
+
+    ``--local_steps=K`` inverts the engine's real round upload after K local
+    steps; ``--federated=CONFIG`` runs `federated_main` instead.
+    """
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", required=True, help="output directory")
     parser.add_argument("--noise", type=float, nargs="+", default=[0.0, 1e-3, 1e-2, 1e-1, 1.0])

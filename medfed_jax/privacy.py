@@ -318,10 +318,11 @@ def dp_fedavg(
 
     ``update = (sum_i m_i clip(u_i, S) + N(0, (z S)^2)) / expected_cohort``;
     ``weights`` are ignored (weighting by data size would raise the
-    sensitivity). ``bands > 1``: the noise is correlated across rounds as
-    ``z S (C^-1 w)_t`` (`correlated_noise`; ``mode='bandmf'``), its buffer of
-    ``bands - 1`` past draws in the aggregator state. With ``adaptive``, ``S`` lives in the aggregator state and
-    moves geometrically toward the target quantile of the update norms,
+    sensitivity). ``bands > 1``: the noise is correlated across rounds,
+    ``z S (C^-1 w)_t`` for iid ``w_t ~ N(0, I)`` (`correlated_noise`;
+    ``mode='bandmf'``), with a buffer of ``bands - 1`` past draws in the
+    aggregator state. With ``adaptive``, ``S`` lives in the aggregator state
+    and moves geometrically toward the target quantile of the update norms,
     estimated from the noised count of unclipped clients; the overall noise
     multiplier stays ``noise_multiplier``. Diagnostics: ``clip_norm`` (used
     this round), ``clipped_fraction`` (of taking-part clients; a non-private

@@ -303,7 +303,7 @@ def _build_round_functions(
     poisson = context.sampling_rate > 0  # Poisson cohorts in ``cohort`` slots (`population.poisson_cohort`)
     sampled = cohort < num_clients or poisson
     rules = dict(switches).get("aggregator.name") or (cfg.aggregator.name,)
-    by_coordinate = cfg.privacy.mode != "central" and not set(rules) <= MEANS  # see mesh_lib.spread_coordinates
+    by_coordinate = cfg.privacy.mode not in privacy.SERVER_NOISE and not set(rules) <= MEANS  # see spread_coordinates
     flat = context.cohort_cap > 0  # a flat or generated population, in [cohort, cohort_cap] blocks
     indexed = sampled or flat  # the round's clients are train[index], not train itself
 
@@ -355,18 +355,20 @@ def _build_round_functions(
             index, taking = population.poisson_cohort(key_for(_SAMPLE), num_clients, context.sampling_rate, cohort)
             if flat:
                 index, taking = population.by_size(train, index, taking)
-        if flat:
-            if not sampled:
-                index = jnp.argsort(train.count, stable=True)
-            elif not poisson:
-                index = population.draw_cohort(key_for(_SAMPLE), train, cohort)
-            data = population.cohort_block(train, index, context.cohort_cap, key_for(_SUBSAMPLE))
+        elif flat:
+            index = (
+                population.draw_cohort(key_for(_SAMPLE), train, cohort)
+                if sampled
+                else jnp.argsort(train.count, stable=True)
+            )
         elif sampled:
-            if not poisson:
-                index = jax.random.choice(key_for(_SAMPLE), num_clients, (cohort,), replace=False)
-            data = train.take(index)
+            index = jax.random.choice(key_for(_SAMPLE), num_clients, (cohort,), replace=False)
         else:
-            index, data = jnp.arange(num_clients), train
+            index = jnp.arange(num_clients)
+        if flat:
+            data = population.cohort_block(train, index, context.cohort_cap, key_for(_SUBSAMPLE))
+        else:
+            data = train.take(index) if sampled else train
         malicious = state.malicious[index] if indexed else state.malicious
         if poisson:  # a slot not taking part holds no rows: masked out of training, attacks and aggregation
             data, malicious = data._replace(count=jnp.where(taking, data.count, 0)), malicious & taking
