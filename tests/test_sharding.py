@@ -1,4 +1,5 @@
-"""The client axis split over 4 host devices gives the one-device results (`medfed_jax.mesh`).
+"""The client axis split over 4 host devices gives the one-device results (`medfed_jax.mesh`); so do a
+sweep's cells split over them (`medfed_jax.sweep.Execution`).
 
 One subprocess (``tests/sharding_worker.py``, ``MEDFED_JAX_DEVICES=4``) runs every case on one
 device and on four; the tests compare them, and the means also against numpy in float64.
