@@ -976,6 +976,11 @@ class Execution:
         return -(-batch // self.devices) * self.devices if self.mode == "cells" else batch
 
     @property
+    def parallel(self) -> int:
+        """One-device chunks' worth of cells running at once: ``workers``, or the device count in ``cells``."""
+        return self.devices if self.mode == "cells" else self.workers
+
+    @property
     def layout(self) -> tuple:
         """What a chunk's results depend on besides its cells: () on one device (``threads``), else the mode and
         device count (another device split compiles another program, which may round differently)."""
@@ -1050,8 +1055,9 @@ class SweepCost:
     """What a sweep will take, before compiling: its size, and a nominal estimate of its wall time.
 
     Compiles run one at a time on a background thread while compiled
-    programs' chunks run (``workers`` at once), so the estimate is the longer
-    of the two, plus the first compile that nothing overlaps.
+    programs' chunks run (``workers`` one-device chunks' worth at once,
+    `Execution.parallel`), so the estimate is the longer of the two, plus the
+    first compile that nothing overlaps.
     """
 
     cells: int
@@ -1079,16 +1085,16 @@ class SweepCost:
         return (
             f"{self.cells} cells, {self.programs} compiled program(s), {self.cell_rounds} cell-rounds; estimated "
             f"~{_duration(self.seconds)} (an estimate from nominal rates: {NOMINAL_COMPILE_S:g}s per compile, "
-            f"{NOMINAL_CELL_ROUNDS_PER_S:g} cell-rounds/s per chunk, {self.workers} chunk(s) at once; "
+            f"{NOMINAL_CELL_ROUNDS_PER_S:g} cell-rounds/s per one-device chunk, {self.workers} at once; "
             "bigger models and datasets are slower)"
         )
 
 
 def sweep_cost(cfg: Any, plan: Plan, workers: int | None = None) -> SweepCost:
     """`SweepCost` of a parsed sweep (no data loaded): each cell trains its ``rounds`` (a knob, or the config's);
-    ``workers`` chunks at once (default: the default `execution`'s)."""
+    ``workers`` one-device chunks' worth at once (default: the default `execution`'s `Execution.parallel`)."""
     cell_rounds = sum(int(c.values.get("rounds", cfg.rounds)) for c in plan.cells)
-    return SweepCost(len(plan.cells), plan.num_compiled, cell_rounds, workers or execution().workers)
+    return SweepCost(len(plan.cells), plan.num_compiled, cell_rounds, workers or execution().parallel)
 
 
 def check_size(cost: SweepCost, allow_large: bool) -> None:
@@ -1123,7 +1129,7 @@ def prepare_sweep(
     """
     run_on = execution(sweep_devices)
     plan = plan_sweep(cfg, num_seeds)
-    cost = sweep_cost(cfg, plan, run_on.workers)
+    cost = sweep_cost(cfg, plan, run_on.parallel)
     check_size(cost, allow_large)
     datasets: dict = {}
     programs = tuple(prepare_program(cfg, plan, spec, datasets, run_on) for spec in plan.programs)

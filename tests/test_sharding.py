@@ -211,3 +211,4 @@ def test_sweep_device_modes_are_checked_before_anything_loads(forbid_compile):
     cells, threads = sweep.Execution("cells", 4), sweep.Execution("threads", 4)
     assert [cells.padded(n) for n in (1, 3, 4, 5)] == [4, 4, 4, 8] and threads.padded(3) == 3
     assert threads.layout == () and cells.layout == ("cells", 4)
+    assert cells.parallel == 4 and threads.parallel == threads.workers  # the cost estimate's chunks at once
