@@ -56,8 +56,8 @@ is an `Execution` (``--sweep_devices``, `execution`):
 - ``clients``: one chunk at a time, each cell's cohort split over the devices
   (the client mesh, `medfed_jax.mesh`).
 
-The default is ``cells`` on several GPUs or TPUs, ``clients`` across
-processes, ``threads`` on one device and on a CPU: there the host devices
+A sweep runs in one process. The default is ``cells`` on several GPUs or
+TPUs, ``threads`` on one device and on a CPU: there the host devices
 share the same cores, and on the 2-core CPU a 60-cell robustness sub-matrix
 ran as fast either way (``threads / cells`` 0.95 and 1.06, medians of
 interleaved passes in two runs, `benchmarks/RESULTS.md`), while threads pad
@@ -1002,11 +1002,9 @@ def place_program_data(run_on: Execution, engine: Engine, view: FederatedDataset
     return tuple(type(d)(*mesh_lib.put(tuple(d), cells)) for d in (view.train, view.test))
 
 
-def default_sweep_devices(devices: int, processes: int = 1) -> str:
-    """The mode when none is asked for: ``clients`` across processes; else on several devices ``cells``
-    (``CPU_DEFAULT`` on a CPU's host devices), else ``threads``."""
-    if processes > 1:
-        return "clients"
+def default_sweep_devices(devices: int) -> str:
+    """The mode when none is asked for: on several devices ``cells`` (``CPU_DEFAULT`` on a CPU's host devices),
+    else ``threads``."""
     if devices > 1:
         return CPU_DEFAULT if jax.default_backend() == "cpu" else "cells"
     return "threads"
@@ -1015,24 +1013,25 @@ def default_sweep_devices(devices: int, processes: int = 1) -> str:
 def execution(mode: str | None = None) -> Execution:
     """The `Execution` for ``mode`` (one of `SWEEP_DEVICES`; None: `default_sweep_devices`), checked.
 
-    Raises ValueError (one line, naming the fix) for an unknown mode, ``cells``
-    or ``clients`` on one device, or ``cells``/``threads`` across processes.
+    Raises ValueError (one line, naming the fix) for an unknown mode,
+    ``cells`` or ``clients`` on one device, or a launch of several processes
+    (a sweep runs in one: its chunk files and tables are not shared out).
     """
-    devices, processes = len(mesh_lib.local_devices()), jax.process_count()
+    if jax.process_count() > 1:
+        raise ValueError(
+            f"a sweep runs in one process, but this launch has {jax.process_count()} (MEDFED_JAX_NUM_PROCESSES); "
+            "run it on one host without the MEDFED_JAX_COORDINATOR/NUM_PROCESSES/PROCESS_ID variables."
+        )
+    devices = len(mesh_lib.local_devices())
     if mode is None:
-        return Execution(default_sweep_devices(devices, processes), devices)
+        return Execution(default_sweep_devices(devices), devices)
     where = f"--sweep_devices={mode!r}"
     if mode not in SWEEP_DEVICES:
         raise ValueError(f"{where} is unknown: choose one of {', '.join(SWEEP_DEVICES)} (or leave it unset).")
-    if mode != "threads" and devices < 2 and processes == 1:
+    if mode != "threads" and devices < 2:
         raise ValueError(
             f"{where} splits work over several devices, but this process has 1 {jax.default_backend()} device; "
             "use --sweep_devices=threads, or give it more (--devices=N or MEDFED_JAX_DEVICES=N on a CPU)."
-        )
-    if mode != "clients" and processes > 1:
-        raise ValueError(
-            f"{where} runs in one process, but this run has {processes}; use --sweep_devices=clients (the mesh "
-            "spans every process)."
         )
     return Execution(mode, devices)
 

@@ -28,6 +28,7 @@ import os
 import subprocess
 import sys
 
+import jax
 import numpy as np
 import pytest
 from test_sweep import tiny_sweep
@@ -198,8 +199,9 @@ def test_sweep_cells_mode_writes_only_real_cells_and_resumes_byte_identical(work
     assert not {p.name for p in chunks} & {p.name for p in (threads / "chunks").iterdir()}
 
 
-def test_sweep_device_modes_are_checked_before_anything_loads(forbid_compile):
-    """This process has 1 device (conftest): only ``threads`` runs; the others are refused in one line."""
+def test_sweep_device_modes_are_checked_before_anything_loads(forbid_compile, monkeypatch):
+    """This process has 1 device (conftest): only ``threads`` runs; the others are refused in one line, and so is
+    a sweep launched as one of several processes."""
     assert sweep.execution().mode == "threads" and sweep.allowed_sweep_devices() == ("threads",)
     with pytest.raises(ValueError, match=r"--sweep_devices='gpu' is unknown: choose one of cells, threads, clients"):
         sweep.prepare_sweep(tiny_sweep(), sweep_devices="gpu")
@@ -207,8 +209,10 @@ def test_sweep_device_modes_are_checked_before_anything_loads(forbid_compile):
         with pytest.raises(ValueError, match=rf"--sweep_devices='{mode}' splits work over several devices, but"):
             sweep.prepare_sweep(tiny_sweep(), sweep_devices=mode)
     assert sweep.default_sweep_devices(4) == sweep.CPU_DEFAULT  # this backend is a CPU
-    assert sweep.default_sweep_devices(4, processes=2) == "clients"
     cells, threads = sweep.Execution("cells", 4), sweep.Execution("threads", 4)
     assert [cells.padded(n) for n in (1, 3, 4, 5)] == [4, 4, 4, 8] and threads.padded(3) == 3
     assert threads.layout == () and cells.layout == ("cells", 4)
     assert cells.parallel == 4 and threads.parallel == threads.workers  # the cost estimate's chunks at once
+    monkeypatch.setattr(jax, "process_count", lambda: 2)
+    with pytest.raises(ValueError, match=r"a sweep runs in one process, but this launch has 2"):
+        sweep.prepare_sweep(tiny_sweep())
