@@ -50,7 +50,8 @@ is an `Execution` (``--sweep_devices``, `execution`):
 - ``cells``: each chunk's cells split over the local devices, each cell whole
   on one device (`medfed_jax.mesh.over_cells`: `jax.shard_map` over a
   ``'cells'`` mesh); a chunk is padded to a multiple of the device count with
-  copies of its last cell, computed and dropped;
+  copies of its last cell, computed and dropped, and the automatic chunk size
+  is per device;
 - ``threads``: every program on one device, one chunk per core at once on a
   CPU (one XLA run keeps about one core busy), one at a time elsewhere;
 - ``clients``: one chunk at a time, each cell's cohort split over the devices
@@ -119,7 +120,7 @@ from medfed_jax.types import ClientData, FederatedDataset
 
 SWEEP_FIELDS = ("grid", "cells", "numeric", "chunk_size", "switch")
 SPECIAL_KNOBS = ("seed", "method")
-AUTO_CHUNK = {"cpu": 32}  # cells per chunk when chunk_size = 0; accelerators: 256
+AUTO_CHUNK = {"cpu": 32}  # cells per chunk and device when chunk_size = 0; accelerators: 256
 AUTO_CHUNK_DEFAULT = 256
 CHUNK_DIR = "chunks"
 SUMMARY_EVERY_S = 30.0  # while a sweep runs, summary.csv is rewritten at most this often (and at the end)
@@ -537,9 +538,10 @@ def chunk_bounds(num_cells: int, chunk_size: int) -> list[tuple[int, int]]:
     return [(s, min(s + size, num_cells)) for s in range(0, num_cells, size)]
 
 
-def effective_chunk_size(plan: Plan) -> int:
-    """``plan.chunk_size``, or the backend's automatic size when it is 0."""
-    return plan.chunk_size or AUTO_CHUNK.get(jax.default_backend(), AUTO_CHUNK_DEFAULT)
+def effective_chunk_size(plan: Plan, devices: int = 1) -> int:
+    """``plan.chunk_size``, or when it is 0 the backend's automatic size for each of the ``devices`` a chunk is
+    split over (`Execution.parallel` in ``cells`` mode)."""
+    return plan.chunk_size or AUTO_CHUNK.get(jax.default_backend(), AUTO_CHUNK_DEFAULT) * devices
 
 
 @functools.lru_cache(maxsize=64)
@@ -903,20 +905,21 @@ def shared_batch(sizes: Sequence[int], chunk_size: int) -> int:
 
 
 def _chunks(
-    cfg: Any, plan: Plan, programs: Sequence[PreparedProgram], chunk_dir: str | None, layout: tuple = ()
+    cfg: Any, plan: Plan, programs: Sequence[PreparedProgram], chunk_dir: str | None, run_on: Execution
 ) -> list[_Chunk]:
     """Every chunk of every program, in program order; programs sharing a compiled one share its batch size."""
     cfg_json = config_lib.to_json(cfg)
     sizes: dict[Engine, list[int]] = {}
     for program in programs:
         sizes.setdefault(program.engine, []).append(len(program.spec.cells))
-    batches = {engine: shared_batch(n, effective_chunk_size(plan)) for engine, n in sizes.items()}
+    chunk_size = effective_chunk_size(plan, run_on.split)
+    batches = {engine: shared_batch(n, chunk_size) for engine, n in sizes.items()}
     chunks = []
     for program in programs:
         batch = batches[program.engine]
         for lo, hi in chunk_bounds(len(program.spec.cells), batch):
             cells = [plan.cells[i] for i in program.spec.cells[lo:hi]]
-            name = f"{chunk_key(cfg_json, program.spec, cells, batch, plan.switches, layout)}.json"
+            name = f"{chunk_key(cfg_json, program.spec, cells, batch, plan.switches, run_on.layout)}.json"
             chunks.append(_Chunk(program, lo, hi, batch, os.path.join(chunk_dir, name) if chunk_dir else None))
     return chunks
 
@@ -946,7 +949,7 @@ class Execution:
     - ``cells``: one chunk at a time, its cells split over ``devices`` devices
       (`medfed_jax.mesh.over_cells`), each cell whole on one device; a chunk is
       padded to a multiple of ``devices`` with copies of its last cell, whose
-      results are dropped;
+      results are dropped; `effective_chunk_size` is per device;
     - ``threads``: every program on one device, ``workers`` chunks at once
       (one per core on a CPU, where one XLA run keeps about one core busy);
     - ``clients``: one chunk at a time, each cell's cohort split over the
@@ -972,13 +975,18 @@ class Execution:
         return mesh_lib.cell_mesh(self.devices) if self.mode == "cells" else None
 
     def padded(self, batch: int) -> int:
-        """Cells a chunk of ``batch`` runs as: a multiple of the device count in ``cells`` mode."""
-        return -(-batch // self.devices) * self.devices if self.mode == "cells" else batch
+        """Cells a chunk of ``batch`` runs as: a multiple of `split`."""
+        return -(-batch // self.split) * self.split
+
+    @property
+    def split(self) -> int:
+        """Devices a chunk's cells are split over: the device count in ``cells`` mode, else 1."""
+        return self.devices if self.mode == "cells" else 1
 
     @property
     def parallel(self) -> int:
         """One-device chunks' worth of cells running at once: ``workers``, or the device count in ``cells``."""
-        return self.devices if self.mode == "cells" else self.workers
+        return self.split * self.workers
 
     @property
     def layout(self) -> tuple:
@@ -1175,7 +1183,7 @@ def run_prepared(
         runner.write_text_atomic(os.path.join(workdir, "sweep.json"), meta)
     histories: dict[int, dict[str, np.ndarray]] = {}
     todo = []
-    for chunk in _chunks(prepared.cfg, plan, programs, chunk_dir, prepared.run_on.layout):
+    for chunk in _chunks(prepared.cfg, plan, programs, chunk_dir, prepared.run_on):
         if chunk.path and os.path.exists(chunk.path):
             cells, history = _load_chunk(chunk.path)
             histories.update({i: {k: v[j] for k, v in history.items()} for j, i in enumerate(cells)})
@@ -1193,7 +1201,7 @@ def run_prepared(
             f"[sweep] {len(plan.cells)} cells in {len(programs)} group(s), {plan.num_compiled} compiled program(s)"
             + (f" switching {', '.join(plan.switched)} at run time" if plan.switches else "")
             + f"; {len(histories)} cells already done, {len(todo)} chunk(s) to run (chunk size "
-            f"{effective_chunk_size(plan)}; {run_on.describe()})"
+            f"{effective_chunk_size(plan, run_on.split)}; {run_on.describe()})"
         )
     if files:
         files.rewrite()

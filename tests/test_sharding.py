@@ -23,6 +23,7 @@ order. For ``s = sum_i a_i`` in float32 any order satisfies ``|s_hat - s| <= gam
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -213,6 +214,10 @@ def test_sweep_device_modes_are_checked_before_anything_loads(forbid_compile, mo
     assert [cells.padded(n) for n in (1, 3, 4, 5)] == [4, 4, 4, 8] and threads.padded(3) == 3
     assert threads.layout == () and cells.layout == ("cells", 4)
     assert cells.parallel == 4 and threads.parallel == threads.workers  # the cost estimate's chunks at once
+    plan = sweep.plan_sweep(tiny_sweep())
+    assert sweep.effective_chunk_size(plan, cells.split) == plan.chunk_size == 4  # as given
+    automatic = dataclasses.replace(plan, chunk_size=0)
+    assert sweep.effective_chunk_size(automatic, cells.split) == 4 * sweep.AUTO_CHUNK["cpu"]  # per device
     monkeypatch.setattr(jax, "process_count", lambda: 2)
     with pytest.raises(ValueError, match=r"a sweep runs in one process, but this launch has 2"):
         sweep.prepare_sweep(tiny_sweep())
