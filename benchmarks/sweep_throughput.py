@@ -84,6 +84,12 @@ def matrix_config(rounds: int):
     return runpy.run_path(path)["matrix_config"](names, attacks, rounds=rounds)
 
 
+def submatrix_flags() -> str:
+    """``--aggregators``/``--attacks`` as given, when not the whole matrix."""
+    given = ((_AGGREGATORS, len(AGGREGATORS)), (_ATTACKS, len(ATTACKS)))
+    return "".join(f" --{flag.name}={flag.value}" for flag, whole in given if flag.value != whole)
+
+
 def matrix_line(total: int) -> str:
     """What the matrix is and where it ran."""
     return (
@@ -192,9 +198,8 @@ def compare_devices() -> str:
             f"{first[mode].compile_seconds:.1f} | {equal[mode]} |"
         )
     command = (
-        f"python benchmarks/sweep_throughput.py --compare=devices --rounds={_ROUNDS.value} "
-        f"--aggregators={_AGGREGATORS.value} --attacks={_ATTACKS.value} --passes={_PASSES.value}"
-        + (f" --modes={','.join(_MODES.value)}" if _MODES.value else "")
+        f"python benchmarks/sweep_throughput.py --compare=devices --rounds={_ROUNDS.value} --passes={_PASSES.value}"
+        f"{submatrix_flags()}" + (f" --modes={','.join(_MODES.value)}" if _MODES.value else "")
     )
     return "\n".join(
         [
@@ -264,7 +269,7 @@ def compare_loops() -> str:
             f"{os.getloadavg()[0]:.1f} at the end.",
             "",
             f"Command: `python benchmarks/sweep_throughput.py --rounds={_ROUNDS.value} "
-            f"--loop_programs={_LOOP_PROGRAMS.value} --cli_cells={_CLI_CELLS.value}`",
+            f"--loop_programs={_LOOP_PROGRAMS.value} --cli_cells={_CLI_CELLS.value}{submatrix_flags()}`",
             "",
             *table,
             "",
