@@ -16,7 +16,7 @@ import pytest
 from dp_accounting import pld, rdp
 from scipy import stats
 
-from medfed_jax import privacy, runner
+from medfed_jax import privacy, runner, server
 from medfed_jax.data import population
 from tests.test_engine import engine_and_data, federation, small_config
 
@@ -146,3 +146,36 @@ def test_poisson_settings_are_refused_before_compiling(overrides, message):
 def test_max_cohort_too_small_for_the_rdp_truncation_bound_is_refused():
     with pytest.raises(ValueError, match=r"max_cohort=12 is too small for the RDP truncation bound.*max_cohort >= \d+"):
         privacy.run_privacy_report(_central(0.2, 12, "rdp"), 50)
+
+
+def test_poisson_dp_fedavg_divides_by_the_expected_cohort():
+    """Noise-free DP-FedAvg = the plain mean of the same cohort x participants / (q C) (same keys, same draw)."""
+    num_clients, q = 10, 0.4
+    overrides = {"cohort_sampling": "poisson", "sampling_rate": q, "model.name": "logistic", "aggregator.name": "mean"}
+    dataset = federation([4] * num_clients)
+    plain, train, _, knobs = engine_and_data(small_config(**overrides), dataset)
+    private_cfg = small_config(**overrides, **{"privacy.mode": "central", "privacy.clip_norm": 1e6})
+    private, _, _, private_knobs = engine_and_data(private_cfg, dataset)
+    start = plain.init(0, train, knobs)
+    mean, metrics = plain.round_step(start, train, knobs)
+    dp, _ = private.round_step(private.init(0, train, private_knobs), train, private_knobs)
+    scale = int(metrics["participants"]) / (q * num_clients)
+    assert scale != 1.0
+    for new_dp, new_mean, old in zip(*(jax.tree.leaves(s.params) for s in (dp, mean, start))):
+        np.testing.assert_allclose(new_dp - old, scale * (new_mean - old), rtol=1e-4, atol=1e-7)
+
+
+def test_clients_not_taking_part_keep_their_personal_state():
+    num_clients = 8
+    cfg = small_config(cohort_sampling="poisson", sampling_rate=0.5, **{"personalization.method": "ditto"})
+    engine, train, _, knobs = engine_and_data(cfg, federation([4] * num_clients))
+    state = engine.init(0, train, knobs)
+    sample_key = jax.random.fold_in(jax.random.fold_in(state.key, 0), server._SAMPLE)  # round 0's draw
+    index, taking = population.poisson_cohort(sample_key, num_clients, 0.5, num_clients)
+    new, metrics = engine.round_step(state, train, knobs)
+    took = np.zeros(num_clients, bool)
+    took[np.asarray(index)[np.asarray(taking)]] = True
+    assert took.sum() == int(metrics["participants"]) and 0 < took.sum() < num_clients
+    for before, after in zip(jax.tree.leaves(state.clients), jax.tree.leaves(new.clients)):
+        moved = np.any(np.asarray(before != after).reshape(num_clients, -1), axis=1)
+        np.testing.assert_array_equal(moved, took)
