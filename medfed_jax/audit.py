@@ -74,6 +74,17 @@ def batch_gradient(apply: Apply, params: Params, x: Array, y: Array) -> Params:
     return jax.grad(lambda p: jnp.mean(example_losses(apply, p, x, y)))(params)
 
 
+def simulated_upload(apply: Apply, params: Params, x: Array, y: Array, local_steps: int, lr: float) -> Params:
+    """``params - params_K`` after ``local_steps`` full-batch SGD steps on ``(x, y)``: a client's round as the
+    server models it (the multi-step attack of Geiping et al. 2020, Sec. 6)."""
+
+    def step(p, _):
+        return jax.tree.map(lambda w, g: w - lr * g, p, batch_gradient(apply, p, x, y)), None
+
+    final, _ = jax.lax.scan(step, params, None, length=local_steps)
+    return jax.tree.map(jnp.subtract, params, final)
+
+
 def infer_labels(head_bias_grad: Array, batch_size: int) -> Array:
     """iDLG label inference: the ``batch_size`` most negative entries of the output-bias gradient.
 
@@ -94,10 +105,14 @@ def invert_gradients(
     steps: int = 1000,
     restarts: int = 4,
     lr: float = 0.1,
+    local_steps: int = 0,
+    local_lr: float = 0.1,
 ) -> tuple[Array, Array]:
     """Reconstruct ``[len(labels), feature_dim]`` inputs in [0, 1] whose gradient matches ``observed``.
 
-    Minimises ``1 - cos(grad(dummy), observed)`` over all parameters with Adam
+    ``local_steps > 0``: ``observed`` is a multi-step upload, matched by the
+    dummy batch's `simulated_upload` (``local_steps`` at ``local_lr``) instead
+    of its gradient. Minimises ``1 - cos(grad(dummy), observed)`` over all parameters with Adam
     inside `lax.scan`, from ``restarts`` random starts (vmapped); the start
     with the best final match wins. Returns ``(inputs, match_loss)``.
     Inputs are parametrised as ``sigmoid(z)`` to stay in the image range.
@@ -107,7 +122,13 @@ def invert_gradients(
     optimizer = optax.adam(lr)
 
     def mismatch(z):
-        grads, _ = ravel_pytree(batch_gradient(apply, params, jax.nn.sigmoid(z), labels))
+        x = jax.nn.sigmoid(z)
+        upload = (
+            simulated_upload(apply, params, x, labels, local_steps, local_lr)
+            if local_steps
+            else batch_gradient(apply, params, x, labels)
+        )
+        grads, _ = ravel_pytree(upload)
         return 1.0 - jnp.dot(grads, target) / jnp.maximum(jnp.linalg.norm(grads), 1e-12)
 
     def one_start(start_key):
@@ -218,8 +239,9 @@ def inversion_experiment(
     clip norm fixed in advance above the update norm only adds noise) and
     noised as by `privacy.local_privatizer`. ``local_steps > 0``: the update
     is instead the client's real upload after ``local_steps`` SGD steps at
-    ``local_lr`` in the engine (`engine_round`), which the attack matches as
-    if it were one gradient. Labels are inferred iDLG-style
+    ``local_lr`` in the engine (`engine_round`), which the attack matches by
+    unrolling the same local steps on its dummy batch (`simulated_upload`).
+    Labels are inferred iDLG-style
     from the noised update. Rows give means over trials; epsilon is that of
     the single release (local DP, replace-one). Returns ``(rows,
     reconstructions of trial 0 by sigma, true images of trial 0)``.
@@ -240,7 +262,9 @@ def inversion_experiment(
         else:
             params, noised = in_engine(x, y, sigma)
         labels = infer_labels(noised["params"]["head"]["bias"], batch_size)
-        inputs, match = invert_gradients(model.apply, params, noised, labels, attack_key, x.shape[1], steps, restarts)
+        inputs, match = invert_gradients(
+            model.apply, params, noised, labels, attack_key, x.shape[1], steps, restarts, 0.1, local_steps, local_lr
+        )
         return inputs, labels, match
 
     rows, shown = [], {}
