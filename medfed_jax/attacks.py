@@ -210,19 +210,20 @@ def line_maximize(objective: Any, evals: int, start: Any = LINE_START, delta: An
     that improves; at the first failure multiply ``delta`` by ``ratio`` and
     contract: try ``best + delta``, keep it if better, multiply ``delta`` by
     ``ratio``, until the evaluations are spent. Returns ``(tau, objective(tau))``.
+    One loop evaluates ``start`` first, so ``objective`` is traced (compiled) once.
     """
-    y0 = objective(jnp.asarray(start, jnp.float32))
 
-    def step(_, carry):
+    def step(i, carry):
         best_x, best_y, step_size, expanding = carry
-        x = best_x + step_size
+        first = i == 0
+        x = jnp.where(first, best_x, best_x + step_size)
         y = objective(x)
-        better = y > best_y
-        step_size = jnp.where(expanding & better, 2.0 * step_size, ratio * step_size)
+        better = (y > best_y) | first
+        step_size = jnp.where(first, step_size, jnp.where(expanding & better, 2.0 * step_size, ratio * step_size))
         return jnp.where(better, x, best_x), jnp.where(better, y, best_y), step_size, expanding & better
 
-    init = (jnp.asarray(start, jnp.float32), y0, jnp.asarray(delta, jnp.float32), jnp.array(True))
-    best_x, best_y, _, _ = jax.lax.fori_loop(0, evals - 1, step, init)
+    init = (jnp.asarray(start, jnp.float32), jnp.float32(-jnp.inf), jnp.asarray(delta, jnp.float32), jnp.array(True))
+    best_x, best_y, _, _ = jax.lax.fori_loop(0, evals, step, init)
     return best_x, best_y
 
 
@@ -327,12 +328,12 @@ def fang_krum() -> Attack:
             _, _, diag = krum.aggregate(crafted(lam), context.weights, context.mask, (), key)
             return jnp.any(diag["selected"] & malicious) & (lam > FANG_THRESHOLD)
 
-        def halve(carry):
+        def halve(carry):  # tries lambda_max first: selected() is traced once
             lam, _ = carry
             return lam / 2, selected(lam / 2)
 
-        lam0 = fang_krum_lambda_max(updates, honest, f)
-        lam, found = jax.lax.while_loop(lambda c: ~c[1] & (c[0] / 2 > FANG_THRESHOLD), halve, (lam0, selected(lam0)))
+        start = (2 * fang_krum_lambda_max(updates, honest, f), jnp.array(False))
+        lam, found = jax.lax.while_loop(lambda c: ~c[1] & (c[0] / 2 > FANG_THRESHOLD), halve, start)
         return jax.tree.map(lambda u, c: jnp.where(found, c, u), updates, crafted(lam))
 
     return Attack(apply, _keep_labels)
@@ -506,7 +507,7 @@ def grad_ascent(
         value_and_grad = jax.value_and_grad(lambda u: poison_objective(u, updates, malicious, clients, context))
         opt = optax.sgd(step_size * radius)
 
-        def body(_, carry):
+        def body(_, carry):  # the last of the steps + 1 passes only scores the final iterate
             u, state, best_u, best = carry
             value, g = value_and_grad(u)
             better = value > best
@@ -515,9 +516,8 @@ def grad_ascent(
             step, state = opt.update(unit, state, u)
             return project(optax.apply_updates(u, step), center, radius), state, best_u, best
 
-        u, _, best_u, best = jax.lax.fori_loop(0, steps, body, (mu, opt.init(mu), mu, -jnp.inf))
-        last = poison_objective(u, updates, malicious, clients, context) > best
-        return _replace(updates, malicious, jax.tree.map(lambda a, b: jnp.where(last, a, b), u, best_u))
+        _, _, best_u, _ = jax.lax.fori_loop(0, steps + 1, body, (mu, opt.init(mu), mu, -jnp.inf))
+        return _replace(updates, malicious, best_u)
 
     return Attack(apply, _keep_labels)
 
