@@ -432,18 +432,19 @@ def draw_fraction(tables: SweepTables):
     return _finish(fig, "Final test accuracy vs malicious fraction (mean, 95% CI over seeds)", _legend_title(lines))
 
 
-def worst_case(final: Sequence[dict], knobs: Sequence[str]) -> list[dict]:
+def worst_case(final: Sequence[dict], knobs: Sequence[str], among: Sequence[str] | None = None) -> list[dict]:
     """Per setting but the attack (aggregator, malicious fraction, ...): the final row of its worst attack.
 
     The worst attack has the lowest mean final accuracy; a diverged setting
-    (non-finite model) is worse than any accuracy. No-attack rows are not
-    candidates. Rows keep the setting's first-seen order.
+    (non-finite model) is worse than any accuracy. Candidates: the attacks
+    ``among`` (default: all), never the no-attack rows. Rows keep the
+    setting's first-seen order.
     """
     others = [k for k in knobs if k not in ("seed", "attack.name")]
     worst: dict[tuple, dict] = {}
     rank = lambda r: -math.inf if diverged(r) else _pct(r, "mean")  # noqa: E731
     for row in final:
-        if _reference(row, "attack.name"):
+        if _reference(row, "attack.name") or (among is not None and row["attack.name"] not in among):
             continue
         key = tuple(row[k] for k in others)
         if key not in worst or rank(row) < rank(worst[key]):
@@ -480,9 +481,39 @@ def worst_case_table(tables: SweepTables) -> str:
             row = by.get((name, f))
             cells.append("—" if row is None else f"{format_mean_std(row)} ({row['attack.name']})")
         body.append([name, *cells])
+    return _markdown(header, body)
+
+
+def _markdown(header: list[str], body: list[list[str]]) -> str:
     widths = [max(len(r[i]) for r in [header, *body]) for i in range(len(header))]
     line = lambda cells: "| " + " | ".join(c.ljust(w) for c, w in zip(cells, widths)) + " |"  # noqa: E731
     return "\n".join([line(header), "|" + "|".join("-" * (w + 2) for w in widths) + "|", *map(line, body)])
+
+
+def adaptive_vs_fixed_table(tables: SweepTables) -> str | None:
+    """Markdown: per aggregator and fraction, the worst fixed attack, the worst adaptive one, and the gap.
+
+    Adaptive: `medfed_jax.attacks.ADAPTIVE_ATTACKS`. None unless the sweep has both kinds.
+    """
+    from medfed_jax.attacks import ADAPTIVE_ATTACKS
+
+    if not _worst_case_applies(tables):
+        return None
+    names = {r["attack.name"] for r in tables.final if not _reference(r, "attack.name")}
+    fixed, adaptive = sorted(names - set(ADAPTIVE_ATTACKS)), sorted(names & set(ADAPTIVE_ATTACKS))
+    if not fixed or not adaptive:
+        return None
+    knobs = tables.meta["knobs"]
+    key = lambda r: (r["aggregator.name"], r["attack.fraction"])  # noqa: E731
+    worst_fixed = {key(r): r for r in worst_case(tables.final, knobs, fixed)}
+    header = ["aggregator", "attackers", "worst fixed attack", "worst adaptive attack", "adaptive - fixed (points)"]
+    body = []
+    for row in worst_case(tables.final, knobs, adaptive):
+        other = worst_fixed[key(row)]
+        gap = "—" if diverged(row) or diverged(other) else f"{_pct(row, 'mean') - _pct(other, 'mean'):+.1f}"
+        cells = [f"{format_mean_std(r)} ({r['attack.name']})" for r in (other, row)]
+        body.append([row["aggregator.name"], f"{100 * float(row['attack.fraction']):g}%", *cells, gap])
+    return _markdown(header, body)
 
 
 def draw_worst_case(tables: SweepTables):
@@ -633,6 +664,11 @@ def _worst_case_section(tables: SweepTables) -> list[str]:
         "",
         worst_case_table(tables),
         "",
+        *(
+            ["Worst fixed vs worst adaptive attack:", "", versus, ""]
+            if (versus := adaptive_vs_fixed_table(tables))
+            else []
+        ),
     ]
 
 

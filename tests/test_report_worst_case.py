@@ -40,3 +40,24 @@ def test_a_diverged_attack_is_the_worst_case_and_shows_as_diverged(tmp_path):
     fig = report.draw_worst_case(tables)
     assert report.DIVERGED_TEXT in [t.get_text() for ax in fig.axes for t in ax.texts]
     report._pyplot().close(fig)
+
+
+def test_adaptive_vs_fixed_table_gives_each_kind_its_worst_and_the_gap(tmp_path):
+    expected = _synthetic_workdir(str(tmp_path), attacks=("sign_flip", "ipm", "opt_ipm"), fractions=(0.1, 0.3))
+    table = report.adaptive_vs_fixed_table(report.load(str(tmp_path)))
+    lines = table.splitlines()[2:]
+    assert len(lines) == 4  # aggregators x fractions
+    for line in lines:
+        aggregator, attackers, fixed, adaptive, gap = (c.strip() for c in line.strip("|").split("|"))
+        fraction = float(attackers.rstrip("%")) / 100
+        assert fixed.endswith("(ipm)") and adaptive.endswith("(opt_ipm)")  # the synthetic ipm loses 5 points more
+        want = expected[(aggregator, "opt_ipm", fraction)] - expected[(aggregator, "ipm", fraction)]
+        assert float(gap) == pytest.approx(want, abs=0.051)
+    assert report.adaptive_vs_fixed_table(report.load(_only_fixed(tmp_path))) is None
+
+
+def _only_fixed(tmp_path):
+    path = tmp_path / "fixed"
+    path.mkdir()
+    _synthetic_workdir(str(path))
+    return str(path)
