@@ -2,8 +2,9 @@
 
 The matrix of `configs/robustness_matrix.py` (every aggregator, one run-time
 switch over the attacks) shrunk to 1 round and 1 seed so that running it
-costs next to nothing beside compiling its one program. Run each setting in a
-fresh process on a quiet machine:
+costs next to nothing beside compiling its one program. The persistent
+compilation cache is off (``MEDFED_JAX_CACHE_DIR=off``), so every run compiles.
+Run each setting in a fresh process on a quiet machine:
 
     python benchmarks/matrix_compile.py --attacks=fixed
     python benchmarks/matrix_compile.py --attacks=all
@@ -12,14 +13,15 @@ fresh process on a quiet machine:
 from __future__ import annotations
 
 import os
-import os.path
 import runpy
 import time
 
-import jax
-from absl import app, flags
+os.environ["MEDFED_JAX_CACHE_DIR"] = "off"  # measure compiling, not reading a cached program
 
-from medfed_jax import aggregators, attacks, sweep
+import jax  # noqa: E402
+from absl import app, flags  # noqa: E402
+
+from medfed_jax import aggregators, attacks, sweep  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _ATTACKS = flags.DEFINE_enum("attacks", "all", ["fixed", "all"], "The fixed recipes only, or with the adaptive ones.")

@@ -12,6 +12,14 @@ Honest statistics (mean, standard deviation) are over the clients that are
 honest *and* take part this round, ``H = mask & ~malicious``; ``n`` is the
 number of taking-part clients and ``f`` the number of malicious ones among
 them. Strength parameters may be traced (numeric knobs).
+
+Adaptive attacks (`ADAPTIVE_ATTACKS`) choose their update each round: Opt-IPM
+and Opt-ALIE search their factor against the round's aggregator, Fang et
+al.'s attacks target Krum and trimmed mean / median, min-max and min-sum
+bound their distance to the honest updates, and `grad_ascent` differentiates
+the honest loss through the aggregator and the server optimizer. Those that
+need the server side read it from `AttackContext` (``aggregate``, ``step``,
+``loss``), which the engine fills in every round.
 """
 
 from __future__ import annotations
@@ -188,10 +196,7 @@ FANG_THRESHOLD = 1e-5  # Fang et al.'s Krum attack stops halving lambda below th
 PERTURBATIONS = ("unit_vec", "sign", "std")
 STEALTH = ("distance", "norm")
 KNOWLEDGE = ("omniscient", "own_data")
-
-
-def _tree_norm(tree: Any) -> jax.Array:
-    return jnp.sqrt(sum(jnp.sum(jnp.square(leaf)) for leaf in jax.tree.leaves(tree)))
+_TINY = float(jnp.finfo(jnp.float32).tiny)  # guards the divisions by a norm
 
 
 def _needs(context: AttackContext, attack_name: str, *fields: str) -> None:
@@ -243,7 +248,7 @@ def _optimized_line(name: str, line: Any, evals: int) -> Attack:
 
         def distance(tau):
             aggregate = context.aggregate(_replace(updates, malicious, at(tau)))
-            return _tree_norm(jax.tree.map(jnp.subtract, aggregate, mu))
+            return optax.global_norm(jax.tree.map(jnp.subtract, aggregate, mu))
 
         tau, _ = line_maximize(distance, evals)
         return _replace(updates, malicious, at(tau))
@@ -378,7 +383,7 @@ def fang_trim(b: float = FANG_B) -> Attack:
 def perturbation(kind: str, mu: Updates, sigma: Updates) -> Updates:
     """Shejwalkar and Houmansadr's ``p``: ``-mu/|mu|`` (unit_vec), ``-sign(mu)`` (sign), ``-sigma`` (std)."""
     if kind == "unit_vec":
-        norm = jnp.maximum(_tree_norm(mu), jnp.finfo(jnp.float32).tiny)
+        norm = jnp.maximum(optax.global_norm(mu), _TINY)
         return jax.tree.map(lambda m: -m / norm, mu)
     if kind == "sign":
         return jax.tree.map(lambda m: -jnp.sign(m), mu)
@@ -464,7 +469,7 @@ def stealth_radius(updates: Updates, honest: jax.Array, mu: Updates, stealth: st
 def project(u: Updates, center: Updates, radius: jax.Array) -> Updates:
     """``u`` moved onto the ball ``|u - center| <= radius`` (unchanged inside it)."""
     offset = jax.tree.map(jnp.subtract, u, center)
-    scale = jnp.minimum(1.0, radius / jnp.maximum(_tree_norm(offset), jnp.finfo(jnp.float32).tiny))
+    scale = jnp.minimum(1.0, radius / jnp.maximum(optax.global_norm(offset), _TINY))
     return jax.tree.map(lambda c, o: c + scale * o, center, offset)
 
 
@@ -512,7 +517,7 @@ def grad_ascent(
             value, g = value_and_grad(u)
             better = value > best
             best_u, best = jax.tree.map(lambda a, b: jnp.where(better, a, b), u, best_u), jnp.where(better, value, best)
-            unit = jax.tree.map(lambda x: -x / jnp.maximum(_tree_norm(g), jnp.finfo(jnp.float32).tiny), g)
+            unit = jax.tree.map(lambda x: -x / jnp.maximum(optax.global_norm(g), _TINY), g)
             step, state = opt.update(unit, state, u)
             return project(optax.apply_updates(u, step), center, radius), state, best_u, best
 
