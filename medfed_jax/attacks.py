@@ -621,12 +621,12 @@ def default_config() -> ml_collections.ConfigDict:
             "sigma": 1.0,  # gaussian: std of the random update
             "gamma": 0.0,  # scaling: boost factor; 0 = n (clients per round)
             "evals": 20,  # evaluations per round: opt_ipm/opt_alie (ByzFL line search), min_max/min_sum (bisection)
-            "perturbation": "std",  # min_max/min_sum direction: one of PERTURBATIONS ('unit_vec', 'sign', 'std')
+            "perturbation": "std",  # min_max/min_sum: one of PERTURBATIONS (inverse unit vector, sign, std)
             "steps": 5,  # grad_ascent: gradient-ascent steps per round
             "step_size": 0.5,  # grad_ascent: step length as a fraction of the stealth radius (numeric knob)
             "budget": 1.0,  # grad_ascent: stealth radius in units of the farthest honest update (numeric knob)
-            "stealth": "distance",  # grad_ascent: 'distance' (ball around the honest mean) or 'norm' (around 0)
-            "knowledge": "omniscient",  # grad_ascent: loss on the honest clients' data, or 'own_data' (attackers')
+            "stealth": "distance",  # grad_ascent: one of STEALTH, a ball around the honest mean or around 0
+            "knowledge": "omniscient",  # grad_ascent: one of KNOWLEDGE, whose data the loss is on (honest, own)
         }
     )
 
