@@ -174,8 +174,8 @@ def test_fang_krum_lambda_and_update(seed):
 
 def test_fang_krum_sends_genuine_updates_when_krum_never_picks_it():
     u, mal, mask = setup()
-    u[mal] = 0.0  # 3 attackers; honest clients all far from the crafted line: make them identical instead
-    u[mask & ~mal] = 5.0 + np.arange(P)  # honest scores 0: Krum picks an honest client at every lambda
+    u[mal] = 0.0  # the attackers' genuine updates
+    u[mask & ~mal] = 5.0 + np.arange(P)  # identical honest updates score 0: Krum picks one at every lambda
     got = run(attacks.fang_krum(), u, mal, mask)
     np.testing.assert_array_equal(got[mask], u[mask].astype(np.float32))
 
