@@ -392,16 +392,30 @@ def _build_round_functions(
         if privatizer is not None:
             deltas = jax.vmap(privatizer)(deltas, jax.random.split(key_for(_PRIVACY), index.shape[0]))
         weights, mask = data.count, data.count > 0
-        deltas = attack.apply(deltas, malicious, key_for(_ATTACK), AttackContext(weights, mask, context.num_classes))
-        update, agg_state, diagnostics = aggregator.aggregate(
-            deltas, weights, mask, state.agg_state, key_for(_AGGREGATE)
-        )
-        update = mesh_lib.gather(update, mesh)
-        pseudo_gradient = jax.tree.map(jnp.negative, update)
+        aggregate = lambda u: aggregator.aggregate(u, weights, mask, state.agg_state, key_for(_AGGREGATE))  # noqa: E731
         shared = personal.shared(state.params)
-        server_updates, opt_state = server_opt.update(pseudo_gradient, state.server_opt_state, shared)
+
+        def server_step(update):  # -> (params, server optimizer state)
+            pseudo_gradient = jax.tree.map(jnp.negative, mesh_lib.gather(update, mesh))
+            server_updates, opt_state = server_opt.update(pseudo_gradient, state.server_opt_state, shared)
+            return personal.merge(state.params, optax.apply_updates(shared, server_updates)), opt_state
+
+        attack_context = AttackContext(
+            weights,
+            mask,
+            context.num_classes,
+            aggregate=lambda u: aggregate(u)[0],
+            step=lambda update: server_step(update)[0],
+            loss=lambda p, clients: attacks.mean_loss(
+                model.apply, p, data.x, data.y, data.valid_mask() & clients[:, None]
+            ),
+        )
+        deltas = attack.apply(deltas, malicious, key_for(_ATTACK), attack_context)
+        update, agg_state, diagnostics = aggregate(deltas)
+        params, opt_state = server_step(update)
+        update = mesh_lib.gather(update, mesh)
         new_state = state._replace(
-            params=personal.merge(state.params, optax.apply_updates(shared, server_updates)),
+            params=params,
             server_opt_state=opt_state,
             agg_state=agg_state,
             round=state.round + 1,
