@@ -36,7 +36,7 @@ bench: $(STAMP)
 # leaves the tracked README.md alone; `make readme` (or `make reproduce README=1`) then rewrites README.md's
 # Results section from those runs, figures copied under benchmarks/figures.
 REPRO := runs/reproduce
-REPRO_SWEEPS := collaboration signflip_attack privacy_utility
+REPRO_SWEEPS := collaboration signflip_attack privacy_utility record_dp personalization
 REPORT := $(PY) -m medfed_jax.report $(foreach name,$(REPRO_SWEEPS),--workdir=$(REPRO)/$(name)) --command="make reproduce"
 reproduce: $(STAMP)
 	rm -rf $(REPRO)

@@ -172,6 +172,226 @@ def final_table(summary: Sequence[dict], knobs: Sequence[str]) -> str:
     return "\n".join([line(header), "|" + "|".join("-" * (w + 2) for w in widths) + "|", *map(line, body)])
 
 
+# --------------------------------------------------------------------------- the README's experiment tables
+# Per-seed values come from results.csv (one row per cell x evaluation); every ± is a sample std (ddof 1,
+# `medfed_jax.sweep.mean_std_ci`) over the seeds, each seed its own partition and train/test split.
+
+SPREAD = "mean ± sample std"
+
+
+def results(tables: SweepTables) -> list[dict]:
+    """The sweep's ``results.csv`` rows (per cell, seed and evaluation)."""
+    return read_csv(os.path.join(tables.workdir, "results.csv"))
+
+
+def client_values(row: dict) -> np.ndarray:
+    """A result row's per-client accuracies (each client's own test split)."""
+    return np.asarray([float(v) for k, v in row.items() if k.startswith("client_accuracy[") and v != ""])
+
+
+def mean_std_text(values: Sequence[float], scale: float = 100, digits: int = 1) -> str:
+    """``mean ± sample std`` of ``values`` (x ``scale``); ``—`` without finite values."""
+    v = np.asarray(values, np.float64).reshape(-1, 1)
+    mean, std, _ = sweep.mean_std_ci(np.nan_to_num(v), np.isfinite(v))
+    if not np.isfinite(mean[0]):
+        return "—"
+    return f"{scale * mean[0]:.{digits}f}" + (f" ± {scale * std[0]:.{digits}f}" if np.isfinite(std[0]) else "")
+
+
+def markdown_table(header: Sequence[str], body: Sequence[Sequence[str]]) -> str:
+    widths = [max(len(r[i]) for r in [header, *body]) for i in range(len(header))]
+    line = lambda cells: "| " + " | ".join(c.ljust(w) for c, w in zip(cells, widths)) + " |"  # noqa: E731
+    return "\n".join([line(header), "|" + "|".join("-" * (w + 2) for w in widths) + "|", *map(line, body)])
+
+
+def seed_groups(rows: Sequence[dict], knobs: Sequence[str], round_done: int) -> dict[tuple, list[dict]]:
+    """Result rows of evaluation round ``round_done``, grouped by ``knobs`` (one row per seed), first-seen order."""
+    return _groups([r for r in rows if int(r["round"]) == round_done], knobs)
+
+
+def _last_round(rows: Sequence[dict]) -> int:
+    return max(int(r["round"]) for r in rows)
+
+
+def _n(groups: dict[tuple, list[dict]]) -> str:
+    sizes = sorted({len(g) for g in groups.values()})
+    return "/".join(map(str, sizes))
+
+
+def collaboration_table(tables: SweepTables) -> str:
+    """Dataset x method: accuracy on the clients' own test splits (mean of clients, worst client) and on all
+    clients' test rows together; local-only models are each scored on both (their mean)."""
+    rows = results(tables)
+    groups = seed_groups(rows, ["data.name", "method"], _last_round(rows))
+    body = [
+        [
+            *key,
+            mean_std_text([client_values(r).mean() for r in members]),
+            mean_std_text([client_values(r).min() for r in members]),
+            mean_std_text([value(r, METRIC) for r in members]),
+        ]
+        for key, members in groups.items()
+    ]
+    header = ["dataset", "method", "own clients' test splits: mean of clients", "worst client", "all clients' test set"]
+    return (
+        f"Test accuracy (%) after {_last_round(rows)} rounds, {SPREAD}, n = {_n(groups)} seeds (each its own "
+        "split). Local-only: each client's own model; on all clients' test set, the mean over those models.\n\n"
+        + markdown_table(header, body)
+    )
+
+
+def _attack_label(row: dict) -> str:
+    return "none" if row["attack.name"] == "none" else f"{row['attack.name']} x{float(row['attack.scale']):g}"
+
+
+def security_table(tables: SweepTables) -> str:
+    """Partition x attack (scale), one column per aggregator, at each evaluated budget of ``BUDGETS``, then the
+    verdict on the seed's claim (the median beats the mean under attack) per partition and budget."""
+    rows = results(tables)
+    aggregators = list(dict.fromkeys(r["aggregator.name"] for r in rows))
+    settings = list(dict.fromkeys((r["data.partition"], _attack_label(r)) for r in rows))
+    budgets = sorted({int(r["round"]) for r in rows} & set(SECURITY_BUDGETS)) or [_last_round(rows)]
+    parts, verdicts = [], []
+    for budget in budgets:
+        at = [r for r in rows if int(r["round"]) == budget]
+        cells = {}
+        for r in at:
+            cells.setdefault((r["data.partition"], _attack_label(r), r["aggregator.name"]), []).append(value(r, METRIC))
+        body = [[p, a, *(mean_std_text(cells.get((p, a, g), [])) for g in aggregators)] for p, a in settings]
+        n = "/".join(map(str, sorted({len(v) for v in cells.values()})))
+        parts.append(
+            f"After {budget} rounds: test accuracy (%), {SPREAD}, n = {n} seeds (each its own split).\n\n"
+            + markdown_table(["partition", "attack (25% of clients)", *aggregators], body)
+        )
+        for partition in dict.fromkeys(p for p, _ in settings):
+            attacked = [a for p, a in settings if p == partition and a != "none"]
+            gaps = [
+                np.mean(cells.get((partition, a, "coordinate_median"), [np.nan]))
+                - np.mean(cells.get((partition, a, "mean"), [np.nan]))
+                for a in attacked
+            ]
+            wins = sum(g > 0 for g in gaps)
+            verdicts.append(
+                f"- {partition}, {budget} rounds: the median beats the mean under attack at {wins} of "
+                f"{len(gaps)} scales (median − mean: {', '.join(f'{100 * g:+.1f}' for g in gaps)} points); clean: "
+                f"mean {mean_std_text(cells.get((partition, 'none', 'mean'), []))}, median "
+                f"{mean_std_text(cells.get((partition, 'none', 'coordinate_median'), []))}."
+            )
+    return "\n\n".join(
+        parts + ["Where the seed's claim holds (median above mean under attack):\n\n" + "\n".join(verdicts)]
+    )
+
+
+SECURITY_BUDGETS = (100, 300)  # rounds the security table reads (configs/signflip_attack.py BUDGETS)
+
+
+def _epsilon_cell(row: dict, column: str) -> str:
+    eps = value(row, column)
+    return "—" if math.isnan(eps) else ("∞ (no DP)" if math.isinf(eps) else f"{eps:.3g}")
+
+
+def privacy_table(tables: SweepTables) -> str:
+    """Client-level DP-FedAvg: noise multiplier, epsilon under add/remove-one and replace-one, accuracy."""
+    rows = results(tables)
+    last = _last_round(rows)
+    groups = seed_groups(rows, ["data.name", "privacy.mode", "privacy.noise_multiplier"], last)
+    body = [
+        [
+            key[0],
+            "none" if key[1] == "none" else key[2],
+            _epsilon_cell(members[0], "epsilon") if key[1] != "none" else "∞ (no DP)",
+            _epsilon_cell(members[0], "epsilon_replace_one") if key[1] != "none" else "∞ (no DP)",
+            mean_std_text([value(r, METRIC) for r in members]),
+        ]
+        for key, members in groups.items()
+    ]
+    header = ["dataset", "noise multiplier", "ε add/remove one client", "ε replace one client", "test accuracy (%)"]
+    return (
+        f"Unit: one client (hospital); every client in every round, {last} rounds, δ = "
+        f"{_delta(tables)}. Test accuracy (%) on all clients' test set, {SPREAD}, n = {_n(groups)} seeds (each "
+        "its own split).\n\n" + markdown_table(header, body)
+    )
+
+
+def _delta(tables: SweepTables) -> str:
+    found = re.search(r"delta=([0-9.e+-]+)", tables.meta.get("privacy", ""))
+    return found.group(1) if found else "?"
+
+
+def record_dp_table(tables: SweepTables) -> str:
+    """Record-level DP-SGD inside each hospital: every hospital's epsilon (a patient the unit) and accuracy."""
+    rows = results(tables)
+    last = _last_round(rows)
+    groups = seed_groups(rows, ["privacy.mode", "privacy.noise_multiplier"], last)
+    clients = [m.group(1) for k in rows[0] for m in [re.fullmatch(r"client_accuracy\[(.+)\]", k)] if m]
+    body = []
+    for (mode, sigma), members in groups.items():
+        eps = [_epsilon_cell(members[0], f"epsilon[{c}]") if mode != "none" else "∞" for c in clients]
+        body.append(
+            [
+                "none" if mode == "none" else sigma,
+                *eps,
+                mean_std_text([value(r, METRIC) for r in members]),
+                mean_std_text([client_values(r).mean() for r in members]),
+                mean_std_text([client_values(r).min() for r in members]),
+            ]
+        )
+    header = ["noise multiplier", *(f"ε {c}" for c in clients), "all test rows", "mean of hospitals", "worst"]
+    return (
+        f"Unit: one patient, within each hospital (DP-SGD); δ = {_delta(tables)}, {last} rounds. Each "
+        f"hospital's ε from its own Poisson sampling rate. Accuracy (%), {SPREAD}, n = {_n(groups)} seeds (each "
+        "its own split).\n\n" + markdown_table(header, body)
+    )
+
+
+def _setting(row: dict, knobs: Sequence[str]) -> str:
+    shown = {k: row[k] for k in knobs}
+    text = f"{shown.get('model.name', '')} {shown.get('method', '')}".strip()
+    return text + (f" λ={shown['personalization.ditto_lambda']}" if shown.get("method") == "ditto" else "")
+
+
+def personalization_table(tables: SweepTables) -> str:
+    """Each setting vs local-only (same model, logistic where absent) on the hospitals' own test splits, per
+    split: the splits where it beats local-only on the mean of hospitals, on the worst hospital, on both."""
+    rows = results(tables)
+    knobs = [k for k in tables.knobs if k in ("model.name", "method", "personalization.ditto_lambda")]
+    groups = seed_groups(rows, knobs, _last_round(rows))
+    per_seed = {key: {r["seed"]: client_values(r) for r in members} for key, members in groups.items()}
+    reference = next(k for k in groups if dict(zip(knobs, k)).get("method") == "local_only")
+    own = per_seed[reference]
+    body = []
+    for key, members in groups.items():
+        seeds = per_seed[key]
+        beat_mean = sum(seeds[s].mean() > own[s].mean() for s in seeds if s in own)
+        beat_worst = sum(seeds[s].min() > own[s].min() for s in seeds if s in own)
+        both = sum(seeds[s].mean() > own[s].mean() and seeds[s].min() > own[s].min() for s in seeds if s in own)
+        body.append(
+            [
+                _setting(members[0], knobs),
+                mean_std_text([v.mean() for v in seeds.values()]),
+                mean_std_text([v.min() for v in seeds.values()]),
+                f"{beat_mean}/{len(seeds)}",
+                f"{beat_worst}/{len(seeds)}",
+                f"{both}/{len(seeds)}",
+            ]
+        )
+    header = ["setting", "mean of hospitals", "worst hospital", "beats local-only: mean", "worst", "both"]
+    return (
+        f"Accuracy (%) on each hospital's own test split after {_last_round(rows)} rounds, {SPREAD}, n = "
+        f"{_n(groups)} seeds (each its own train/test split); the last columns count the splits on which the "
+        f"setting beats {_setting(groups[reference][0], knobs)} on that split.\n\n" + markdown_table(header, body)
+    )
+
+
+EXPERIMENT_TABLES = {  # sweep name -> the table the README shows for it (others: `final_table`)
+    "collaboration": collaboration_table,
+    "signflip_attack": security_table,
+    "privacy_utility": privacy_table,
+    "record_dp": record_dp_table,
+    "personalization": personalization_table,
+}
+
+
 # --------------------------------------------------------------------------- figures
 
 DPI = 120
@@ -596,9 +816,9 @@ def results_section(workdirs: Sequence[str], readme_dir: str, assets: str, comma
         "## Results",
         "",
         f"Generated by `{command}` on {datetime.date.today().isoformat()} ({machine()}){wall}. "
-        "Tables: final evaluation round, test accuracy (%) on the pooled test set, mean ± sample std over "
-        "seeds, with the t-based 95% confidence half-width; each is `summary.csv` of the workdir named "
-        "(all rows: `final.csv`; per-round, per-seed: `results.csv`).",
+        "Every ± is a sample std (ddof 1) over n seeds, and each seed draws its own partition and "
+        "train/test split (data.seed unset), so n counts splits x training seeds together; each table comes from "
+        "`results.csv` (per seed) or `summary.csv` (with the t-based 95% CI) of the workdir named.",
         "",
     ]
     for workdir in workdirs:
@@ -609,7 +829,8 @@ def results_section(workdirs: Sequence[str], readme_dir: str, assets: str, comma
         lines += [f"### {tables.meta['name']} (`{workdir}`)", "", sweep_sentence(tables), ""]
         if tables.meta.get("privacy"):
             lines += [f"Privacy accounting: {tables.meta['privacy']}.", ""]
-        lines += [final_table(tables.summary, tables.meta["knobs"]), ""]
+        table = EXPERIMENT_TABLES.get(tables.meta["name"])
+        lines += [table(tables) if table else final_table(tables.summary, tables.meta["knobs"]), ""]
         for figure in figures:
             copy = os.path.join(target, os.path.basename(figure))
             shutil.copyfile(figure, copy)
