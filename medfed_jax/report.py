@@ -9,7 +9,8 @@ Each figure is drawn when the sweep's columns call for it:
 - ``heatmap.png``: final accuracy, aggregator x attack (one panel per other setting);
 - ``fraction.png``: final accuracy vs malicious fraction, one line per aggregator;
 - ``epsilon.png``: final accuracy vs the privacy budget epsilon (non-private runs dashed);
-- ``clients.png``: final accuracy on each client's own test split (hospitals).
+- ``clients.png``: final accuracy on each client's own test split (hospitals);
+- ``scales.png``: accuracy vs the sign flip's scale per aggregator, at 100 and 300 rounds.
 
 ``final.csv`` holds the final-round rows of ``summary.csv``. With ``--readme``,
 the README's Results section (between ``<!-- results:start -->`` and
@@ -190,12 +191,17 @@ def client_values(row: dict) -> np.ndarray:
 
 
 def mean_std_text(values: Sequence[float], scale: float = 100, digits: int = 1) -> str:
-    """``mean ± sample std`` of ``values`` (x ``scale``); ``—`` without finite values."""
+    """``mean ± sample std`` of the finite ``values`` (x ``scale``), ``(k/n diverged)`` after it where some
+    are not (a diverged model scores nan), ``diverged (n/n)`` where none is; ``—`` without values."""
     v = np.asarray(values, np.float64).reshape(-1, 1)
-    mean, std, _ = sweep.mean_std_ci(np.nan_to_num(v), np.isfinite(v))
-    if not np.isfinite(mean[0]):
+    finite = np.isfinite(v)
+    if v.size == 0:
         return "—"
-    return f"{scale * mean[0]:.{digits}f}" + (f" ± {scale * std[0]:.{digits}f}" if np.isfinite(std[0]) else "")
+    if not finite.any():
+        return f"{DIVERGED_TEXT} ({v.size}/{v.size})"
+    mean, std, _ = sweep.mean_std_ci(np.where(finite, v, 0.0), finite)
+    text = f"{scale * mean[0]:.{digits}f}" + (f" ± {scale * std[0]:.{digits}f}" if np.isfinite(std[0]) else "")
+    return text + (f" ({v.size - finite.sum()}/{v.size} {DIVERGED_TEXT})" if not finite.all() else "")
 
 
 def markdown_table(header: Sequence[str], body: Sequence[Sequence[str]]) -> str:
@@ -265,15 +271,14 @@ def security_table(tables: SweepTables) -> str:
         )
         for partition in dict.fromkeys(p for p, _ in settings):
             attacked = [a for p, a in settings if p == partition and a != "none"]
-            gaps = [
-                np.mean(cells.get((partition, a, "coordinate_median"), [np.nan]))
-                - np.mean(cells.get((partition, a, "mean"), [np.nan]))
-                for a in attacked
-            ]
+            # A diverged model has no accuracy: the verdict counts it as 0%.
+            score = {k: np.mean(np.nan_to_num(v)) for k, v in cells.items()}
+            gaps = [score[partition, a, "coordinate_median"] - score[partition, a, "mean"] for a in attacked]
             wins = sum(g > 0 for g in gaps)
             verdicts.append(
                 f"- {partition}, {budget} rounds: the median beats the mean under attack at {wins} of "
-                f"{len(gaps)} scales (median − mean: {', '.join(f'{100 * g:+.1f}' for g in gaps)} points); clean: "
+                f"{len(gaps)} scales (median − mean: {', '.join(f'{100 * g:+.1f}' for g in gaps)} points, a "
+                "diverged seed counted as 0%); clean: "
                 f"mean {mean_std_text(cells.get((partition, 'none', 'mean'), []))}, median "
                 f"{mean_std_text(cells.get((partition, 'none', 'coordinate_median'), []))}."
             )
@@ -345,16 +350,22 @@ def record_dp_table(tables: SweepTables) -> str:
 
 
 def _setting(row: dict, knobs: Sequence[str]) -> str:
+    """``<model> <method>``, with Ditto's lambda and FedPer's local parameters."""
     shown = {k: row[k] for k in knobs}
     text = f"{shown.get('model.name', '')} {shown.get('method', '')}".strip()
-    return text + (f" λ={shown['personalization.ditto_lambda']}" if shown.get("method") == "ditto" else "")
+    if shown.get("method") == "ditto":
+        text += f" λ={shown['personalization.ditto_lambda']}"
+    if shown.get("method") == "fedper" and "personalization.local_paths" in shown:
+        text += f" local={', '.join(json.loads(shown['personalization.local_paths']))}"
+    return text
 
 
 def personalization_table(tables: SweepTables) -> str:
     """Each setting vs local-only (same model, logistic where absent) on the hospitals' own test splits, per
     split: the splits where it beats local-only on the mean of hospitals, on the worst hospital, on both."""
     rows = results(tables)
-    knobs = [k for k in tables.knobs if k in ("model.name", "method", "personalization.ditto_lambda")]
+    shown = ("model.name", "method", "personalization.ditto_lambda", "personalization.local_paths")
+    knobs = [k for k in tables.knobs if k in shown]
     groups = seed_groups(rows, knobs, _last_round(rows))
     per_seed = {key: {r["seed"]: client_values(r) for r in members} for key, members in groups.items()}
     reference = next(k for k in groups if dict(zip(knobs, k)).get("method") == "local_only")
@@ -734,13 +745,44 @@ def draw_clients(tables: SweepTables):
     return _finish(fig, title, _legend_title(next(iter(bar_knobs.values()))) if shared else None)
 
 
+def draw_scales(tables: SweepTables):
+    """Accuracy vs the sign flip's scale (0 = no attack), one line per aggregator and budget, a panel per partition."""
+    rows = [r for r in tables.summary if "attack.scale" in r and "data.partition" in r]
+    budgets = [b for b in SECURITY_BUDGETS if any(int(r["round"]) == b for r in rows)]
+    if not rows or not budgets or len({r["attack.scale"] for r in rows}) < 2:
+        return None
+    partitions = list(dict.fromkeys(r["data.partition"] for r in rows))
+    colors = _colors(rows, ["aggregator.name"])
+    fig, axes = _axes(len(partitions), width=4.4)
+    for ax, partition in zip(axes, partitions):
+        for (aggregator,), members in _groups(
+            [r for r in rows if r["data.partition"] == partition], ["aggregator.name"]
+        ).items():
+            for budget, style in zip(budgets, ("--", "-")):
+                points = [r for r in members if int(r["round"]) == budget]
+                points.sort(key=lambda r: 0.0 if r["attack.name"] == "none" else float(r["attack.scale"]))
+                x = [0.0 if r["attack.name"] == "none" else float(r["attack.scale"]) for r in points]
+                color = colors[(aggregator,)]
+                ax.plot(x, [_pct(r, "mean") for r in points], style, marker="o", ms=3, color=color,
+                        label=f"{aggregator}, {budget} rounds")  # fmt: skip
+                _mark_diverged(ax, x, points, color)
+        ax.set_title(f"partition={partition}")
+        ax.set_xlabel("sign-flip scale (0 = no attack; 25% of clients)")
+        ax.set_ylabel("test accuracy (%)")
+        ax.set_ylim(0, 102)
+        ax.grid(alpha=0.3)
+    return _finish(fig, f"Accuracy vs sign-flip scale (mean over {rows[0]['n']} seeds)")
+
+
 FIGURES = (
     ("curves.png", draw_curves, "Test accuracy vs round"),
     ("heatmap.png", draw_heatmap, "Aggregator x attack heatmap"),
     ("fraction.png", draw_fraction, "Accuracy vs malicious fraction"),
     ("epsilon.png", draw_epsilon, "Accuracy vs privacy budget"),
     ("clients.png", draw_clients, "Per-client accuracy"),
+    ("scales.png", draw_scales, "Accuracy vs sign-flip scale"),
 )
+EXPERIMENT_FIGURES = {"signflip_attack": ("scales.png",)}  # sweep name -> the figures the README shows (else all)
 
 
 # --------------------------------------------------------------------------- report.md and README
@@ -831,7 +873,8 @@ def results_section(workdirs: Sequence[str], readme_dir: str, assets: str, comma
             lines += [f"Privacy accounting: {tables.meta['privacy']}.", ""]
         table = EXPERIMENT_TABLES.get(tables.meta["name"])
         lines += [table(tables) if table else final_table(tables.summary, tables.meta["knobs"]), ""]
-        for figure in figures:
+        shown = EXPERIMENT_FIGURES.get(tables.meta["name"])
+        for figure in [f for f in figures if shown is None or os.path.basename(f) in shown]:
             copy = os.path.join(target, os.path.basename(figure))
             shutil.copyfile(figure, copy)
             lines += [f"![{tables.meta['name']}: {os.path.basename(figure)}]({os.path.relpath(copy, readme_dir)})", ""]
