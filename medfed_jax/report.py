@@ -177,8 +177,6 @@ def final_table(summary: Sequence[dict], knobs: Sequence[str]) -> str:
 # Per-seed values come from results.csv (one row per cell x evaluation); every ± is a sample std (ddof 1,
 # `medfed_jax.sweep.mean_std_ci`) over the seeds, each seed its own partition and train/test split.
 
-SPREAD = "mean ± sample std"
-
 
 def results(tables: SweepTables) -> list[dict]:
     """The sweep's ``results.csv`` rows (per cell, seed and evaluation)."""
@@ -219,9 +217,20 @@ def _last_round(rows: Sequence[dict]) -> int:
     return max(int(r["round"]) for r in rows)
 
 
+def spread_note(sizes: Sequence[int]) -> str:
+    """``mean ± sample std, n = ... seeds (each its own split)`` and, where n allows, the t-based 95% CI
+    half-width as a multiple of the std (``t_{0.975, n-1} / sqrt(n)``: 1.24 at n = 5)."""
+    import scipy.stats  # here, not at module level: scipy.stats takes ~0.7 s to import
+
+    n = sorted(set(sizes))
+    ci = [f"{scipy.stats.t.ppf(0.975, k - 1) / math.sqrt(k):.2f} × std at n = {k}" for k in n if k > 1]
+    return f"mean ± sample std (ddof 1), n = {'/'.join(map(str, n))} seeds (each its own split)" + (
+        f"; 95% CI half-width {', '.join(ci)}" if ci else ""
+    )
+
+
 def _n(groups: dict[tuple, list[dict]]) -> str:
-    sizes = sorted({len(g) for g in groups.values()})
-    return "/".join(map(str, sizes))
+    return spread_note([len(g) for g in groups.values()])
 
 
 def collaboration_table(tables: SweepTables) -> str:
@@ -240,9 +249,8 @@ def collaboration_table(tables: SweepTables) -> str:
     ]
     header = ["dataset", "method", "own clients' test splits: mean of clients", "worst client", "all clients' test set"]
     return (
-        f"Test accuracy (%) after {_last_round(rows)} rounds, {SPREAD}, n = {_n(groups)} seeds (each its own "
-        "split). Local-only: each client's own model; on all clients' test set, the mean over those models.\n\n"
-        + markdown_table(header, body)
+        f"Test accuracy (%) after {_last_round(rows)} rounds, {_n(groups)}. Local-only: each client's own "
+        "model; on all clients' test set, the mean over those models.\n\n" + markdown_table(header, body)
     )
 
 
@@ -264,9 +272,8 @@ def security_table(tables: SweepTables) -> str:
         for r in at:
             cells.setdefault((r["data.partition"], _attack_label(r), r["aggregator.name"]), []).append(value(r, METRIC))
         body = [[p, a, *(mean_std_text(cells.get((p, a, g), [])) for g in aggregators)] for p, a in settings]
-        n = "/".join(map(str, sorted({len(v) for v in cells.values()})))
         parts.append(
-            f"After {budget} rounds: test accuracy (%), {SPREAD}, n = {n} seeds (each its own split).\n\n"
+            f"After {budget} rounds: test accuracy (%), {spread_note([len(v) for v in cells.values()])}.\n\n"
             + markdown_table(["partition", "attack (25% of clients)", *aggregators], body)
         )
         for partition in dict.fromkeys(p for p, _ in settings):
@@ -313,8 +320,8 @@ def privacy_table(tables: SweepTables) -> str:
     header = ["dataset", "noise multiplier", "ε add/remove one client", "ε replace one client", "test accuracy (%)"]
     return (
         f"Unit: one client (hospital); every client in every round, {last} rounds, δ = "
-        f"{_delta(tables)}. Test accuracy (%) on all clients' test set, {SPREAD}, n = {_n(groups)} seeds (each "
-        "its own split).\n\n" + markdown_table(header, body)
+        f"{_delta(tables)}. Test accuracy (%) on all clients' test set, {_n(groups)}.\n\n"
+        + markdown_table(header, body)
     )
 
 
@@ -344,8 +351,8 @@ def record_dp_table(tables: SweepTables) -> str:
     header = ["noise multiplier", *(f"ε {c}" for c in clients), "all test rows", "mean of hospitals", "worst"]
     return (
         f"Unit: one patient, within each hospital (DP-SGD); δ = {_delta(tables)}, {last} rounds. Each "
-        f"hospital's ε from its own Poisson sampling rate. Accuracy (%), {SPREAD}, n = {_n(groups)} seeds (each "
-        "its own split).\n\n" + markdown_table(header, body)
+        f"hospital's ε from its own Poisson sampling rate. Accuracy (%), {_n(groups)}.\n\n"
+        + markdown_table(header, body)
     )
 
 
@@ -388,9 +395,9 @@ def personalization_table(tables: SweepTables) -> str:
         )
     header = ["setting", "mean of hospitals", "worst hospital", "beats local-only: mean", "worst", "both"]
     return (
-        f"Accuracy (%) on each hospital's own test split after {_last_round(rows)} rounds, {SPREAD}, n = "
-        f"{_n(groups)} seeds (each its own train/test split); the last columns count the splits on which the "
-        f"setting beats {_setting(groups[reference][0], knobs)} on that split.\n\n" + markdown_table(header, body)
+        f"Accuracy (%) on each hospital's own test split after {_last_round(rows)} rounds, {_n(groups)}; the "
+        f"last columns count the splits on which the setting beats {_setting(groups[reference][0], knobs)} on "
+        "that split.\n\n" + markdown_table(header, body)
     )
 
 

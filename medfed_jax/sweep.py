@@ -13,7 +13,7 @@ A config declares its sweep in ``cfg.sweep``:
 - ``switch`` (optional): the switched knobs (below); unset = every switchable
   knob the sweep varies, ``()`` = compile one program per value instead.
 
-A knob is a config field (``'local.lr'``), ``'seed'`` (the run seed) or
+A knob is a config field (``'local.lr'``), ``'seed'`` (the run seed: training and split) or
 ``'method'`` (`medfed_jax.runner.METHODS`: ``'federated'``, the default, the
 baselines ``'local_only'`` and ``'pooled'``, and the personalised methods).
 `variant_cells` turns whole configs into cells (e.g. one per dataset).

@@ -54,7 +54,8 @@ def test_collaboration_table_scores_both_test_sets_at_the_last_round(tmp_path):
         for r in (10, 50)
     ]
     table = report.collaboration_table(write_workdir(tmp_path, "collaboration", ["data.name", "method", "seed"], rows))
-    assert "n = 5 seeds" in table and "sample std" in table
+    # t_{0.975, 4} / sqrt(5) = 2.7764 / 2.2361 = 1.24: the CI half-width per std at n = 5.
+    assert "n = 5 seeds" in table and "sample std (ddof 1)" in table and "95% CI half-width 1.24 × std" in table
     for d in ("heart", "digits"):
         for m in ("local_only", "federated"):
             final = [r for r in rows if r["data.name"] == d and r["method"] == m and r["round"] == 50]
