@@ -8,6 +8,10 @@ alone on its own split.
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 
@@ -16,6 +20,7 @@ from medfed_jax import data as data_lib
 from medfed_jax import runner, sweep
 from medfed_jax.data import builtin, partition
 
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # The vmapped and the single paths differ by float32 rounding only: 2 rounds of a logistic model on
 # standardised features (values O(1)), a few ulp per operation, far below the gap between seeds' splits.
 RTOL, ATOL = 1e-4, 1e-5
@@ -105,3 +110,26 @@ def test_a_bad_data_seed_is_refused_naming_the_field(value):
 def test_none_and_seeds_are_valid_data_seeds():
     for value in (None, 0, 2**32 - 1):
         config_lib.check_value("data.seed", value, None)
+
+
+CELLS_SCRIPT = """
+import numpy as np
+from medfed_jax import sweep
+from test_seeds import heart_config
+cfg = heart_config()
+cfg.sweep.grid = {"seed": (0, 1, 2)}
+runs = [sweep.run_sweep(cfg, log=None, sweep_devices=mode) for mode in ("cells", "threads")]
+for a, b in zip(*(r.histories for r in runs)):
+    assert runs[0].histories[a].keys() == runs[1].histories[b].keys()
+    for name in ("test_loss", "test_accuracy"):
+        np.testing.assert_allclose(runs[0].histories[a][name], runs[1].histories[b][name], rtol=1e-5, atol=1e-6)
+print("same")
+"""
+
+
+def test_per_seed_splits_split_over_the_cells_mesh_like_one_device():
+    # 3 cells on 2 devices (padded to 4): each device gathers its own cells' splits. Same float32 work per cell,
+    # only the placement differs, so rounding-level tolerances.
+    env = {**os.environ, "MEDFED_JAX_DEVICES": "2", "PYTHONPATH": os.pathsep.join([REPO, os.path.join(REPO, "tests")])}
+    done = subprocess.run([sys.executable, "-c", CELLS_SCRIPT], env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0 and "same" in done.stdout, done.stderr[-2000:]
