@@ -306,9 +306,9 @@ def _is_private(cfg: Any, method: str) -> bool:
 
 
 def _spread(values: np.ndarray, digits: int = 4) -> str:
-    """``mean`` of one seed's value, ``mean±std`` over several."""
+    """``mean`` of one seed's value, ``mean±std`` (sample std, ddof 1) over several."""
     values = np.asarray(values, np.float64)
-    return f"{values.mean():.{digits}f}" + (f"±{values.std():.{digits}f}" if values.size > 1 else "")
+    return f"{values.mean():.{digits}f}" + (f"±{values.std(ddof=1):.{digits}f}" if values.size > 1 else "")
 
 
 def progress_line(method: str, evaluation: Evaluation, cfg: Any, accounting: privacy.Accounting, rate: float) -> str:
