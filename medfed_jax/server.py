@@ -1,6 +1,9 @@
 """The federated round as one pure function, and many rounds under `lax.scan`.
 
-``round_step(state, train, knobs) -> (state, metrics)``: sample a cohort,
+``round_step(state, train, knobs) -> (state, metrics)``: sample a cohort
+(``cohort_size`` clients uniformly, or Poisson: each client with probability
+``sampling_rate`` in ``max_cohort`` padded slots, those not taking part
+masked out; metric ``participants``),
 poison labels (data attacks), train every cohort client locally (vmapped or
 chunk-mapped), privatise (local DP), replace malicious updates (model
 attacks), aggregate, and apply the server optimizer. Personalisation
@@ -297,9 +300,10 @@ def _build_round_functions(
     build_attack = _switchable(cfg, switches, "attack", attacks.build_attack, attacks.switch)
     parallelism, chunk = default_parallelism(cfg)
     num_clients, cohort = context.num_clients, context.cohort_size
-    sampled = cohort < num_clients
+    poisson = context.sampling_rate > 0  # Poisson cohorts in ``cohort`` slots (`population.poisson_cohort`)
+    sampled = cohort < num_clients or poisson
     rules = dict(switches).get("aggregator.name") or (cfg.aggregator.name,)
-    by_coordinate = cfg.privacy.mode != "central" and not set(rules) <= MEANS  # see mesh_lib.spread_coordinates
+    by_coordinate = cfg.privacy.mode not in privacy.SERVER_NOISE and not set(rules) <= MEANS  # see spread_coordinates
     flat = context.cohort_cap > 0  # a flat or generated population, in [cohort, cohort_cap] blocks
     indexed = sampled or flat  # the round's clients are train[index], not train itself
 
@@ -346,19 +350,28 @@ def _build_round_functions(
         personal, privatizer, attack, aggregator, server_opt = components(knobs, block_rows(train))
         round_key = jax.random.fold_in(state.key, state.round)
         key_for = lambda purpose: jax.random.fold_in(round_key, purpose)  # noqa: E731
-        if flat:
+        taking = None  # Poisson cohorts: which of the ``cohort`` slots take part this round
+        if poisson:
+            index, taking = population.poisson_cohort(key_for(_SAMPLE), num_clients, context.sampling_rate, cohort)
+            if flat:
+                index, taking = population.by_size(train, index, taking)
+        elif flat:
             index = (
                 population.draw_cohort(key_for(_SAMPLE), train, cohort)
                 if sampled
                 else jnp.argsort(train.count, stable=True)
             )
-            data = population.cohort_block(train, index, context.cohort_cap, key_for(_SUBSAMPLE))
-            malicious = state.malicious[index]
         elif sampled:
             index = jax.random.choice(key_for(_SAMPLE), num_clients, (cohort,), replace=False)
-            data, malicious = train.take(index), state.malicious[index]
         else:
-            index, data, malicious = jnp.arange(num_clients), train, state.malicious
+            index = jnp.arange(num_clients)
+        if flat:
+            data = population.cohort_block(train, index, context.cohort_cap, key_for(_SUBSAMPLE))
+        else:
+            data = train.take(index) if sampled else train
+        malicious = state.malicious[index] if indexed else state.malicious
+        if poisson:  # a slot not taking part holds no rows: masked out of training, attacks and aggregation
+            data, malicious = data._replace(count=jnp.where(taking, data.count, 0)), malicious & taking
         cohort_clients = jax.tree.map(lambda s: s[index], state.clients) if indexed else state.clients
         labels = attack.poison_labels(data.y, malicious, context.num_classes)
         client_keys = jax.vmap(lambda i: jax.random.fold_in(key_for(_LOCAL), i))(index)
@@ -371,8 +384,9 @@ def _build_round_functions(
             mesh,
         )
         clients = cohort_clients
-        if indexed:  # clients outside the cohort keep their personal state
-            clients = jax.tree.map(lambda s, new: s.at[index].set(new), state.clients, cohort_clients)
+        if indexed:  # clients outside the cohort (and in slots not taking part) keep their personal state
+            kept = index if taking is None else jnp.where(taking, index, num_clients)
+            clients = jax.tree.map(lambda s, new: s.at[kept].set(new, mode="drop"), state.clients, cohort_clients)
         if by_coordinate:
             deltas = mesh_lib.spread_coordinates(deltas, mesh)
         if privatizer is not None:
@@ -400,6 +414,8 @@ def _build_round_functions(
             "update_norm": optax.global_norm(update),
             **_scalar_metrics(diagnostics),
         }
+        if poisson:
+            metrics["participants"] = jnp.sum(mask).astype(jnp.int32)
         return new_state, metrics
 
     def run_rounds(state: FedState, train: ClientData, knobs: Knobs, num_rounds: int):

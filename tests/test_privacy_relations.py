@@ -66,3 +66,15 @@ def test_dpsgd_gives_each_client_its_own_epsilon_and_no_replace_one():
     accounting = privacy.accounting_for_run(cfg, 3, sizes)
     assert accounting.epsilon_after(rounds) == pytest.approx(max(got), rel=1e-9)
     assert math.isnan(accounting.replace_one_epsilon_after(rounds))
+
+
+def test_bandmf_replace_one_doubles_its_one_gaussians_sensitivity():
+    cfg = central(3.0)
+    cfg.privacy.mode, cfg.privacy.bands = "bandmf", 2
+    accounting = privacy.accounting_for_run(cfg, num_clients=4)
+    z = 3.0 / math.sqrt(privacy.bandmf_sensitivity_squared(2, 50))  # the T releases as one Gaussian
+    gaussian = dp_accounting.GaussianDpEvent(z)
+    assert accounting.epsilon_after(50) == pytest.approx(pld_epsilon(Relation.ADD_OR_REMOVE_ONE, gaussian, 1), rel=RTOL)
+    assert accounting.replace_one_epsilon_after(50) == pytest.approx(
+        pld_epsilon(Relation.REPLACE_ONE, gaussian, 1), rel=RTOL
+    )
