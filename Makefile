@@ -31,12 +31,13 @@ bench: $(STAMP)
 	$(PY) benchmarks/round_throughput.py
 
 # The README's Results section from scratch: collaboration (local-only vs federated vs pooled), security
-# (25% sign flip, mean vs median) and privacy-utility sweeps, 5 seeds each, their reports and figures.
+# (25% sign flip at scales 1, 2, 4; IID and Dirichlet; 100 and 300 rounds), client-level and record-level
+# privacy-utility, and personalisation sweeps, 5 seeds each (each seed its own split), reports and figures.
 # `make reproduce` writes the section to $(REPRO)/results_section.md (figures under $(REPRO)/figures) and
 # leaves the tracked README.md alone; `make readme` (or `make reproduce README=1`) then rewrites README.md's
 # Results section from those runs, figures copied under benchmarks/figures.
 REPRO := runs/reproduce
-REPRO_SWEEPS := collaboration signflip_attack privacy_utility
+REPRO_SWEEPS := collaboration signflip_attack privacy_utility record_dp personalization
 REPORT := $(PY) -m medfed_jax.report $(foreach name,$(REPRO_SWEEPS),--workdir=$(REPRO)/$(name)) --command="make reproduce"
 reproduce: $(STAMP)
 	rm -rf $(REPRO)

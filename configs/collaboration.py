@@ -2,7 +2,10 @@
 
 On the four heart-disease hospitals (`heart_fedavg.py`) and on digits over 20
 Dirichlet(0.5) clients (`digits_dirichlet.py`), with those configs' settings:
-2 datasets x 3 methods = 6 compiled programs, the 5 seeds of each vmapped.
+2 datasets x 3 methods = 6 compiled programs, the 5 seeds of each vmapped,
+each seed its own partition and train/test split. The report scores each
+method on the clients' own test splits and on all clients' test rows
+(`medfed_jax.report.collaboration_table`).
 
     python -m medfed_jax --config=collaboration --workdir=runs/collaboration
     python -m medfed_jax.report --workdir=runs/collaboration

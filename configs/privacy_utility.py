@@ -3,7 +3,9 @@
 Each hospital / client is the privacy unit: every round its update is clipped
 to L2 norm S and the server adds N(0, (sigma S)^2) to the sum before dividing
 by the number of clients (`privacy.dp_fedavg`); epsilon at delta = 1e-5 comes
-from the PLD accountant (every client in every round, 50 rounds). S is about
+from the PLD accountant (every client in every round, 50 rounds), under
+add-or-remove-one (``epsilon``) and replace-one (``epsilon_replace_one``: one
+hospital's data swapped for another's). Each seed draws its own split. S is about
 the median client update norm of the non-private run: 0.1 on the heart
 hospitals, 0.3 on digits (20 Dirichlet(0.5) clients). Noise multipliers
 sigma in {0.5, 1, 2, 4, 8}, plus the non-private reference (no clipping, no

@@ -24,8 +24,9 @@ trains exactly ``rounds`` rounds, evaluated every ``eval_every`` rounds and at
 the last (`medfed_jax.server.eval_rounds`), in chunks: a line for the compile,
 then a progress line per evaluation (rounds/s after compiling, ETA). With
 ``--seeds=N`` every method runs N seeds vmapped, chunk by chunk the same way,
-and the run ends with a mean +- std table (over the seeds whose model did not
-diverge; a diverged model reads ``diverged``). The workdir receives
+and the run ends with a mean +- sample std table (over the seeds whose model
+did not diverge; a diverged model reads ``diverged``). Each seed trains on its
+own partition and train/test split unless ``data.seed`` pins one. The workdir receives
 ``config.json``, ``history.csv`` (with ``elapsed_s`` and ``diverged``
 columns) and ``summary.json`` (atomic writes); a workdir that holds a
 different config is refused unless ``--overwrite``, and a run killed midway
@@ -37,7 +38,6 @@ from __future__ import annotations
 import dataclasses
 import fnmatch
 import json
-import math
 import os
 import sys
 from typing import Any
@@ -259,19 +259,18 @@ def format_table(header: list[str], rows: list[list[str]]) -> str:
 
 
 def finite_mean_std(values: np.ndarray) -> tuple[float, float]:
-    """Mean and std of the finite ``values`` (NaN, NaN when none)."""
-    values = np.asarray(values, np.float64).ravel()
-    finite = values[np.isfinite(values)]
-    if finite.size == 0:
-        return math.nan, math.nan
-    return float(finite.mean()), float(finite.std())
+    """Mean and sample std (ddof 1, `medfed_jax.sweep.mean_std_ci`) of the finite ``values``: (NaN, NaN)
+    when none, std NaN for one."""
+    values = np.asarray(values, np.float64).reshape(-1, 1)
+    mean, std, _ = sweep.mean_std_ci(np.nan_to_num(values), np.isfinite(values))
+    return float(mean[0]), float(std[0])
 
 
 def final_accuracy_table(
     finals: dict[str, dict[str, np.ndarray]], client_names: tuple[str, ...], max_width: int = MAX_TABLE_WIDTH
 ) -> str:
     """Methods x (each client's own test split, their mean and worst, pooled test set) in %, and the pooled
-    ROC AUC; mean +- std over seeds.
+    ROC AUC; mean +- sample std (ddof 1) over seeds.
 
     A diverged model (`medfed_jax.eval`) is not scored: a cell shows the mean
     +- std over the seeds whose value is finite, ``diverged`` when none is, and
@@ -285,9 +284,10 @@ def final_accuracy_table(
         kept = values[~np.asarray(diverged, bool)]
         if kept.size == 0:
             return "diverged"
+        mean, std = finite_mean_std(kept)
         if kept.size > 1:
-            return f"{scale * kept.mean():.{digits}f} ± {scale * kept.std():.{digits}f}"
-        return f"{scale * kept.mean():.{digits}f}"
+            return f"{scale * mean:.{digits}f} ± {scale * std:.{digits}f}"
+        return f"{scale * mean:.{digits}f}"
 
     def finite_cell(values: np.ndarray) -> str:
         return cell(values, np.isnan(values))
@@ -369,9 +369,10 @@ def _finish(workdir, prepared, rows, finals, seeds) -> dict:
     table = final_accuracy_table(finals, names)
     evaluated = prepared.dataset.info.get("eval_sample", "every client")
     sampled = f"; evaluated on {evaluated}" if "eval_sample" in prepared.dataset.info else ""
+    split = "a pinned split" if not prepared.split_follows_seed else "each seed its own split"
     print(
-        f"\nFinal test accuracy (%) on {prepared.dataset.name}, {len(seeds)} seed(s), "
-        f"{rounds} rounds: each client's own test split, their mean, and the pooled test set; "
+        f"\nFinal test accuracy (%) on {prepared.dataset.name}, {len(seeds)} seed(s) ({split}), mean ± sample std "
+        f"(n = {len(seeds)}), {rounds} rounds: each client's own test split, their mean, and the pooled test set; "
         f"then the pooled test set's ROC AUC (macro one-vs-rest){sampled}\n"
     )
     print(table)
@@ -400,7 +401,9 @@ def _finish(workdir, prepared, rows, finals, seeds) -> dict:
 def run_sweep_command(prepared: sweep.PreparedSweep, workdir: str | None) -> sweep.SweepResult:
     """Run a prepared sweep (its workdir already prepared) and print its final table."""
     result = sweep.run_prepared(prepared, workdir)
-    print(f"\nFinal round, mean ± std over seeds (%):\n\n{report.final_table(result.summary, result.plan.knobs)}")
+    print(
+        f"\nFinal round, mean ± sample std over seeds (%):\n\n{report.final_table(result.summary, result.plan.knobs)}"
+    )
     if workdir:
         print(f"\nwrote {workdir}/results.csv, summary.csv, sweep.json")
         print(f"figures and report.md: python -m medfed_jax.report --workdir={workdir}")

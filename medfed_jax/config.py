@@ -50,6 +50,7 @@ COHORT_SAMPLINGS = ("fixed", "poisson")
 INT_MAX = 2**31 - 1  # integer fields size loops and arrays (int32 on the device)
 SEED_MAX = 2**32 - 1  # seeds are uint32
 SEED_FIELDS = ("seed", "data.seed")
+OPTIONAL_SEEDS = ("data.seed",)  # None (the default) follows the run seed
 FREE_FORM = ("sweep",)  # sections checked by their own parser (`medfed_jax.sweep.SWEEP_FIELDS`)
 
 LOCAL_NUMERIC = ("lr", "momentum", "prox_mu")
@@ -199,6 +200,10 @@ def _has_kind(value: Any, default: Any) -> bool:
 
 def check_value(path: str, value: Any, default: Any) -> None:
     """Refuse a value of the wrong kind for ``path`` (kind of ``default``), or an integer out of range."""
+    if path in OPTIONAL_SEEDS:
+        if value is None:
+            return
+        default = 0  # else a seed like any other
     if not _has_kind(value, default):
         quoted = isinstance(value, str) and not isinstance(default, str)
         fix = "write it without quotes" if quoted else f"e.g. {path}={default!r}"

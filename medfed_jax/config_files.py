@@ -134,9 +134,9 @@ def parse_value(path: str, text: str, default: Any) -> Any:
         if default is None or isinstance(default, ml_collections.ConfigDict):
             return value
     except (KeyError, ValueError, SyntaxError):
+        kind = "an integer seed or None" if path in config_lib.OPTIONAL_SEEDS else config_lib.kind_of(default)
         raise ConfigError(
-            f"{flag}: {path} takes {config_lib.kind_of(default)} (default {config_lib.format_default(default)}); "
-            f"{text!r} is not one."
+            f"{flag}: {path} takes {kind} (default {config_lib.format_default(default)}); {text!r} is not one."
         ) from None
     if isinstance(default, (tuple, list)):
         value = tuple(value) if isinstance(value, (tuple, list)) else (value,)

@@ -728,10 +728,32 @@ class Accounting:
             self.truncation,
         )
 
+    def replace_one_epsilon_after(self, rounds: int) -> float:
+        """Epsilon after ``rounds`` rounds under the replace-one relation (one unit's data swapped for
+        another's: the clipped sum moves by up to 2x clip).
+
+        The run's own epsilon where its relation is replace-one already
+        (``sampling='fixed'``); the same Gaussian at twice the sensitivity
+        where every unit takes part in every step (rate 1; BandMF's one
+        Gaussian likewise); nan under Poisson sampling (not accounted here);
+        inf without DP.
+        """
+        if self.mode == "none":
+            return math.inf
+        if self.mode == "bandmf":
+            return bandmf_epsilon(self.noise_multiplier / 2, self.bands, rounds, self.delta)
+        if self.sampling == "fixed":
+            return self.epsilon_after(rounds)
+        if self.sampling_rate < 1:
+            return math.nan
+        steps = rounds * self.steps_per_round
+        return epsilon(self.noise_multiplier, 1.0, steps, self.delta, self.accountant, "fixed")
+
     def report(self, rounds: int) -> dict:
         """Plain dict for logs and ``summary.json``."""
         return {
             "epsilon": self.epsilon_after(rounds),
+            "epsilon_replace_one": self.replace_one_epsilon_after(rounds),
             "delta": self.delta,
             "unit": self.unit,
             "mode": self.mode,
@@ -819,6 +841,13 @@ def accounting_for_run(
     if truncation is not None:
         accounting.epsilon_after(cfg.rounds)  # refuses max_cohort too small for the RDP truncation bound
     return accounting
+
+
+def client_record_epsilons(cfg: Any, client_sizes: Sequence[int], rounds: int) -> tuple[float, ...]:
+    """DP-SGD (``privacy.mode='dpsgd'``): each client's own epsilon after ``rounds`` rounds, one of its
+    records the unit, at its own sampling rate ``min(1, batch_size / n_c)`` (`accounting_for_run` reports
+    the largest: the smallest client's)."""
+    return tuple(accounting_for_run(cfg, 1, [n]).epsilon_after(rounds) for n in client_sizes)
 
 
 def run_privacy_report(

@@ -11,7 +11,8 @@ Each figure is drawn when the sweep's columns call for it:
 - ``worst_case.png``: each aggregator's lowest final accuracy over the attacks vs
   malicious fraction (with a table in ``report.md``);
 - ``epsilon.png``: final accuracy vs the privacy budget epsilon (non-private runs dashed);
-- ``clients.png``: final accuracy on each client's own test split (hospitals).
+- ``clients.png``: final accuracy on each client's own test split (hospitals);
+- ``scales.png``: accuracy vs the sign flip's scale per aggregator, at 100 and 300 rounds.
 
 ``final.csv`` holds the final-round rows of ``summary.csv``. With ``--readme``,
 the README's Results section (between ``<!-- results:start -->`` and
@@ -172,6 +173,243 @@ def final_table(summary: Sequence[dict], knobs: Sequence[str]) -> str:
     widths = [max(len(r[i]) for r in [header, *body]) for i in range(len(header))]
     line = lambda cells: "| " + " | ".join(c.ljust(w) for c, w in zip(cells, widths)) + " |"  # noqa: E731
     return "\n".join([line(header), "|" + "|".join("-" * (w + 2) for w in widths) + "|", *map(line, body)])
+
+
+# --------------------------------------------------------------------------- the README's experiment tables
+# Per-seed values come from results.csv (one row per cell x evaluation); every ± is a sample std (ddof 1,
+# `medfed_jax.sweep.mean_std_ci`) over the seeds, each seed its own partition and train/test split.
+
+
+def results(tables: SweepTables) -> list[dict]:
+    """The sweep's ``results.csv`` rows (per cell, seed and evaluation)."""
+    return read_csv(os.path.join(tables.workdir, "results.csv"))
+
+
+def client_values(row: dict) -> np.ndarray:
+    """A result row's per-client accuracies (each client's own test split)."""
+    return np.asarray([float(v) for k, v in row.items() if k.startswith("client_accuracy[") and v != ""])
+
+
+def mean_std_text(values: Sequence[float], scale: float = 100, digits: int = 1) -> str:
+    """``mean ± sample std`` of the finite ``values`` (x ``scale``), ``(k/n diverged)`` after it where some
+    are not (a diverged model scores nan), ``diverged (n/n)`` where none is; ``—`` without values."""
+    v = np.asarray(values, np.float64).reshape(-1, 1)
+    finite = np.isfinite(v)
+    if v.size == 0:
+        return "—"
+    if not finite.any():
+        return f"{DIVERGED_TEXT} ({v.size}/{v.size})"
+    mean, std, _ = sweep.mean_std_ci(np.where(finite, v, 0.0), finite)
+    text = f"{scale * mean[0]:.{digits}f}" + (f" ± {scale * std[0]:.{digits}f}" if np.isfinite(std[0]) else "")
+    return text + (f" ({v.size - finite.sum()}/{v.size} {DIVERGED_TEXT})" if not finite.all() else "")
+
+
+def markdown_table(header: Sequence[str], body: Sequence[Sequence[str]]) -> str:
+    widths = [max(len(r[i]) for r in [header, *body]) for i in range(len(header))]
+    line = lambda cells: "| " + " | ".join(c.ljust(w) for c, w in zip(cells, widths)) + " |"  # noqa: E731
+    return "\n".join([line(header), "|" + "|".join("-" * (w + 2) for w in widths) + "|", *map(line, body)])
+
+
+def seed_groups(rows: Sequence[dict], knobs: Sequence[str], round_done: int) -> dict[tuple, list[dict]]:
+    """Result rows of evaluation round ``round_done``, grouped by ``knobs`` (one row per seed), first-seen order."""
+    return _groups([r for r in rows if int(r["round"]) == round_done], knobs)
+
+
+def _last_round(rows: Sequence[dict]) -> int:
+    return max(int(r["round"]) for r in rows)
+
+
+def spread_note(sizes: Sequence[int]) -> str:
+    """``mean ± sample std, n = ... seeds (each its own split)`` and, where n allows, the t-based 95% CI
+    half-width as a multiple of the std (``t_{0.975, n-1} / sqrt(n)``: 1.24 at n = 5)."""
+    import scipy.stats  # here, not at module level: scipy.stats takes ~0.7 s to import
+
+    n = sorted(set(sizes))
+    ci = [f"{scipy.stats.t.ppf(0.975, k - 1) / math.sqrt(k):.2f} × std at n = {k}" for k in n if k > 1]
+    return f"mean ± sample std (ddof 1), n = {'/'.join(map(str, n))} seeds (each its own split)" + (
+        f"; 95% CI half-width {', '.join(ci)}" if ci else ""
+    )
+
+
+def _n(groups: dict[tuple, list[dict]]) -> str:
+    return spread_note([len(g) for g in groups.values()])
+
+
+def collaboration_table(tables: SweepTables) -> str:
+    """Dataset x method: accuracy on the clients' own test splits (mean of clients, worst client) and on all
+    clients' test rows together; local-only models are each scored on both (their mean)."""
+    rows = results(tables)
+    groups = seed_groups(rows, ["data.name", "method"], _last_round(rows))
+    body = [
+        [
+            *key,
+            mean_std_text([client_values(r).mean() for r in members]),
+            mean_std_text([client_values(r).min() for r in members]),
+            mean_std_text([value(r, METRIC) for r in members]),
+        ]
+        for key, members in groups.items()
+    ]
+    header = ["dataset", "method", "own clients' test splits: mean of clients", "worst client", "all clients' test set"]
+    return (
+        f"Test accuracy (%) after {_last_round(rows)} rounds, {_n(groups)}. Local-only: each client's own "
+        "model; on all clients' test set, the mean over those models.\n\n" + markdown_table(header, body)
+    )
+
+
+def _attack_label(row: dict) -> str:
+    return "none" if row["attack.name"] == "none" else f"{row['attack.name']} x{float(row['attack.scale']):g}"
+
+
+def security_table(tables: SweepTables) -> str:
+    """Partition x attack (scale), one column per aggregator, at each evaluated budget of ``BUDGETS``, then the
+    verdict on the seed's claim (the median beats the mean under attack) per partition and budget."""
+    rows = results(tables)
+    aggregators = list(dict.fromkeys(r["aggregator.name"] for r in rows))
+    settings = list(dict.fromkeys((r["data.partition"], _attack_label(r)) for r in rows))
+    budgets = sorted({int(r["round"]) for r in rows} & set(SECURITY_BUDGETS)) or [_last_round(rows)]
+    parts, verdicts = [], []
+    for budget in budgets:
+        at = [r for r in rows if int(r["round"]) == budget]
+        cells = {}
+        for r in at:
+            cells.setdefault((r["data.partition"], _attack_label(r), r["aggregator.name"]), []).append(value(r, METRIC))
+        body = [[p, a, *(mean_std_text(cells.get((p, a, g), [])) for g in aggregators)] for p, a in settings]
+        parts.append(
+            f"After {budget} rounds: test accuracy (%), {spread_note([len(v) for v in cells.values()])}.\n\n"
+            + markdown_table(["partition", "attack (25% of clients)", *aggregators], body)
+        )
+        for partition in dict.fromkeys(p for p, _ in settings):
+            attacked = [a for p, a in settings if p == partition and a != "none"]
+            # A diverged model has no accuracy: the verdict counts it as 0%.
+            score = {k: np.mean(np.nan_to_num(v)) for k, v in cells.items()}
+            gaps = [score[partition, a, "coordinate_median"] - score[partition, a, "mean"] for a in attacked]
+            wins = sum(g > 0 for g in gaps)
+            verdicts.append(
+                f"- {partition}, {budget} rounds: the median beats the mean under attack at {wins} of "
+                f"{len(gaps)} scales (median − mean: {', '.join(f'{100 * g:+.1f}' for g in gaps)} points, a "
+                "diverged seed counted as 0%); clean: "
+                f"mean {mean_std_text(cells.get((partition, 'none', 'mean'), []))}, median "
+                f"{mean_std_text(cells.get((partition, 'none', 'coordinate_median'), []))}."
+            )
+    return "\n\n".join(
+        parts + ["Where the seed's claim holds (median above mean under attack):\n\n" + "\n".join(verdicts)]
+    )
+
+
+SECURITY_BUDGETS = (100, 300)  # rounds the security table reads (configs/signflip_attack.py BUDGETS)
+
+
+def _epsilon_cell(row: dict, column: str) -> str:
+    eps = value(row, column)
+    return "—" if math.isnan(eps) else ("∞ (no DP)" if math.isinf(eps) else f"{eps:.3g}")
+
+
+def privacy_table(tables: SweepTables) -> str:
+    """Client-level DP-FedAvg: noise multiplier, epsilon under add/remove-one and replace-one, accuracy."""
+    rows = results(tables)
+    last = _last_round(rows)
+    groups = seed_groups(rows, ["data.name", "privacy.mode", "privacy.noise_multiplier"], last)
+    body = [
+        [
+            key[0],
+            "none" if key[1] == "none" else key[2],
+            _epsilon_cell(members[0], "epsilon") if key[1] != "none" else "∞ (no DP)",
+            _epsilon_cell(members[0], "epsilon_replace_one") if key[1] != "none" else "∞ (no DP)",
+            mean_std_text([value(r, METRIC) for r in members]),
+        ]
+        for key, members in groups.items()
+    ]
+    header = ["dataset", "noise multiplier", "ε add/remove one client", "ε replace one client", "test accuracy (%)"]
+    return (
+        f"Unit: one client (hospital); every client in every round, {last} rounds, δ = "
+        f"{_delta(tables)}. Test accuracy (%) on all clients' test set, {_n(groups)}.\n\n"
+        + markdown_table(header, body)
+    )
+
+
+def _delta(tables: SweepTables) -> str:
+    found = re.search(r"delta=([0-9.e+-]+)", tables.meta.get("privacy", ""))
+    return found.group(1) if found else "?"
+
+
+def record_dp_table(tables: SweepTables) -> str:
+    """Record-level DP-SGD inside each hospital: every hospital's epsilon (a patient the unit) and accuracy."""
+    rows = results(tables)
+    last = _last_round(rows)
+    groups = seed_groups(rows, ["privacy.mode", "privacy.noise_multiplier"], last)
+    clients = [m.group(1) for k in rows[0] for m in [re.fullmatch(r"client_accuracy\[(.+)\]", k)] if m]
+    body = []
+    for (mode, sigma), members in groups.items():
+        eps = [_epsilon_cell(members[0], f"epsilon[{c}]") if mode != "none" else "∞" for c in clients]
+        body.append(
+            [
+                "none" if mode == "none" else sigma,
+                *eps,
+                mean_std_text([value(r, METRIC) for r in members]),
+                mean_std_text([client_values(r).mean() for r in members]),
+                mean_std_text([client_values(r).min() for r in members]),
+            ]
+        )
+    header = ["noise multiplier", *(f"ε {c}" for c in clients), "all test rows", "mean of hospitals", "worst"]
+    return (
+        f"Unit: one patient, within each hospital (DP-SGD); δ = {_delta(tables)}, {last} rounds. Each "
+        f"hospital's ε from its own Poisson sampling rate. Accuracy (%), {_n(groups)}.\n\n"
+        + markdown_table(header, body)
+    )
+
+
+def _setting(row: dict, knobs: Sequence[str]) -> str:
+    """``<model> <method>``, with Ditto's lambda and FedPer's local parameters."""
+    shown = {k: row[k] for k in knobs}
+    text = f"{shown.get('model.name', '')} {shown.get('method', '')}".strip()
+    if shown.get("method") == "ditto":
+        text += f" λ={shown['personalization.ditto_lambda']}"
+    if shown.get("method") == "fedper" and "personalization.local_paths" in shown:
+        text += f" local={', '.join(json.loads(shown['personalization.local_paths']))}"
+    return text
+
+
+def personalization_table(tables: SweepTables) -> str:
+    """Each setting vs local-only (same model, logistic where absent) on the hospitals' own test splits, per
+    split: the splits where it beats local-only on the mean of hospitals, on the worst hospital, on both."""
+    rows = results(tables)
+    shown = ("model.name", "method", "personalization.ditto_lambda", "personalization.local_paths")
+    knobs = [k for k in tables.knobs if k in shown]
+    groups = seed_groups(rows, knobs, _last_round(rows))
+    per_seed = {key: {r["seed"]: client_values(r) for r in members} for key, members in groups.items()}
+    reference = next(k for k in groups if dict(zip(knobs, k)).get("method") == "local_only")
+    own = per_seed[reference]
+    body = []
+    for key, members in groups.items():
+        seeds = per_seed[key]
+        beat_mean = sum(seeds[s].mean() > own[s].mean() for s in seeds if s in own)
+        beat_worst = sum(seeds[s].min() > own[s].min() for s in seeds if s in own)
+        both = sum(seeds[s].mean() > own[s].mean() and seeds[s].min() > own[s].min() for s in seeds if s in own)
+        body.append(
+            [
+                _setting(members[0], knobs),
+                mean_std_text([v.mean() for v in seeds.values()]),
+                mean_std_text([v.min() for v in seeds.values()]),
+                f"{beat_mean}/{len(seeds)}",
+                f"{beat_worst}/{len(seeds)}",
+                f"{both}/{len(seeds)}",
+            ]
+        )
+    header = ["setting", "mean of hospitals", "worst hospital", "beats local-only: mean", "worst", "both"]
+    return (
+        f"Accuracy (%) on each hospital's own test split after {_last_round(rows)} rounds, {_n(groups)}; the "
+        f"last columns count the splits on which the setting beats {_setting(groups[reference][0], knobs)} on "
+        "that split.\n\n" + markdown_table(header, body)
+    )
+
+
+EXPERIMENT_TABLES = {  # sweep name -> the table the README shows for it (others: `final_table`)
+    "collaboration": collaboration_table,
+    "signflip_attack": security_table,
+    "privacy_utility": privacy_table,
+    "record_dp": record_dp_table,
+    "personalization": personalization_table,
+}
 
 
 # --------------------------------------------------------------------------- figures
@@ -628,6 +866,35 @@ def draw_clients(tables: SweepTables):
     return _finish(fig, title, _legend_title(next(iter(bar_knobs.values()))) if shared else None)
 
 
+def draw_scales(tables: SweepTables):
+    """Accuracy vs the sign flip's scale (0 = no attack), one line per aggregator and budget, a panel per partition."""
+    rows = [r for r in tables.summary if "attack.scale" in r and "data.partition" in r]
+    budgets = [b for b in SECURITY_BUDGETS if any(int(r["round"]) == b for r in rows)]
+    if not rows or not budgets or len({r["attack.scale"] for r in rows}) < 2:
+        return None
+    partitions = list(dict.fromkeys(r["data.partition"] for r in rows))
+    colors = _colors(rows, ["aggregator.name"])
+    fig, axes = _axes(len(partitions), width=4.4)
+    for ax, partition in zip(axes, partitions):
+        for (aggregator,), members in _groups(
+            [r for r in rows if r["data.partition"] == partition], ["aggregator.name"]
+        ).items():
+            for budget, style in zip(budgets, ("--", "-")):
+                points = [r for r in members if int(r["round"]) == budget]
+                points.sort(key=lambda r: 0.0 if r["attack.name"] == "none" else float(r["attack.scale"]))
+                x = [0.0 if r["attack.name"] == "none" else float(r["attack.scale"]) for r in points]
+                color = colors[(aggregator,)]
+                ax.plot(x, [_pct(r, "mean") for r in points], style, marker="o", ms=3, color=color,
+                        label=f"{aggregator}, {budget} rounds")  # fmt: skip
+                _mark_diverged(ax, x, points, color)
+        ax.set_title(f"partition={partition}")
+        ax.set_xlabel("sign-flip scale (0 = no attack; 25% of clients)")
+        ax.set_ylabel("test accuracy (%)")
+        ax.set_ylim(0, 102)
+        ax.grid(alpha=0.3)
+    return _finish(fig, f"Accuracy vs sign-flip scale (mean over {rows[0]['n']} seeds)")
+
+
 FIGURES = (
     ("curves.png", draw_curves, "Test accuracy vs round"),
     ("heatmap.png", draw_heatmap, "Aggregator x attack heatmap"),
@@ -635,7 +902,9 @@ FIGURES = (
     ("worst_case.png", draw_worst_case, "Worst case over the attacks"),
     ("epsilon.png", draw_epsilon, "Accuracy vs privacy budget"),
     ("clients.png", draw_clients, "Per-client accuracy"),
+    ("scales.png", draw_scales, "Accuracy vs sign-flip scale"),
 )
+EXPERIMENT_FIGURES = {"signflip_attack": ("scales.png",)}  # sweep name -> the figures the README shows (else all)
 
 
 # --------------------------------------------------------------------------- report.md and README
@@ -729,9 +998,9 @@ def results_section(workdirs: Sequence[str], readme_dir: str, assets: str, comma
         "## Results",
         "",
         f"Generated by `{command}` on {datetime.date.today().isoformat()} ({machine()}){wall}. "
-        "Tables: final evaluation round, test accuracy (%) on the pooled test set, mean ± sample std over "
-        "seeds, with the t-based 95% confidence half-width; each is `summary.csv` of the workdir named "
-        "(all rows: `final.csv`; per-round, per-seed: `results.csv`).",
+        "Every ± is a sample std (ddof 1) over n seeds, and each seed draws its own partition and "
+        "train/test split (data.seed unset), so n counts splits x training seeds together; each table comes from "
+        "`results.csv` (per seed) or `summary.csv` (with the t-based 95% CI) of the workdir named.",
         "",
     ]
     for workdir in workdirs:
@@ -742,8 +1011,10 @@ def results_section(workdirs: Sequence[str], readme_dir: str, assets: str, comma
         lines += [f"### {tables.meta['name']} (`{workdir}`)", "", sweep_sentence(tables), ""]
         if tables.meta.get("privacy"):
             lines += [f"Privacy accounting: {tables.meta['privacy']}.", ""]
-        lines += [final_table(tables.summary, tables.meta["knobs"]), ""]
-        for figure in figures:
+        table = EXPERIMENT_TABLES.get(tables.meta["name"])
+        lines += [table(tables) if table else final_table(tables.summary, tables.meta["knobs"]), ""]
+        shown = EXPERIMENT_FIGURES.get(tables.meta["name"])
+        for figure in [f for f in figures if shown is None or os.path.basename(f) in shown]:
             copy = os.path.join(target, os.path.basename(figure))
             shutil.copyfile(figure, copy)
             lines += [f"![{tables.meta['name']}: {os.path.basename(figure)}]({os.path.relpath(copy, readme_dir)})", ""]

@@ -5,7 +5,11 @@ A run trains exactly ``cfg.rounds`` rounds and evaluates after each of
 The device work of each chunk (its rounds, then one evaluation:
 `medfed_jax.server.make_chunk`) is one call of a program compiled ahead of
 time, once for every chunk length, for one seed or vmapped over seeds
-(`train_evaluations`, shared by single runs and ``--seeds``). Between chunks
+(`train_evaluations`, shared by single runs and ``--seeds``). Each seed
+trains on its own split (`seed_datasets`: ``data.seed`` None follows the run
+seed; an integer, or a dataset handed to `prepare`, pins one split for every
+seed); vmapped seeds' splits are stacked, padded to a common size
+(`medfed_jax.data.base.stack_splits`). Between chunks
 the host prints a progress line (rounds/s measured after compiling, ETA) and,
 when given a checkpoint path, writes a checkpoint atomically so that a killed
 run resumes where it stopped with the same results.
@@ -31,6 +35,7 @@ from medfed_jax import baselines, client_results, compilation_cache, personalize
 from medfed_jax import config as config_lib
 from medfed_jax import data as data_lib
 from medfed_jax import mesh as mesh_lib
+from medfed_jax.data import base as data_base
 from medfed_jax.data import population
 from medfed_jax.models import check_input_fits, make_model
 from medfed_jax.server import (
@@ -58,6 +63,7 @@ class Prepared:
     context: config_lib.BuildContext
     knobs: Knobs
     accounting: privacy.Accounting  # the (epsilon, delta) bookkeeping of the run's DP settings
+    split_follows_seed: bool = False  # each seed draws its own split (data.seed None, data loaded here)
 
 
 def build_context(cfg: Any, dataset: FederatedDataset) -> config_lib.BuildContext:
@@ -83,8 +89,9 @@ def prepare(cfg: Any, dataset: FederatedDataset | None = None) -> Prepared:
     compilation_cache.enable_once()
     mesh_lib.configure_default_devices()
     config_lib.validate_run_settings(cfg, num_clients=1 << 62)
+    follows = dataset is None and data_lib.follows_run_seed(cfg.data)
     if dataset is None:
-        dataset = data_lib.load_dataset(cfg.data)
+        dataset = data_lib.load_dataset(cfg.data, cfg.seed)
     data_lib.validate_dataset(dataset)
     population.validate_run(cfg, dataset)
     context = build_context(cfg, dataset)
@@ -101,7 +108,43 @@ def prepare(cfg: Any, dataset: FederatedDataset | None = None) -> Prepared:
         example = jax.ShapeDtypeStruct((1, *dataset.feature_shape), np.float32)
         params = jax.eval_shape(model.init, jax.random.key(0), example)
         personalize.validate_local_paths(cfg.personalization, personalize.param_paths(params))
-    return Prepared(cfg, dataset, context, config_lib.knobs_from_config(cfg), accounting)
+    return Prepared(cfg, dataset, context, config_lib.knobs_from_config(cfg), accounting, follows)
+
+
+def seed_datasets(prepared: Prepared, seeds: Sequence[int]) -> list[FederatedDataset]:
+    """Each seed's dataset: ``prepared.dataset`` for all when the split is pinned, else seed ``s``'s own split.
+
+    A new split is checked like the first (`prepare`): same clients and shapes
+    of the model's input, privacy limits; its DP accounting must equal the
+    first's (client-level DP depends on the clients only; record-level DP on
+    their sizes: pin ``data.seed`` where those vary).
+    """
+    if not prepared.split_follows_seed:
+        return [prepared.dataset] * len(seeds)
+    cfg, datasets = prepared.cfg, []
+    for seed in seeds:
+        dataset = prepared.dataset if seed == cfg.seed else data_lib.load_dataset(cfg.data, seed)
+        if dataset is not prepared.dataset:
+            data_lib.validate_dataset(dataset)
+            if not isinstance(dataset.train, ClientData):
+                raise ValueError(
+                    f"data.storage={cfg.data.storage!r}: several seeds of a flat or generated population cannot "
+                    "stack their splits; pin the population with data.seed=<int> (the training seed still varies)."
+                )
+            sizes = [int(n) for n in np.asarray(dataset.train.count)]
+            privacy.validate_with_run(cfg, sizes)
+            if privacy.accounting_for_run(cfg, dataset.num_clients, sizes) != prepared.accounting:
+                raise ValueError(
+                    f"seed {seed}'s split gives a different privacy accounting than seed {cfg.seed}'s (client "
+                    "sizes differ); pin the split with data.seed=<int> to report one epsilon."
+                )
+        datasets.append(dataset)
+    return datasets
+
+
+def method_view(method: str, dataset: FederatedDataset) -> FederatedDataset:
+    """The data a method trains on: the dataset, or for pooled training its training rows as one client."""
+    return baselines.pooled_training_view(dataset) if method == "pooled" else dataset
 
 
 def engine_for(
@@ -122,7 +165,7 @@ def engine_for(
         return baselines.build_local_only(static_config(cfg, switched), prepared.context), dataset, cfg
     if method == "pooled":
         pooled_cfg = baselines.pooled_config(cfg)
-        view = baselines.pooled_training_view(dataset)
+        view = method_view(method, dataset)
         return build_engine(static_config(pooled_cfg), build_context(pooled_cfg, view), (), mesh), view, pooled_cfg
     if method in personalize.PERSONAL_METHODS:
         personal_cfg = cfg.copy_and_resolve_references()
@@ -180,28 +223,31 @@ class DeviceLoop(NamedTuple):
     ``init(seed, train, knobs) -> state``;
     ``chunk(state, train, test, knobs, num_rounds) -> (state, metrics)``
     (`medfed_jax.server.make_chunk`, ``num_rounds`` traced: one compile for
-    every chunk length).
+    every chunk length). ``split_axis``: train and test carry the seed axis
+    too (each seed its own split), else every seed shares them.
     """
 
     init: Callable
     chunk: Callable
     seed_axis: bool
+    split_axis: bool = False
 
 
 @functools.lru_cache(maxsize=64)
-def _device_loop(engine: Engine, seed_axis: bool) -> DeviceLoop:
+def _device_loop(engine: Engine, seed_axis: bool, split_axis: bool) -> DeviceLoop:
     init = engine.init
     chunk = make_chunk(engine.round_step, engine.evaluate, engine.eval_params)
     if seed_axis:
-        init = jax.vmap(init, in_axes=(0, None, None))
-        chunk = jax.vmap(chunk, in_axes=(0, None, None, None, None))
+        data = 0 if split_axis else None
+        init = jax.vmap(init, in_axes=(0, data, None))
+        chunk = jax.vmap(chunk, in_axes=(0, data, data, None, None))
     jit = jit_on(engine.mesh)
-    return DeviceLoop(jit(init), jit(chunk), seed_axis)
+    return DeviceLoop(jit(init), jit(chunk), seed_axis, split_axis)
 
 
-def device_loop(engine: Engine, seed_axis: bool) -> DeviceLoop:
+def device_loop(engine: Engine, seed_axis: bool, split_axis: bool = False) -> DeviceLoop:
     """The `DeviceLoop` of an engine (cached; engines that differ only in their schedule share it)."""
-    return _device_loop(engine._replace(program=None), seed_axis)
+    return _device_loop(engine._replace(program=None), seed_axis, split_axis)
 
 
 def compile_loop(loop: DeviceLoop, seed: Any, train: ClientData, test: ClientData, knobs: Knobs):
@@ -261,9 +307,9 @@ def _is_private(cfg: Any, method: str) -> bool:
 
 
 def _spread(values: np.ndarray, digits: int = 4) -> str:
-    """``mean`` of one seed's value, ``mean±std`` over several."""
+    """``mean`` of one seed's value, ``mean±std`` (sample std, ddof 1) over several."""
     values = np.asarray(values, np.float64)
-    return f"{values.mean():.{digits}f}" + (f"±{values.std():.{digits}f}" if values.size > 1 else "")
+    return f"{values.mean():.{digits}f}" + (f"±{values.std(ddof=1):.{digits}f}" if values.size > 1 else "")
 
 
 def progress_line(method: str, evaluation: Evaluation, cfg: Any, accounting: privacy.Accounting, rate: float) -> str:
@@ -305,6 +351,12 @@ def place_data(engine: Engine, view: FederatedDataset) -> tuple[ClientData, Clie
     return type(view.train)(*train), type(view.test)(*mesh_lib.put(tuple(view.test), engine.mesh))
 
 
+def place_splits(engine: Engine, views: Sequence[FederatedDataset]) -> tuple[ClientData, ClientData]:
+    """Each seed's train and test data stacked on a leading seed axis, replicated on the engine's devices."""
+    stacked = [data_base.stack_splits([getattr(v, part) for v in views]) for part in ("train", "test")]
+    return tuple(ClientData(*mesh_lib.put(tuple(data), engine.mesh)) for data in stacked)
+
+
 def train_evaluations(
     method: str,
     prepared: Prepared,
@@ -320,13 +372,19 @@ def train_evaluations(
     a checkpoint, when given: a killed run resumes at its last evaluation)
     after each. ``seed_axis``: vmap over ``seeds`` (else exactly one seed, plain).
     """
-    engine, view, cfg = engine_for(method, prepared)
+    engine, _, cfg = engine_for(method, prepared)
     if not seed_axis and len(seeds) != 1:
         raise ValueError(f"train_evaluations: without a seed axis give exactly one seed, got {list(seeds)}.")
     seed = np.asarray(seeds, np.uint32) if seed_axis else np.uint32(seeds[0])
-    train, test = place_data(engine, view)
+    datasets = seed_datasets(prepared, seeds)
+    split_axis = seed_axis and any(d is not datasets[0] for d in datasets)
+    if split_axis:
+        train, test = place_splits(engine, [method_view(method, d) for d in datasets])
+    else:
+        train, test = place_data(engine, method_view(method, datasets[0]))
     start = time.perf_counter()
-    init, chunk, compile_s = compile_loop(device_loop(engine, seed_axis), seed, train, test, prepared.knobs)
+    loop = device_loop(engine, seed_axis, split_axis)
+    init, chunk, compile_s = compile_loop(loop, seed, train, test, prepared.knobs)
     if log:
         log(f"[{method}] compiled in {compile_s:.1f}s" + (f" ({len(seeds)} seeds vmapped)" if seed_axis else ""))
     state, evaluations = _resume(method, checkpoint, init(seed, train, prepared.knobs), log)

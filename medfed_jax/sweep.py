@@ -13,7 +13,7 @@ A config declares its sweep in ``cfg.sweep``:
 - ``switch`` (optional): the switched knobs (below); unset = every switchable
   knob the sweep varies, ``()`` = compile one program per value instead.
 
-A knob is a config field (``'local.lr'``), ``'seed'`` (the run seed) or
+A knob is a config field (``'local.lr'``), ``'seed'`` (the run seed: training and split) or
 ``'method'`` (`medfed_jax.runner.METHODS`: ``'federated'``, the default, the
 baselines ``'local_only'`` and ``'pooled'``, and the personalised methods).
 `variant_cells` turns whole configs into cells (e.g. one per dataset).
@@ -70,10 +70,18 @@ resumed in another mode recomputes its chunks. On a CPU, vmapping does not
 speed up the cells themselves much: a sweep wins by compiling once and by
 filling every core (`benchmarks/sweep_results.md`).
 
+**Seeds and splits**: a cell's ``seed`` is its training seed and, unless
+``data.seed`` pins the data (`medfed_jax.data.resolve_seed`), also its
+partition and train/test split: cells of one program that differ in seed get
+their own splits, stacked on the experiment axis (`PreparedProgram`), still
+one compile. Summaries over seeds are then over splits x training seeds.
+
 Results (workdir): ``results.csv``, one row per cell x evaluation (every knob
-a column, then ``round``, ``epsilon`` for private runs, the metrics and
-per-client metrics ``<metric>[<client>]``); ``summary.csv``, the same over
-seeds (mean, sample std, t-based 95% confidence half-width, n). While the
+a column, then ``round``, for private runs ``epsilon`` (the run's relation,
+named in ``sweep.json``'s privacy note), ``epsilon_replace_one`` and under
+DP-SGD ``epsilon[<client>]``, then the metrics and per-client metrics
+``<metric>[<client>]``); ``summary.csv``, the same over seeds (mean, sample
+std (ddof 1), t-based 95% confidence half-width, n). While the
 sweep runs, each chunk's rows are appended to ``results.csv`` and
 ``summary.csv`` is refreshed every `SUMMARY_EVERY_S` seconds; at the end both
 are written atomically in cell order (`TableFiles`). Each chunk's histories
@@ -115,6 +123,7 @@ from medfed_jax import baselines, privacy, runner
 from medfed_jax import config as config_lib
 from medfed_jax import data as data_lib
 from medfed_jax import mesh as mesh_lib
+from medfed_jax.data import base as data_base
 from medfed_jax.server import SWITCHABLE, Engine, Switches
 from medfed_jax.types import ClientData, FederatedDataset
 
@@ -447,7 +456,14 @@ def variant_cells(variants: Sequence[Any], first: Sequence[str] = ("data.name",)
 
 @dataclasses.dataclass(frozen=True)
 class PreparedProgram:
-    """A program's engine and data, and what every one of its cells needs."""
+    """A program's engine and data, and what every one of its cells needs.
+
+    ``split_index`` None: every cell trains on ``train``/``test``. Else the
+    cells' splits differ (``data.seed`` follows each cell's seed): ``train``
+    and ``test`` stack the distinct splits ``[S, C, N, ...]`` (padded to one
+    size, `medfed_jax.data.base.stack_splits`) and cell ``j`` uses split
+    ``split_index[j]``.
+    """
 
     spec: ProgramSpec
     engine: Engine
@@ -457,34 +473,66 @@ class PreparedProgram:
     rounds: tuple[int, ...]  # the round of each evaluation
     seeds: np.ndarray  # [n] uint32
     knobs: dict[str, np.ndarray]  # path -> [n] float32
-    epsilon: tuple[tuple[float, ...] | None, ...]  # per cell: epsilon after each evaluation, None if no DP
+    epsilon: tuple[dict[str, tuple[float, ...]] | None, ...]  # per cell: `PRIVACY_COLUMNS` (and DP-SGD's
+    # per-client epsilon[<client>]) -> the value after each evaluation; None without DP
     privacy_note: str  # how epsilon is accounted (unit, delta, accountant); '' without DP
     switch_index: dict[str, int] = dataclasses.field(default_factory=dict)  # switched knob -> choice index
+    split_index: np.ndarray | None = None  # [n] int32: each cell's split in train/test, None = one shared
 
 
 def _dataset(cfg: Any, cache: dict) -> FederatedDataset:
-    key = config_lib.to_json(cfg.data)
+    """The dataset of a run config, its ``data.seed`` resolved (`medfed_jax.data.resolve_seed`); cached."""
+    data = data_lib.resolve_seed(cfg.data, cfg.seed)
+    key = config_lib.to_json(data)
     if key not in cache:
-        cache[key] = data_lib.load_dataset(cfg.data)
+        cache[key] = data_lib.load_dataset(data)
     return cache[key]
 
 
+# A private sweep's epsilon columns: the run's own accounting (its relation in the privacy note), and replace-one.
+PRIVACY_COLUMNS = ("epsilon", "epsilon_replace_one")
+
+
 def _cell_epsilon(cfg: Any, method: str, dataset: FederatedDataset, rounds: tuple[int, ...]):
-    """(epsilon after each evaluation round, accounting note), or (None, '') without DP."""
+    """(privacy column -> value after each evaluation round, accounting note), or (None, '') without DP.
+
+    Columns: `PRIVACY_COLUMNS`; with DP-SGD (a record the unit) also
+    ``epsilon[<client>]``, each client's own (`medfed_jax.privacy.client_record_epsilons`).
+    """
     if method != "federated" or cfg.privacy.mode == "none":
         return None, ""
     sizes = [int(n) for n in np.asarray(dataset.train.count)]
     privacy.validate_with_run(cfg, sizes)
     accounting = privacy.accounting_for_run(cfg, dataset.num_clients, sizes)
     note = f"delta={accounting.delta:g} per {accounting.unit}; {accounting.description}"
-    return tuple(accounting.epsilon_after(r) for r in rounds), note
+    columns = {
+        "epsilon": tuple(accounting.epsilon_after(r) for r in rounds),
+        "epsilon_replace_one": tuple(accounting.replace_one_epsilon_after(r) for r in rounds),
+    }
+    if accounting.unit == "record":
+        per_client = [privacy.client_record_epsilons(cfg, sizes, r) for r in rounds]
+        columns.update({f"epsilon[{c}]": tuple(e[i] for e in per_client) for i, c in enumerate(dataset.client_names)})
+    return columns, note
+
+
+def _check_same_clients(first: runner.Prepared, dataset: FederatedDataset, seed: int) -> None:
+    """A cell's own split must fit the program built from the first cell's (same clients and input shapes)."""
+    data_lib.validate_dataset(dataset)
+    if not isinstance(dataset.train, ClientData):
+        raise ValueError(
+            f"data.storage={first.cfg.data.storage!r}: cells of a flat or generated population cannot each draw "
+            "their own split; pin it with data.seed=<int> (the training seed still varies)."
+        )
+    if runner.build_context(first.cfg, dataset) != first.context:
+        raise ValueError(f"seed {seed}'s split has other clients or shapes than the first cell's; pin data.seed.")
 
 
 def prepare_program(cfg: Any, plan: Plan, spec: ProgramSpec, datasets: dict, run_on: Execution) -> PreparedProgram:
     """Load data, validate every cell of ``spec``, compute epsilons: everything short of compiling.
 
     The program is built from its first cell's config (its numeric knobs are
-    traced, so any cell would build the same program), on ``run_on``'s devices.
+    traced, so any cell would build the same program), on ``run_on``'s devices. Each cell trains on its
+    own seed's split unless ``data.seed`` pins one (`PreparedProgram`).
     """
     struct_cfg = with_overrides(cfg, plan.cells[spec.cells[0]].values)
     method = spec.structural.get("method", "federated")
@@ -494,21 +542,31 @@ def prepare_program(cfg: Any, plan: Plan, spec: ProgramSpec, datasets: dict, run
         raise ValueError(f"sweep program {spec.label()}: {e}") from None
     engine, view, _ = runner.engine_for(method, prepared, plan.switches, run_on.program_mesh())
     rounds = runner.eval_rounds(struct_cfg.rounds, struct_cfg.eval_every)
-    seeds, knobs, epsilons, notes = [], [], [], []
+    seeds, knobs, epsilons, notes, splits, cell_split = [], [], [], [], [], []
     for index in spec.cells:
         cell = plan.cells[index]
         cell_cfg = with_overrides(cfg, cell.values)
         try:
+            dataset = _dataset(cell_cfg, datasets)
+            if dataset is not prepared.dataset:
+                _check_same_clients(prepared, dataset, cell_cfg.seed)
             config_lib.validate(cell_cfg, prepared.context)
-            epsilon, note = _cell_epsilon(cell_cfg, method, prepared.dataset, rounds)
+            epsilon, note = _cell_epsilon(cell_cfg, method, dataset, rounds)
         except ValueError as e:
             raise ValueError(f"sweep cell {index} ({_describe(cell.values)}): {e}") from None
         epsilons.append(epsilon)
         notes.extend([note] if note and note not in notes else [])
+        splits.extend([dataset] if all(d is not dataset for d in splits) else [])
+        cell_split.append(next(i for i, d in enumerate(splits) if d is dataset))
         seeds.append(cell_cfg.seed)
         knob_cfg = baselines.pooled_config(cell_cfg) if method == "pooled" else cell_cfg
         knobs.append({k: float(config_lib.get_path(knob_cfg, k)) for k in config_lib.numeric_fields()})
-    train, test = place_program_data(run_on, engine, view)
+    if len(splits) == 1:
+        (train, test), split_index = place_program_data(run_on, engine, view), None
+    else:  # host arrays [S, ...]: `run_chunk` gathers each chunk's splits and the program places them
+        views = [runner.method_view(method, d) for d in splits]
+        train, test = (data_base.stack_splits([getattr(v, part) for v in views]) for part in ("train", "test"))
+        split_index = np.asarray(cell_split, np.int32)
     return PreparedProgram(
         spec=spec,
         engine=engine,
@@ -521,6 +579,7 @@ def prepare_program(cfg: Any, plan: Plan, spec: ProgramSpec, datasets: dict, run
         epsilon=tuple(epsilons),
         privacy_note="; ".join(notes),
         switch_index={knob: choices.index(spec.structural[knob]) for knob, choices in plan.switches},
+        split_index=split_index,
     )
 
 
@@ -545,11 +604,15 @@ def effective_chunk_size(plan: Plan, devices: int = 1) -> int:
 
 
 @functools.lru_cache(maxsize=64)
-def _vmapped(program: Callable, switched: tuple[str, ...], cells: jax.sharding.Mesh | None = None) -> Callable:
-    """The program vmapped over cells: seeds and numeric knobs batched, data and switch indices shared;
-    with a ``cells`` mesh, the cells split over its devices (`medfed_jax.mesh.over_cells`)."""
+def _vmapped(
+    program: Callable, switched: tuple[str, ...], cells: jax.sharding.Mesh | None = None, own_splits: bool = False
+) -> Callable:
+    """The program vmapped over cells: seeds and numeric knobs batched, switch indices shared, data shared (or
+    batched too: ``own_splits``, each cell its own split); with a ``cells`` mesh, the cells split over its
+    devices (`medfed_jax.mesh.over_cells`)."""
     knob_axes = {**{k: 0 for k in config_lib.numeric_fields()}, **{k: None for k in switched}}
-    in_axes = (0, None, None, knob_axes)
+    data = 0 if own_splits else None
+    in_axes = (0, data, data, knob_axes)
     batched = jax.vmap(program, in_axes=in_axes)
     return jax.jit(batched) if cells is None else mesh_lib.over_cells(batched, cells, in_axes)
 
@@ -568,20 +631,29 @@ def compile_batched(
     test_spec: ClientData,
     switched: tuple[str, ...] = (),
     cells: jax.sharding.Mesh | None = None,
+    own_splits: bool = False,
 ) -> tuple[Any, bool]:
     """The engine's whole-run program vmapped over ``batch`` cells, compiled; and whether it was compiled now.
 
     ``switched``: knobs the program reads as shared int32 switch indices;
     ``cells``: a mesh the cells are split over (``batch`` a multiple of its
-    size). Compiled programs are kept for the life of the process.
+    size); ``own_splits``: the data specs are ``[S, ...]`` stacks of splits and
+    the program takes ``batch`` of them, one per cell. Compiled programs are
+    kept for the life of the process.
     """
-    key = (engine, batch, train_spec, test_spec, switched, cells)
+    key = (engine, batch, train_spec, test_spec, switched, cells, own_splits)
     if key in _COMPILED:
         return _COMPILED[key], False
     seeds = jax.ShapeDtypeStruct((batch,), jnp.uint32)
     knobs = {k: jax.ShapeDtypeStruct((batch,), jnp.float32) for k in config_lib.numeric_fields()}
     knobs.update({k: jax.ShapeDtypeStruct((), jnp.int32) for k in switched})
-    _COMPILED[key] = _vmapped(engine.program, switched, cells).lower(seeds, train_spec, test_spec, knobs).compile()
+    if own_splits:
+        train_spec, test_spec = (
+            jax.tree.map(lambda a: jax.ShapeDtypeStruct((batch, *a.shape[1:]), a.dtype), spec)
+            for spec in (train_spec, test_spec)
+        )
+    program = _vmapped(engine.program, switched, cells, own_splits)
+    _COMPILED[key] = program.lower(seeds, train_spec, test_spec, knobs).compile()
     return _COMPILED[key], True
 
 
@@ -590,7 +662,10 @@ def run_chunk(program: PreparedProgram, start: int, stop: int, batch: int, compi
     take = np.minimum(np.arange(start, start + batch), stop - 1)
     knobs = {k: v[take] for k, v in program.knobs.items()}
     knobs.update({k: np.int32(i) for k, i in program.switch_index.items()})
-    history = jax.device_get(compiled(program.seeds[take], program.train, program.test, knobs))
+    train, test = program.train, program.test
+    if program.split_index is not None:  # each cell's own split, gathered from the host stacks
+        train, test = (type(d)(*(np.asarray(a)[program.split_index[take]] for a in d)) for d in (train, test))
+    history = jax.device_get(compiled(program.seeds[take], train, test, knobs))
     return {k: np.asarray(v)[: stop - start] for k, v in history.items()}
 
 
@@ -646,8 +721,8 @@ def cell_rows(plan: Plan, program: PreparedProgram, index: int, history: Mapping
         row = {"cell": str(index), **{k: format_value(plan.cells[index].values[k]) for k in plan.knobs}}
         row["round"] = str(round_done)
         if private:
-            eps = program.epsilon[j]
-            row["epsilon"] = "" if eps is None else format_float(eps[e])
+            columns = program.epsilon[j] or dict.fromkeys(PRIVACY_COLUMNS)
+            row.update({name: "" if v is None else format_float(v[e]) for name, v in columns.items()})
         for name, values in history.items():
             value = values[e]
             if value.ndim == 0:
@@ -679,7 +754,7 @@ def format_float(value: Any) -> str:
 
 def summary_keys(plan: Plan, private: bool) -> list[str]:
     """The columns a summary row is grouped by: the knobs but the seed, the round, epsilon."""
-    return [k for k in plan.knobs if k != "seed"] + ["round"] + (["epsilon"] if private else [])
+    return [k for k in plan.knobs if k != "seed"] + ["round"] + (list(PRIVACY_COLUMNS) if private else [])
 
 
 def summary_rows(plan: Plan, rows: Sequence[dict]) -> list[dict]:
@@ -926,14 +1001,19 @@ def _chunks(
 
 def _compile_key(chunk: _Chunk) -> tuple:
     program = chunk.program
-    return (program.engine, chunk.batch, _spec_of(program.train), _spec_of(program.test), tuple(program.switch_index))
+    own_splits = program.split_index is not None  # host stacks of splits: shapes only, placed by the program
+    spec = (lambda t: jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), t)) if own_splits else _spec_of
+    train, test = spec(program.train), spec(program.test)
+    return (program.engine, chunk.batch, train, test, tuple(program.switch_index), own_splits)
 
 
 def _compile_job(chunk: _Chunk, run_on: Execution) -> tuple[Any, float, bool]:
     """(compiled program, seconds, whether it was compiled now rather than found)."""
     start = time.perf_counter()
-    engine, batch, *specs = _compile_key(chunk)
-    compiled, fresh = compile_batched(engine, run_on.padded(batch), *specs, run_on.cell_mesh())
+    engine, batch, train, test, switched, own_splits = _compile_key(chunk)
+    compiled, fresh = compile_batched(
+        engine, run_on.padded(batch), train, test, switched, run_on.cell_mesh(), own_splits
+    )
     return compiled, time.perf_counter() - start, fresh
 
 

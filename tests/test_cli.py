@@ -414,9 +414,9 @@ def test_a_wide_final_table_shows_client_quartiles_and_keeps_narrow_ones_whole()
     header = [c.strip() for c in wide.splitlines()[0].split("|")[1:-1]]
     row = [c.strip() for c in wide.splitlines()[2].split("|")[1:-1]]
     median = 100 * np.median(acc, axis=1)
-    assert row[header.index("client 50%")] == f"{median.mean():.1f} ± {median.std():.1f}"
+    assert row[header.index("client 50%")] == f"{median.mean():.1f} ± {median.std(ddof=1):.1f}"
     best = 100 * acc.max(1)
-    assert row[header.index("best client")] == f"{best.mean():.1f} ± {best.std():.1f}"
+    assert row[header.index("best client")] == f"{best.mean():.1f} ± {best.std(ddof=1):.1f}"
     narrow = cli.final_accuracy_table(
         {"federated": {k: v[:, :4] if v.ndim == 2 else v for k, v in finals["federated"].items()}}, names[:4]
     )

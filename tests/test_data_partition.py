@@ -28,6 +28,7 @@ def mean_tv_to_global(labels, parts, num_classes=NUM_CLASSES):
 PARTITIONERS = {
     "iid": lambda y, seed: partition.iid(y, 7, seed),
     "dirichlet": lambda y, seed: partition.dirichlet(y, 7, 0.5, seed, min_samples=5),
+    "dirichlet_capped": lambda y, seed: partition.dirichlet(y, 7, 0.5, seed, min_samples=5, capped=True),
     "shards": lambda y, seed: partition.shards(y, 7, 3, seed),
     "quantity": lambda y, seed: partition.quantity(y, 7, 1.0, seed, min_samples=3),
 }
@@ -69,10 +70,43 @@ def test_dirichlet_small_alpha_gives_more_label_skew_than_large():
     assert skewed > near_iid + 0.3
 
 
-def test_dirichlet_respects_min_samples():
+@pytest.mark.parametrize("capped, clients", [(False, 10), (True, 20)])
+def test_dirichlet_respects_min_samples(capped, clients):
     y = make_labels()
     for seed in range(3):
-        assert min(len(p) for p in partition.dirichlet(y, 20, 0.1, seed, min_samples=8)) >= 8
+        parts = partition.dirichlet(y, clients, 0.1, seed, min_samples=8, capped=capped)
+        assert min(len(p) for p in parts) >= 8
+
+
+def numpy_effective_classes(labels, parts):
+    """Reference: per client, exp of the Shannon entropy of its label histogram, averaged (loops, no tricks)."""
+    values = []
+    for p in parts:
+        counts = np.bincount(labels[p], minlength=NUM_CLASSES)
+        probs = counts[counts > 0] / counts.sum()
+        values.append(math.exp(-sum(q * math.log(q) for q in probs)))
+    return sum(values) / len(values)
+
+
+def test_effective_classes_matches_the_entropy_reference_and_its_extremes():
+    y = make_labels()
+    for parts in (partition.iid(y, 5, 0), partition.dirichlet(y, 5, 0.3, 1), partition.shards(y, 5, 2, 2)):
+        assert partition.effective_classes(y, parts) == pytest.approx(numpy_effective_classes(y, parts), rel=1e-12)
+    one_class = [np.flatnonzero(y == c) for c in range(NUM_CLASSES)]
+    assert partition.effective_classes(y, one_class) == pytest.approx(1.0)
+    balanced = np.repeat(np.arange(NUM_CLASSES), 6)
+    assert partition.effective_classes(balanced, [np.arange(60)]) == pytest.approx(NUM_CLASSES)
+
+
+def test_the_capacity_cap_measurably_changes_the_skew():
+    # NIID-Bench's cap stops a client that holds more than N / C samples from receiving later classes: on
+    # digits-like labels (10 balanced classes, 20 clients, alpha 0.5) the capped split has fewer effective
+    # classes per client. Over 10 seeds the means differ by ~0.7 classes (5.5 vs 4.8), per-seed std ~0.25.
+    y = np.random.default_rng(0).permutation(np.repeat(np.arange(NUM_CLASSES), 180))
+    plain = [numpy_effective_classes(y, partition.dirichlet(y, 20, 0.5, s)) for s in range(10)]
+    capped = [numpy_effective_classes(y, partition.dirichlet(y, 20, 0.5, s, capped=True)) for s in range(10)]
+    assert np.mean(plain) - np.mean(capped) > 0.4
+    assert sum(p > c for p, c in zip(plain, capped)) >= 8
 
 
 def test_dirichlet_infeasible_minimum_error_names_a_setting_that_works():

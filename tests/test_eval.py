@@ -107,19 +107,22 @@ def test_final_table_and_summary_leave_diverged_seeds_out():
     }
     lines = cli.final_accuracy_table(finals, ("a", "b")).splitlines()
     federated = [c.strip() for c in lines[2].strip("|").split("|")]
-    # mean ± std over the two finite seeds, computed here: a (0.4, 0.6), b (0.6, 0.8), mean (0.5, 0.7), ...
+    # mean ± sample std (ddof 1: 0.1 * sqrt(2) for two values 0.2 apart) over the two finite seeds, computed
+    # here: a (0.4, 0.6), b (0.6, 0.8), mean (0.5, 0.7), ...
     assert federated == [
         "federated (1/3 diverged)",
-        "50.0 ± 10.0",
-        "70.0 ± 10.0",
-        "60.0 ± 10.0",
-        "50.0 ± 10.0",
-        "60.0 ± 10.0",
-        "0.700 ± 0.100",
+        "50.0 ± 14.1",
+        "70.0 ± 14.1",
+        "60.0 ± 14.1",
+        "50.0 ± 14.1",
+        "60.0 ± 14.1",
+        "0.700 ± 0.141",
     ]
     pooled = [c.strip() for c in lines[3].strip("|").split("|")]
     assert pooled == ["pooled (1/1 diverged)"] + ["diverged"] * 6
     summary = cli.final_summary(finals["federated"], 2)
-    assert summary["test_accuracy_mean"] == pytest.approx(0.6) and summary["test_accuracy_std"] == pytest.approx(0.1)
+    assert summary["test_accuracy_mean"] == pytest.approx(0.6) and summary["test_accuracy_std"] == pytest.approx(
+        0.1 * 2**0.5
+    )
     assert summary["diverged_seeds"] == 1
     assert np.isnan(cli.final_summary(finals["pooled"], 2)["test_accuracy_mean"])

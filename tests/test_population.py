@@ -118,7 +118,9 @@ def test_generated_population_stores_no_rows_and_gives_each_client_its_own_strea
     flat = data_lib.load_dataset(random_config(**{"data.num_clients": 50, "data.storage": "flat"}).data)
     train = generated.train
     np.testing.assert_array_equal(train.count, flat.train.count)  # the flat generator's sizes and teacher
-    np.testing.assert_array_equal(train.teacher, synthetic.teacher_weights(4, 2, cfg.data.seed))
+    np.testing.assert_array_equal(
+        train.teacher, synthetic.teacher_weights(4, 2, data_lib.resolve_seed(cfg.data, 0).seed)
+    )
     assert sum(np.asarray(a).nbytes for a in train) == 50 * 4 + 4 * 2 * 4 + 2 * 4  # sizes, teacher, key
     wide = population.generate(train, jnp.asarray([7, 3, 12]), 40)
     narrow, narrow_slot = population.generate(train, jnp.asarray([12, 7]), 5), {12: 0, 7: 1}
@@ -449,5 +451,5 @@ def test_a_flat_run_with_a_sampled_evaluation_writes_linear_outputs(tmp_path):
     assert "client_accuracy_p50" in header and not any(h.startswith("accuracy[") for h in header)
     lines = (tmp_path / "clients.csv").read_text().splitlines()
     assert len(lines) == 1 + cfg.rounds * 2 * 150
-    sample = population.eval_sample(400, 150, cfg.data.seed)
+    sample = population.eval_sample(400, 150, data_lib.resolve_seed(cfg.data, 0).seed)
     assert {line.split(",")[2] for line in lines[1:]} == {f"client{c}" for c in sample}

@@ -217,6 +217,7 @@ def test_eta_counts_the_cells_not_yet_recorded_at_the_measured_chunk_rate():
         train=None,
         test=None,
         switch_index={},
+        split_index=None,
         rounds=(5, 10),
         spec=sweep.ProgramSpec({}, tuple(range(100))),
     )

@@ -10,9 +10,16 @@ Sources (``data.name``):
   ``num_features``/``num_classes`` (`synthetic`).
 
 Partitions (``data.partition``): ``natural`` (a source's own clients: the
-hospitals, or the generated clients), ``iid``, ``dirichlet``, ``shards``,
-``quantity`` (`partition`). Array sources are partitioned, then each client's
-rows are split into its own train/test (``data.test_fraction``).
+hospitals, or the generated clients), ``iid``, ``dirichlet`` (plain
+Dirichlet label skew), ``dirichlet_capped`` (NIID-Bench's variant: a client
+above its equal share gets no more samples, which weakens the skew),
+``shards``, ``quantity`` (`partition`). Array sources are partitioned, then
+each client's rows are split into its own train/test (``data.test_fraction``).
+
+Seed (``data.seed``): the partition, train/test split and generator seed.
+``None`` (the default) follows the run seed (`resolve_seed`), so ``--seeds=N``
+and a sweep's seed axis draw a new split per seed; an integer pins the split
+while the training seed varies.
 
 Storage (``data.storage``, ``cap``, ``cap_quantile``, ``eval_clients``;
 `population`): padded `ClientData`, or flat rows for populations far larger
@@ -47,7 +54,8 @@ from medfed_jax.types import FederatedDataset
 GENERATED = ("random", "mnist_like", "synthetic")  # clients are generated: partition must be 'natural'
 ARRAYS = ("heart", "digits", "breast_cancer", "medmnist")  # samples partitioned among clients
 DATASETS = ARRAYS + GENERATED
-PARTITIONS = ("natural", "iid", "dirichlet", "shards", "quantity")
+PARTITIONS = ("natural", "iid", "dirichlet", "dirichlet_capped", "shards", "quantity")
+DIRICHLET = ("dirichlet", "dirichlet_capped")
 # Samples and classes of the sources whose size is known without loading them.
 KNOWN_SIZES = {"heart": (740, 2), "digits": (1797, 10), "breast_cancer": (569, 2)}
 # How array sources are standardised (training statistics only, see partition.federate).
@@ -62,9 +70,9 @@ def default_config() -> ml_collections.ConfigDict:
             partition="natural",  # one of PARTITIONS; 'natural' = the source's own clients
             num_clients=4,  # clients to partition into / generate (ignored by heart + natural)
             test_fraction=0.2,  # share of each client's rows held out as its test split (FLamby heart: 0.34)
-            seed=0,  # partition, train/test split and generator seed
-            alpha=0.5,  # dirichlet concentration: 0.1 strong label skew, 100 near IID
-            min_samples=10,  # dirichlet / quantity: smallest client (>= 2: one train and one test row)
+            seed=None,  # partition, train/test split and generator seed; None = the run seed (a new split per seed)
+            alpha=0.5,  # dirichlet(_capped) concentration: 0.1 strong label skew, 100 near IID
+            min_samples=10,  # dirichlet(_capped) / quantity: smallest client (>= 2: one train and one test row)
             shards_per_client=2,  # shards: distinct classes per client
             quantity_sigma=1.0,  # quantity: log-normal sigma of client sizes (0 = equal)
             samples_per_client=64,  # generated sources: training rows per client (synthetic: 0 = FedProx sizes)
@@ -99,7 +107,7 @@ def _number(cfg: Any, field: str, positive: bool, fix: str) -> None:
 
 
 def _min_client(cfg: Any) -> int:
-    return max(cfg.min_samples, 2) if cfg.partition in ("dirichlet", "quantity") else 2
+    return max(cfg.min_samples, 2) if cfg.partition in (*DIRICHLET, "quantity") else 2
 
 
 def _check_clients(cfg: Any, num_samples: int) -> None:
@@ -138,13 +146,14 @@ def validate_config(cfg: Any) -> None:
             "generated sources do); choose 'iid', 'dirichlet', 'shards' or 'quantity'."
         )
     _int_at_least(cfg, "num_clients", 1)
-    _int_at_least(cfg, "seed", 0)
+    if cfg.seed is not None:
+        _int_at_least(cfg, "seed", 0, "Or None (the default) to follow the run seed.")
     tf = cfg.test_fraction
     if not (isinstance(tf, (int, float)) and 0 < tf < 1):
         raise ValueError(f"data.test_fraction={tf!r} must lie in (0, 1); 0.2 is common, FLamby's heart uses 0.34.")
-    if cfg.partition == "dirichlet":
+    if cfg.partition in DIRICHLET:
         _number(cfg, "alpha", True, "Use 0.1 for strong label skew, 1 for moderate, 100 for near IID.")
-    if cfg.partition in ("dirichlet", "quantity"):
+    if cfg.partition in (*DIRICHLET, "quantity"):
         _int_at_least(cfg, "min_samples", 2, "Each client needs a train and a test row.")
     if cfg.partition == "shards":
         _int_at_least(cfg, "shards_per_client", 1)
@@ -209,6 +218,9 @@ def _partition(cfg: Any, y: np.ndarray, groups: np.ndarray | None):
     make = {
         "iid": lambda: partition.iid(y, c, seed),
         "dirichlet": lambda: partition.dirichlet(y, c, cfg.alpha, seed, min_samples=cfg.min_samples),
+        "dirichlet_capped": lambda: partition.dirichlet(
+            y, c, cfg.alpha, seed, min_samples=cfg.min_samples, capped=True
+        ),
         "shards": lambda: partition.shards(y, c, cfg.shards_per_client, seed),
         "quantity": lambda: partition.quantity(y, c, cfg.quantity_sigma, seed, min_samples=cfg.min_samples),
     }[cfg.partition]
@@ -250,8 +262,21 @@ def _generate(cfg: Any) -> FederatedDataset:
     )
 
 
-def load_dataset(cfg: Any) -> FederatedDataset:
-    """The federated dataset a ``data`` config section describes.
+def resolve_seed(cfg: Any, run_seed: int) -> ml_collections.ConfigDict:
+    """A copy of the ``data`` section with ``seed`` set: ``data.seed``, or ``run_seed`` when it is None."""
+    resolved = cfg.copy_and_resolve_references()
+    if resolved.seed is None:
+        resolved.seed = int(run_seed)
+    return resolved
+
+
+def follows_run_seed(cfg: Any) -> bool:
+    """Whether the ``data`` section draws its split from the run seed (``data.seed`` None)."""
+    return cfg.seed is None
+
+
+def load_dataset(cfg: Any, run_seed: int = 0) -> FederatedDataset:
+    """The federated dataset a ``data`` config section describes, its seed `resolve_seed`'s.
 
     Checked by `validate_config` before loading and by `validate_dataset`
     (inside `federate` and the generators) after. ``info`` holds ``summary``
@@ -261,6 +286,7 @@ def load_dataset(cfg: Any) -> FederatedDataset:
     (`population.store`).
     """
     validate_config(cfg)
+    cfg = resolve_seed(cfg, run_seed)
     if cfg.name in GENERATED:
         dataset = _generate(cfg)
     else:
@@ -288,6 +314,7 @@ __all__ = [
     "DATASETS",
     "PARTITIONS",
     "default_config",
+    "follows_run_seed",
     "federate",
     "format_summary",
     "load_dataset",
@@ -297,6 +324,7 @@ __all__ = [
     "plot_label_heatmap",
     "pool_clients",
     "pooled",
+    "resolve_seed",
     "stack_clients",
     "unstack_clients",
     "validate_config",

@@ -42,6 +42,25 @@ def stack_clients(xs: Sequence[np.ndarray], ys: Sequence[np.ndarray]) -> ClientD
     return ClientData(x_out, y_out, counts)
 
 
+def stack_splits(datas: Sequence[ClientData]) -> ClientData:
+    """Several splits of the same clients as one `ClientData` with a leading split axis ``[S, C, N, ...]``.
+
+    Each is zero-padded to the largest ``N`` among them (padding rows never
+    count: ``count`` is unchanged); used for per-seed splits vmapped over seeds.
+    """
+    rows = max(d.y.shape[1] for d in datas)
+
+    def pad(a: np.ndarray) -> np.ndarray:
+        a = np.asarray(a)
+        return np.pad(a, [(0, 0), (0, rows - a.shape[1])] + [(0, 0)] * (a.ndim - 2))
+
+    return ClientData(
+        np.stack([pad(d.x) for d in datas]),
+        np.stack([pad(d.y) for d in datas]),
+        np.stack([np.asarray(d.count) for d in datas]),
+    )
+
+
 def unstack_clients(data: ClientData) -> tuple[list[np.ndarray], list[np.ndarray]]:
     """The real (unpadded) rows of each client, as lists of numpy arrays."""
     x, y, count = (np.asarray(a) for a in data)
