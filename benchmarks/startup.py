@@ -8,7 +8,8 @@ seeds) and the collaboration sweep (``configs/collaboration.py``). Phases, from
 JAX's own monitoring events (the union of their time spans, so nested and
 concurrent spans count once):
 
-- *import*: ``import medfed_jax.cli`` (JAX, optax, flax included), inside the process;
+- *import*: what ``python -m medfed_jax`` imports (`medfed_jax.__main__`: the
+  command line, JAX, optax and flax), inside the process;
 - *trace*: tracing Python to jaxprs and lowering them to StableHLO;
 - *compile*: XLA compiling, or reading the program from the persistent cache;
 - *other*: the rest of the process's wall time: interpreter start, data,
@@ -63,7 +64,7 @@ def union_seconds(spans: list[tuple[float, float]]) -> float:
 def child(report: str, argv: list[str]) -> None:
     """Run the command line on ``argv`` in this process; write its phases to ``report`` (JSON)."""
     start = time.time()
-    from medfed_jax import cli
+    from medfed_jax import __main__ as entry  # what `python -m medfed_jax` imports, and how
 
     imported = time.time()
     import jax
@@ -80,7 +81,7 @@ def child(report: str, argv: list[str]) -> None:
     jax.monitoring.register_event_listener(lambda e, **kw: hits.append(e) if e == HIT_EVENT else None)
     sys.argv = ["medfed_jax", *argv]
     try:
-        cli.run_main()
+        entry.run_main()
     except SystemExit as e:
         if e.code not in (None, 0):
             raise

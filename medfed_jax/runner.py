@@ -13,6 +13,7 @@ run resumes where it stopped with the same results.
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import functools
 import json
@@ -32,7 +33,7 @@ from medfed_jax import config as config_lib
 from medfed_jax import data as data_lib
 from medfed_jax import mesh as mesh_lib
 from medfed_jax.data import population
-from medfed_jax.models import check_input_fits, make_model
+from medfed_jax.models import check_input_fits, make_model, param_shapes
 from medfed_jax.server import (
     Engine,
     Switches,
@@ -97,8 +98,7 @@ def prepare(cfg: Any, dataset: FederatedDataset | None = None) -> Prepared:
         if name not in METHODS[1:]:
             raise ValueError(f"baselines={tuple(cfg.baselines)!r}: {name!r} is unknown; choose from {METHODS[1:]}.")
     if "fedper" in (cfg.personalization.method, *cfg.baselines):
-        example = jax.ShapeDtypeStruct((1, *dataset.feature_shape), np.float32)
-        params = jax.eval_shape(model.init, jax.random.key(0), example)
+        params = param_shapes(model, dataset.feature_shape)
         personalize.validate_local_paths(cfg.personalization, personalize.param_paths(params))
     return Prepared(cfg, dataset, context, config_lib.knobs_from_config(cfg), accounting)
 
@@ -204,12 +204,17 @@ def device_loop(engine: Engine, seed_axis: bool) -> DeviceLoop:
 
 
 def compile_loop(loop: DeviceLoop, seed: Any, train: ClientData, test: ClientData, knobs: Knobs):
-    """``(init, chunk)`` compiled ahead of time for these arguments' shapes, and the seconds it took."""
+    """``(init, chunk)`` compiled ahead of time for these arguments' shapes, and the seconds it took.
+
+    XLA compiles ``init`` on a second thread while this one traces and lowers
+    ``chunk`` (Python, holding the GIL): the two overlap on a multi-core host.
+    """
     start = time.perf_counter()
-    init = loop.init.lower(seed, train, knobs).compile()
-    state = jax.eval_shape(loop.init, seed, train, knobs)
-    chunk = loop.chunk.lower(state, train, test, knobs, jax.ShapeDtypeStruct((), np.int32)).compile()
-    return init, chunk, time.perf_counter() - start
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        init = pool.submit(loop.init.lower(seed, train, knobs).compile)
+        state = jax.eval_shape(loop.init, seed, train, knobs)
+        chunk = loop.chunk.lower(state, train, test, knobs, jax.ShapeDtypeStruct((), np.int32)).compile()
+        return init.result(), chunk, time.perf_counter() - start
 
 
 def _evaluations_to_json(evaluations: list[Evaluation]) -> str:
