@@ -122,6 +122,15 @@ def measure(argv: list[str], cache: str, workdir: str) -> dict:
     return result
 
 
+def cold_and_warm(runs: dict) -> list[tuple[str, float, float]]:
+    """``(program, cold s, warm s)`` in the cold run's order, the n-th compile of a name paired with the
+    n-th of the warm run (compiles on other threads may end in another order)."""
+    warm: dict[str, list[float]] = {}
+    for name, seconds in runs["warm"]["per_program"]:
+        warm.setdefault(name, []).append(seconds)
+    return [(name, seconds, warm[name].pop(0)) for name, seconds in runs["cold"]["per_program"]]
+
+
 def import_seconds() -> float:
     """Wall time of ``python -c "import medfed_jax"`` (interpreter start included)."""
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")])}
@@ -174,8 +183,7 @@ def main() -> None:
                     f"{r['compile']:.2f} | {r['other']:.2f} | {r['programs']} | {r['hits']} |"
                 )
                 print(lines[-1], flush=True)
-        pairs = zip(runs["cold"]["per_program"], runs["warm"]["per_program"])  # same programs, same order
-        slow = [(p, cold, warm) for (p, cold), (_, warm) in pairs if cold >= MIN_LISTED_SECONDS]
+        slow = [(p, cold, warm) for p, cold, warm in cold_and_warm(runs) if cold >= MIN_LISTED_SECONDS]
         per_program.append(f"- {name}: " + ", ".join(f"{p} {cold:.2f} -> {warm:.2f}" for p, cold, warm in slow))
     lines.insert(2, f"- load average (1/5/15 min) at start {started}, at end {load()}")
     lines += [

@@ -207,14 +207,16 @@ def compile_loop(loop: DeviceLoop, seed: Any, train: ClientData, test: ClientDat
     """``(init, chunk)`` compiled ahead of time for these arguments' shapes, and the seconds it took.
 
     XLA compiles ``init`` on a second thread while this one traces and lowers
-    ``chunk`` (Python, holding the GIL): the two overlap on a multi-core host.
+    ``chunk`` (Python, one core); ``chunk`` compiles once ``init`` is done
+    (XLA's compiler keeps both cores of a CPU host busy on its own).
     """
     start = time.perf_counter()
     with concurrent.futures.ThreadPoolExecutor(1) as pool:
         init = pool.submit(loop.init.lower(seed, train, knobs).compile)
         state = jax.eval_shape(loop.init, seed, train, knobs)
-        chunk = loop.chunk.lower(state, train, test, knobs, jax.ShapeDtypeStruct((), np.int32)).compile()
-        return init.result(), chunk, time.perf_counter() - start
+        chunk = loop.chunk.lower(state, train, test, knobs, jax.ShapeDtypeStruct((), np.int32))
+        init = init.result()
+    return init, chunk.compile(), time.perf_counter() - start
 
 
 def _evaluations_to_json(evaluations: list[Evaluation]) -> str:
