@@ -13,7 +13,6 @@ run resumes where it stopped with the same results.
 
 from __future__ import annotations
 
-import concurrent.futures
 import dataclasses
 import functools
 import json
@@ -204,19 +203,12 @@ def device_loop(engine: Engine, seed_axis: bool) -> DeviceLoop:
 
 
 def compile_loop(loop: DeviceLoop, seed: Any, train: ClientData, test: ClientData, knobs: Knobs):
-    """``(init, chunk)`` compiled ahead of time for these arguments' shapes, and the seconds it took.
-
-    XLA compiles ``init`` on a second thread while this one traces and lowers
-    ``chunk`` (Python, one core); ``chunk`` compiles once ``init`` is done
-    (XLA's compiler keeps both cores of a CPU host busy on its own).
-    """
+    """``(init, chunk)`` compiled ahead of time for these arguments' shapes, and the seconds it took."""
     start = time.perf_counter()
-    with concurrent.futures.ThreadPoolExecutor(1) as pool:
-        init = pool.submit(loop.init.lower(seed, train, knobs).compile)
-        state = jax.eval_shape(loop.init, seed, train, knobs)
-        chunk = loop.chunk.lower(state, train, test, knobs, jax.ShapeDtypeStruct((), np.int32))
-        init = init.result()
-    return init, chunk.compile(), time.perf_counter() - start
+    init = loop.init.lower(seed, train, knobs).compile()
+    state = jax.eval_shape(loop.init, seed, train, knobs)
+    chunk = loop.chunk.lower(state, train, test, knobs, jax.ShapeDtypeStruct((), np.int32)).compile()
+    return init, chunk, time.perf_counter() - start
 
 
 def _evaluations_to_json(evaluations: list[Evaluation]) -> str:
