@@ -8,7 +8,8 @@
 4. The coordinate median of C=1000 updates of P=1e6 against its bytes floor (reading the updates
    once at the copy bandwidth).
 5. Sweep throughput: a robustness sub-matrix (`configs/robustness_matrix.py`) as one vmapped
-   program, cells/s, compile included and excluded.
+   program, cells/s, compile included and excluded, in every device mode the machine allows
+   (`medfed_jax.sweep.Execution`: ``cells`` split over the devices where there are several).
 
 The data is generated on the device (x ~ N(0, I), linear-teacher labels), so the host never holds
 W1 at C=10000 (18.8 GB). ``--smoke`` shrinks everything so the script runs on a CPU in a minute or
@@ -133,18 +134,18 @@ def median_row(num_clients: int, params: int, bandwidth: float) -> list[str]:
     return [f"coordinate_median, C={num_clients}, P={params:.0e}", f"{s:.4f} s", f"{s / floor:.1f}x its bytes floor"]
 
 
-def sweep_row(names: tuple[str, ...], attacks: tuple[str, ...], rounds: int) -> list[str]:
+def sweep_row(names: tuple[str, ...], attacks: tuple[str, ...], rounds: int, mode: str) -> list[str]:
     matrix = runpy.run_path(os.path.join(ROOT, "configs", "robustness_matrix.py"))["matrix_config"]
     cfg = matrix(names, attacks, rounds=rounds)
     start = time.perf_counter()
-    result = sweep.run_sweep(cfg, log=None)
+    result = sweep.run_sweep(cfg, log=None, sweep_devices=mode)
     first = time.perf_counter() - start
     start = time.perf_counter()
-    sweep.run_sweep(cfg, log=None)  # compiled programs are kept: run time alone
+    sweep.run_sweep(cfg, log=None, sweep_devices=mode)  # compiled programs are kept: run time alone
     second = time.perf_counter() - start
     cells = len(result.histories)
     return [
-        f"sweep: {cells} cells x {rounds} rounds (robustness sub-matrix)",
+        f"sweep: {cells} cells x {rounds} rounds (robustness sub-matrix), {mode}: {sweep.execution(mode).describe()}",
         f"{cells / first:.2f} cells/s with compile",
         f"{cells / second:.2f} cells/s compiled ({cells * rounds / second:.0f} cell-rounds/s)",
     ]
@@ -171,7 +172,7 @@ def main() -> None:
     w2 = rt.w2(device_dataset(clients, images, (side, side, 3), "w2_device"), cohort)
     rows += workload_rows(w2, True, flops["float32"])
     rows.append(median_row(*sizes.median, bandwidth))
-    rows.append(sweep_row(*sizes.sweep))
+    rows += [sweep_row(*sizes.sweep, mode) for mode in sweep.allowed_sweep_devices()]
     print("| measurement | result | notes |\n|---|---|---|")
     print("\n".join(f"| {' | '.join(row)} |" for row in rows))
     print(f"\ntotal {time.perf_counter() - start:.0f} s")

@@ -23,8 +23,20 @@ All but the sweep run a subset of the cells (``--loop_programs``
 cell count; the output says so. Every loop cell's final accuracy is checked
 against the sweep's.
 
+``--compare=devices`` instead times the ways a sweep uses the devices
+(``--sweep_devices``, `medfed_jax.sweep.Execution`: ``cells`` split over the
+devices, ``threads`` of one-device chunks, ``clients`` split over the devices)
+on the same matrix, interleaved in one process (A B A B ...): every mode's
+sweep is prepared and compiled once, then each pass runs every mode's whole
+sweep in turn (`medfed_jax.sweep.run_prepared`, compile excluded). The table
+gives the median seconds, cells/s, and the median and min-max of the per-pass
+ratios ``threads / mode``; every mode's histories must equal the first mode's
+bit for bit. On a CPU the host has one device per core (``MEDFED_JAX_DEVICES``).
+
     python benchmarks/sweep_throughput.py                      # writes benchmarks/sweep_results.md
     python benchmarks/sweep_throughput.py --rounds=20 --loop_programs=1 --cli_cells=1 --out=/tmp/quick.md
+    python benchmarks/sweep_throughput.py --compare=devices    # writes benchmarks/sweep_devices.md
+    python benchmarks/sweep_throughput.py --compare=devices --aggregators=1 --attacks=1 --rounds=2 --passes=2
 """
 
 from __future__ import annotations
@@ -33,6 +45,7 @@ import datetime
 import json
 import os
 import runpy
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -40,6 +53,7 @@ import time
 
 import jax
 import ml_collections
+import numpy as np
 from absl import app, flags
 
 from medfed_jax import report, runner, sweep
@@ -52,12 +66,38 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _ROUNDS = flags.DEFINE_integer("rounds", 100, "Rounds per cell.")
 _LOOP_PROGRAMS = flags.DEFINE_integer("loop_programs", 3, "(aggregator, attack) pairs whose cells the loops run.")
 _CLI_CELLS = flags.DEFINE_integer("cli_cells", 3, "Cells run through the CLI, one process each.")
-_OUT = flags.DEFINE_string("out", os.path.join(ROOT, "benchmarks", "sweep_results.md"), "Markdown results file.")
+_COMPARE = flags.DEFINE_enum(
+    "compare", "loops", ["loops", "devices"], "The sweep against loops, or the sweep's device modes against each other."
+)
+_MODES = flags.DEFINE_list("modes", [], "--compare=devices: the modes to time (default: all the devices allow).")
+_PASSES = flags.DEFINE_integer("passes", 5, "--compare=devices: interleaved passes.")
+_AGGREGATORS = flags.DEFINE_integer("aggregators", len(AGGREGATORS), "The matrix's first N aggregators.")
+_ATTACKS = flags.DEFINE_integer("attacks", len(ATTACKS), "The matrix's first N attacks.")
+_OUT = flags.DEFINE_string(
+    "out", None, "Markdown results file (default: benchmarks/sweep_results.md, or sweep_devices.md for devices)."
+)
 
 
 def matrix_config(rounds: int):
     path = os.path.join(ROOT, "configs", "robustness_matrix.py")
-    return runpy.run_path(path)["matrix_config"](AGGREGATORS, ATTACKS, rounds=rounds)
+    names, attacks = AGGREGATORS[: _AGGREGATORS.value], ATTACKS[: _ATTACKS.value]
+    return runpy.run_path(path)["matrix_config"](names, attacks, rounds=rounds)
+
+
+def submatrix_flags() -> str:
+    """``--aggregators``/``--attacks`` as given, when not the whole matrix."""
+    given = ((_AGGREGATORS, len(AGGREGATORS)), (_ATTACKS, len(ATTACKS)))
+    return "".join(f" --{flag.name}={flag.value}" for flag, whole in given if flag.value != whole)
+
+
+def matrix_line(total: int) -> str:
+    """What the matrix is and where it ran."""
+    return (
+        f"{_AGGREGATORS.value} aggregators x {_ATTACKS.value} attacks x fractions {{0.1, 0.2, 0.3}} x 5 seeds = "
+        f"{total} cells, {_ROUNDS.value} rounds each, digits over 20 Dirichlet(0.5) clients. "
+        f"{datetime.date.today().isoformat()}, {report.machine()}, {len(jax.devices())} "
+        f"{jax.default_backend()} device(s)"
+    )
 
 
 def spread(programs: tuple, k: int) -> list:
@@ -119,8 +159,65 @@ def time_cli(plan: sweep.Plan, cells: list[int], result: sweep.SweepResult) -> t
     return time.perf_counter() - start, gap
 
 
-def main(argv):
-    del argv
+def difference(a: sweep.SweepResult, b: sweep.SweepResult) -> str:
+    """'bit for bit' when every metric of every cell is equal (nan where nan), else the largest |a - b|."""
+    assert a.histories.keys() == b.histories.keys()
+    pairs = [(a.histories[i][k], b.histories[i][k]) for i in a.histories for k in a.histories[i]]
+    if all(np.array_equal(x, y, equal_nan=True) for x, y in pairs):
+        return "bit for bit"
+    gaps = [np.where(np.isnan(x) & np.isnan(y), 0.0, np.nan_to_num(np.abs(x - y), nan=np.inf)) for x, y in pairs]
+    return f"largest abs difference {max(float(np.max(g, initial=0.0)) for g in gaps):.1e}"
+
+
+def compare_devices() -> str:
+    """The sweep in every mode, interleaved; a markdown section."""
+    load_before = os.getloadavg()[0]
+    cfg = matrix_config(_ROUNDS.value)
+    modes = _MODES.value or list(sweep.allowed_sweep_devices())
+    prepared = {mode: sweep.prepare_sweep(cfg, sweep_devices=mode) for mode in modes}
+    first = {mode: sweep.run_prepared(p, log=None) for mode, p in prepared.items()}  # compiles every mode's program
+    equal = {mode: difference(first[modes[0]], result) for mode, result in first.items()}
+    seconds: dict[str, list[float]] = {mode: [] for mode in modes}
+    for _ in range(_PASSES.value):
+        for mode in modes:
+            start = time.perf_counter()
+            sweep.run_prepared(prepared[mode], log=None)
+            seconds[mode].append(time.perf_counter() - start)
+    total = len(first[modes[0]].histories)
+    reference = "threads" if "threads" in modes else modes[0]
+    table = [
+        f"| mode | how | s (median) | cells/s | {reference} / mode (min-max) | compile s | vs {modes[0]} |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for mode in modes:
+        ratios = [r / t for r, t in zip(seconds[reference], seconds[mode])]
+        median = statistics.median(seconds[mode])
+        table.append(
+            f"| {mode} | {prepared[mode].run_on.describe()} | {median:.2f} | {total / median:.1f} | "
+            f"{statistics.median(ratios):.2f} ({min(ratios):.2f}-{max(ratios):.2f}) | "
+            f"{first[mode].compile_seconds:.1f} | {equal[mode]} |"
+        )
+    command = (
+        f"python benchmarks/sweep_throughput.py --compare=devices --rounds={_ROUNDS.value} --passes={_PASSES.value}"
+        f"{submatrix_flags()}" + (f" --modes={','.join(_MODES.value)}" if _MODES.value else "")
+    )
+    return "\n".join(
+        [
+            "## Sweep devices: cells over devices vs threads vs clients (`benchmarks/sweep_throughput.py`)",
+            "",
+            f"{matrix_line(total)}; 1-minute load average {load_before:.1f} at the start, "
+            f"{os.getloadavg()[0]:.1f} at the end. Each mode's sweep compiled once, then {_PASSES.value} "
+            "interleaved passes of the whole sweep per mode (compile excluded).",
+            "",
+            f"Command: `{command}`",
+            "",
+            *table,
+        ]
+    )
+
+
+def compare_loops() -> str:
+    """The sweep against a CLI and an in-process loop over cells; a markdown section."""
     load_before = os.getloadavg()[0]
     cfg = matrix_config(_ROUNDS.value)
     clear_compiled()
@@ -130,10 +227,10 @@ def main(argv):
     plan, total = result.plan, len(result.plan.cells)
     subset = spread(plan.programs, _LOOP_PROGRAMS.value)
     loop_cells = [i for spec in subset for i in spec.cells]
-    workers = sweep.run_workers()
+    run_on = sweep.execution().describe()
     rows = [
         (
-            f"sweep: 1 program, aggregator and attack switched at run time, {workers} chunks at once",
+            f"sweep: 1 program, aggregator and attack switched at run time, {run_on}",
             total,
             sweep_seconds,
             "all cells",
@@ -164,29 +261,33 @@ def main(argv):
             f"| {name} | {cells} | {seconds:.1f} | {whole:.0f} | {total / whole:.2f} | {whole / sweep_seconds:.1f} "
             f"| {how} |"
         )
-    text = "\n".join(
+    return "\n".join(
         [
             "## Sweep throughput: robustness matrix (`benchmarks/sweep_throughput.py`)",
             "",
-            f"{len(AGGREGATORS)} aggregators x {len(ATTACKS)} attacks x fractions {{0.1, 0.2, 0.3}} x 5 seeds = "
-            f"{total} cells, {_ROUNDS.value} rounds each, digits over 20 Dirichlet(0.5) clients. "
-            f"{datetime.date.today().isoformat()}, {report.machine()}; 1-minute load average {load_before:.1f} at "
-            f"the start, {os.getloadavg()[0]:.1f} at the end.",
+            f"{matrix_line(total)}; 1-minute load average {load_before:.1f} at the start, "
+            f"{os.getloadavg()[0]:.1f} at the end.",
             "",
             f"Command: `python benchmarks/sweep_throughput.py --rounds={_ROUNDS.value} "
-            f"--loop_programs={_LOOP_PROGRAMS.value} --cli_cells={_CLI_CELLS.value}`",
+            f"--loop_programs={_LOOP_PROGRAMS.value} --cli_cells={_CLI_CELLS.value}{submatrix_flags()}`",
             "",
             *table,
             "",
             f"Sweep: {result.programs_compiled} program compiled in {result.compile_seconds:.0f}s, {total} cells "
-            f"run in {result.run_seconds:.0f}s of chunk time ({workers} chunks at once), wall {sweep_seconds:.0f}s "
+            f"run in {result.run_seconds:.0f}s of chunk time ({run_on}), wall {sweep_seconds:.0f}s "
             "(parsing, data loading and validating every cell included, as for the loops). "
             f"The other rows ran the cells of {len(subset)} (aggregator, attack) pairs ({pairs}); the CLI the "
             f"first {_CLI_CELLS.value} of them; all extrapolated by cell count. Every cell they ran ends with the "
             f"sweep's final test accuracy (largest difference {max(gaps):.1g}).",
         ]
     )
-    runner.write_text_atomic(_OUT.value, text + "\n")
+
+
+def main(argv):
+    del argv
+    text = compare_loops() if _COMPARE.value == "loops" else compare_devices()
+    name = "sweep_results.md" if _COMPARE.value == "loops" else "sweep_devices.md"
+    runner.write_text_atomic(_OUT.value or os.path.join(ROOT, "benchmarks", name), text + "\n")
     print("\n" + text)
 
 

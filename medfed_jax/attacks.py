@@ -12,6 +12,14 @@ Honest statistics (mean, standard deviation) are over the clients that are
 honest *and* take part this round, ``H = mask & ~malicious``; ``n`` is the
 number of taking-part clients and ``f`` the number of malicious ones among
 them. Strength parameters may be traced (numeric knobs).
+
+Adaptive attacks (`ADAPTIVE_ATTACKS`) choose their update each round: Opt-IPM
+and Opt-ALIE search their factor against the round's aggregator, Fang et
+al.'s attacks target Krum and trimmed mean / median, min-max and min-sum
+bound their distance to the honest updates, and `grad_ascent` differentiates
+the honest loss through the aggregator and the server optimizer. Those that
+need the server side read it from `AttackContext` (``aggregate``, ``step``,
+``loss``), which the engine fills in every round.
 """
 
 from __future__ import annotations
@@ -25,7 +33,9 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+import optax
 
+from medfed_jax import aggregators
 from medfed_jax.aggregators import broadcast_clients
 from medfed_jax.types import Attack, AttackContext, Knobs, Updates, numeric_setting
 
@@ -172,6 +182,352 @@ def non_finite() -> Attack:
 
 
 # --------------------------------------------------------------------------
+# Adaptive attacks: the malicious update is chosen each round, knowing the honest updates and the rule.
+#
+# The malicious clients send one shared vector ``u`` (the searched attacks) or one row each (Fang's
+# trimmed-mean attack). The honest set ``H``, ``n`` and ``f`` are as above; ``mu_H`` and ``sigma_H``
+# come from `honest_mean_std`. Searches have a static number of evaluations (a `jax.lax.fori_loop`),
+# so each compiles the aggregator once however many candidates it tries.
+
+LINE_START, LINE_DELTA, LINE_RATIO = 0.0, 10.0, 0.8  # ByzFL's Opt-IPM / Opt-ALIE line search defaults
+GAMMA_INIT = 10.0  # Shejwalkar and Houmansadr's initial gamma (their min-max / min-sum code)
+FANG_B = 2.0  # Fang et al.'s b: trimmed-mean attack values lie within a factor b beyond the honest extremes
+FANG_THRESHOLD = 1e-5  # Fang et al.'s Krum attack stops halving lambda below this
+PERTURBATIONS = ("unit_vec", "sign", "std")
+STEALTH = ("distance", "norm")
+KNOWLEDGE = ("omniscient", "own_data")
+_TINY = float(jnp.finfo(jnp.float32).tiny)  # guards the divisions by a norm
+
+
+def _needs(context: AttackContext, attack_name: str, *fields: str) -> None:
+    missing = [f for f in fields if getattr(context, f) is None]
+    if missing:
+        raise ValueError(
+            f"attack {attack_name!r} needs AttackContext.{'/'.join(missing)} (the round's server side); "
+            "the engine provides it: run it through medfed_jax.server, or pass them when calling apply."
+        )
+
+
+def line_maximize(objective: Any, evals: int, start: Any = LINE_START, delta: Any = LINE_DELTA, ratio=LINE_RATIO):
+    """ByzFL's line search: a best-effort ``argmax_{tau >= start} objective(tau)`` in ``evals`` evaluations.
+
+    Expansion: from ``start``, try ``best + delta`` and double ``delta`` while
+    that improves; at the first failure multiply ``delta`` by ``ratio`` and
+    contract: try ``best + delta``, keep it if better, multiply ``delta`` by
+    ``ratio``, until the evaluations are spent. Returns ``(tau, objective(tau))``.
+    One loop evaluates ``start`` first, so ``objective`` is traced (compiled) once.
+    """
+
+    def step(i, carry):
+        best_x, best_y, step_size, expanding = carry
+        first = i == 0
+        x = jnp.where(first, best_x, best_x + step_size)
+        y = objective(x)
+        better = (y > best_y) | first
+        step_size = jnp.where(first, step_size, jnp.where(expanding & better, 2.0 * step_size, ratio * step_size))
+        return jnp.where(better, x, best_x), jnp.where(better, y, best_y), step_size, expanding & better
+
+    init = (jnp.asarray(start, jnp.float32), jnp.float32(-jnp.inf), jnp.asarray(delta, jnp.float32), jnp.array(True))
+    best_x, best_y, _, _ = jax.lax.fori_loop(0, evals, step, init)
+    return best_x, best_y
+
+
+def _optimized_line(name: str, line: Any, evals: int) -> Attack:
+    """``u(tau) = base + tau * direction`` with ``tau`` from `line_maximize` of ``|agg(u(tau)) - mu_H|``.
+
+    ``line(mu, sigma) -> (base, direction)``; ``agg`` is the round's aggregator
+    (``context.aggregate``) over the honest updates and ``f`` copies of ``u``.
+    """
+
+    def apply(updates, malicious, key, context: AttackContext):
+        del key
+        _needs(context, name, "aggregate")
+        mu, sigma = honest_mean_std(updates, context.mask & ~malicious)
+        base, direction = line(mu, sigma)
+        at = lambda tau: jax.tree.map(lambda b, d: b + tau * d, base, direction)  # noqa: E731
+
+        def distance(tau):
+            aggregate = context.aggregate(_replace(updates, malicious, at(tau)))
+            return optax.global_norm(jax.tree.map(jnp.subtract, aggregate, mu))
+
+        tau, _ = line_maximize(distance, evals)
+        return _replace(updates, malicious, at(tau))
+
+    return Attack(apply, _keep_labels)
+
+
+def opt_ipm(evals: int = 20) -> Attack:
+    """Opt-IPM (ByzFL; Allouah et al. 2023): ``u = -tau * mu_H``, ``tau`` by `line_maximize` against the rule in use.
+
+    ``tau`` maximises ``|agg(honest, f copies of u) - mu_H|`` over ``evals`` evaluations.
+    """
+    return _optimized_line("opt_ipm", lambda mu, sigma: (jax.tree.map(jnp.zeros_like, mu), _neg(mu)), evals)
+
+
+def opt_alie(evals: int = 20) -> Attack:
+    """Opt-ALIE (ByzFL): ``u = mu_H + tau * sigma_H``, ``tau`` by `line_maximize` against the rule in use.
+
+    ByzFL's sign convention (``+ tau sigma``); ``tau`` maximises ``|agg(honest, f copies of u) - mu_H|``.
+    """
+    return _optimized_line("opt_alie", lambda mu, sigma: (mu, sigma), evals)
+
+
+def _neg(tree: Any) -> Any:
+    return jax.tree.map(jnp.negative, tree)
+
+
+def _honest_extremes(updates: Updates, honest: jax.Array) -> tuple[Updates, Updates]:
+    """Per-coordinate max and min over the ``honest`` clients."""
+    big = jnp.finfo(jnp.float32).max
+    hi = jax.tree.map(lambda u: jnp.max(jnp.where(broadcast_clients(honest, u), u, -big), axis=0), updates)
+    lo = jax.tree.map(lambda u: jnp.min(jnp.where(broadcast_clients(honest, u), u, big), axis=0), updates)
+    return hi, lo
+
+
+def fang_krum_lambda_max(updates: Updates, honest: jax.Array, f: Any) -> jax.Array:
+    """The upper bound on lambda of Fang et al. (2020), Sec. 4.2, in update space (``w_i - w_Re = u_i``).
+
+    ``lambda_max = min_{i in H} sum_{l in G_i} |u_l - u_i| / ((n - 2f - 1) sqrt(d))
+    + max_{i in H} |u_i| / sqrt(d)``, ``G_i`` the ``n - f - 2`` honest updates
+    nearest to ``u_i`` (self excluded), ``n`` taking-part clients, ``f``
+    malicious, ``d`` parameters. ``n - 2f - 1`` (the crafted update's Krum
+    score counts ``n - f - 2`` neighbours, ``f - 1`` of them its own copies)
+    is the paper's and Fang's published code's; the widely copied
+    reimplementation of Shejwalkar and Houmansadr (NDSS 2021, ``compute_lambda_fang``)
+    writes the right denominator in honest-count terms, ``n_benign - f - 1``,
+    but sums ``n_benign - f - 2 = n - 2f - 2`` neighbours where the paper has
+    ``n - f - 2``; we follow the paper.
+    """
+    h = jnp.sum(honest)
+    d = sum(leaf[0].size for leaf in jax.tree.leaves(updates))
+    others = honest[:, None] & honest[None, :] & ~jnp.eye(honest.shape[0], dtype=bool)
+    dist = jnp.where(others, jnp.sqrt(aggregators.pairwise_sqdistances(updates)), jnp.inf)
+    near = jnp.arange(honest.shape[0])[None, :] < jnp.maximum(h - 2, 1)
+    sums = jnp.sum(jnp.where(near, jnp.sort(dist, axis=1), 0.0), axis=1)
+    n = jnp.sum(honest) + f
+    term_1 = jnp.min(jnp.where(honest, sums, jnp.inf)) / (jnp.maximum(n - 2 * f - 1, 1) * math.sqrt(d))
+    norms = jnp.sqrt(aggregators.client_sqnorms(updates))
+    return term_1 + jnp.max(jnp.where(honest, norms, 0.0)) / math.sqrt(d)
+
+
+def fang_krum() -> Attack:
+    """Fang et al. (2020)'s full-knowledge attack on Krum: ``u = -lambda * sign(mu_H)`` for every attacker.
+
+    ``lambda`` starts at `fang_krum_lambda_max` and is halved until Krum
+    (with ``f`` = the round's malicious count, as in Fang's code) selects one
+    of the ``f`` identical crafted updates; if ``lambda`` falls to
+    `FANG_THRESHOLD` first, the attackers send their genuine updates (as
+    Fang's code does). The check is Krum's whichever rule the server runs:
+    the attack targets Krum.
+    """
+
+    def apply(updates, malicious, key, context: AttackContext):
+        honest = context.mask & ~malicious
+        f = jnp.sum(context.mask & malicious)
+        mu, _ = honest_mean_std(updates, honest)
+        direction = jax.tree.map(jnp.sign, mu)
+        krum = aggregators.krum(f)
+        crafted = lambda lam: _replace(updates, malicious, jax.tree.map(lambda s: -lam * s, direction))  # noqa: E731
+
+        def selected(lam):
+            _, _, diag = krum.aggregate(crafted(lam), context.weights, context.mask, (), key)
+            return jnp.any(diag["selected"] & malicious) & (lam > FANG_THRESHOLD)
+
+        def halve(carry):  # tries lambda_max first: selected() is traced once
+            lam, _ = carry
+            return lam / 2, selected(lam / 2)
+
+        start = (2 * fang_krum_lambda_max(updates, honest, f), jnp.array(False))
+        lam, found = jax.lax.while_loop(lambda c: ~c[1] & (c[0] / 2 > FANG_THRESHOLD), halve, start)
+        return jax.tree.map(lambda u, c: jnp.where(found, c, u), updates, crafted(lam))
+
+    return Attack(apply, _keep_labels)
+
+
+def fang_trim_values(updates: Updates, honest: jax.Array, r: Updates) -> Updates:
+    """Fang et al. (2020)'s full-knowledge trimmed-mean (and median) values, ``[C, ...]``, before masking.
+
+    Per coordinate, ``s = sign(mu_H)``: where ``s > 0`` (honest clients move
+    the parameter up) the attackers send values below the honest minimum
+    ``m``: ``m / r`` if ``m > 0`` else ``m * r``; elsewhere values above the
+    honest maximum ``M``: ``M * r`` if ``M > 0`` else ``M / r``. ``r`` (leaves
+    ``[C, ...]``) holds each attacker's factors in ``[1, b]``.
+    """
+    mu, _ = honest_mean_std(updates, honest)
+    hi, lo = _honest_extremes(updates, honest)
+
+    def leaf(m, top, bottom, rr):
+        below = jnp.where(bottom > 0, bottom / rr, bottom * rr)
+        above = jnp.where(top > 0, top * rr, top / rr)
+        return jnp.where(m > 0, below, above)
+
+    return jax.tree.map(leaf, mu, hi, lo, r)
+
+
+def fang_trim(b: float = FANG_B) -> Attack:
+    """Fang et al. (2020)'s full-knowledge attack on trimmed mean and median: `fang_trim_values`, ``r ~ U[1, b]``.
+
+    Each attacker draws its own factors per coordinate from ``key``.
+    """
+
+    def apply(updates, malicious, key, context: AttackContext):
+        leaves, treedef = jax.tree.flatten(updates)
+        keys = jax.random.split(key, len(leaves))
+        r = [jax.random.uniform(k, u.shape, jnp.float32, 1.0, b) for k, u in zip(keys, leaves)]
+        values = fang_trim_values(updates, context.mask & ~malicious, jax.tree.unflatten(treedef, r))
+        return _replace(updates, malicious, values)
+
+    return Attack(apply, _keep_labels)
+
+
+def perturbation(kind: str, mu: Updates, sigma: Updates) -> Updates:
+    """Shejwalkar and Houmansadr's ``p``: ``-mu/|mu|`` (unit_vec), ``-sign(mu)`` (sign), ``-sigma`` (std)."""
+    if kind == "unit_vec":
+        norm = jnp.maximum(optax.global_norm(mu), _TINY)
+        return jax.tree.map(lambda m: -m / norm, mu)
+    if kind == "sign":
+        return jax.tree.map(lambda m: -jnp.sign(m), mu)
+    if kind == "std":
+        return _neg(sigma)
+    raise ValueError(f"attack.perturbation={kind!r} is unknown; choose one of {PERTURBATIONS}.")
+
+
+def gamma_search(feasible: Any, evals: int, gamma_init: float = GAMMA_INIT) -> jax.Array:
+    """Shejwalkar and Houmansadr's search for the largest feasible gamma, ``evals`` bisection steps.
+
+    From ``gamma = step = gamma_init``: if ``feasible(gamma)`` it becomes the
+    answer and ``gamma += step / 2``, else ``gamma -= step / 2``; then
+    ``step /= 2``. Returns the last feasible gamma (0 if none was).
+    """
+
+    def body(_, carry):
+        gamma, step, best = carry
+        ok = feasible(gamma)
+        return gamma + jnp.where(ok, step, -step) / 2, step / 2, jnp.where(ok, gamma, best)
+
+    init = (jnp.float32(gamma_init), jnp.float32(gamma_init), jnp.float32(0.0))
+    return jax.lax.fori_loop(0, evals, body, init)[2]
+
+
+def _min_max_or_sum(reduce: str, kind: str, evals: int) -> Attack:
+    def apply(updates, malicious, key, context: AttackContext):
+        del key
+        honest = context.mask & ~malicious
+        mu, sigma = honest_mean_std(updates, honest)
+        p = perturbation(kind, mu, sigma)
+        pairwise = jnp.where(honest[:, None] & honest[None, :], aggregators.pairwise_sqdistances(updates), 0.0)
+        at = lambda gamma: jax.tree.map(lambda m, q: m + gamma * q, mu, p)  # noqa: E731
+        if reduce == "max":  # max_i |u - u_i|^2 <= max_{i,j} |u_i - u_j|^2
+            bound, combine = jnp.max(pairwise), jnp.max
+        else:  # sum_i |u - u_i|^2 <= max_i sum_j |u_i - u_j|^2
+            bound, combine = jnp.max(jnp.sum(pairwise, axis=1)), jnp.sum
+
+        def feasible(gamma):
+            d2 = aggregators.client_sqdistances(updates, at(gamma))
+            return combine(jnp.where(honest, d2, 0.0)) <= bound
+
+        return _replace(updates, malicious, at(gamma_search(feasible, evals)))
+
+    return Attack(apply, _keep_labels)
+
+
+def min_max(kind: str = "std", evals: int = 20) -> Attack:
+    """Min-Max (Shejwalkar and Houmansadr, NDSS 2021): ``u = mu_H + gamma p`` with `perturbation` ``kind``.
+
+    The largest ``gamma`` (`gamma_search`) with ``max_{i in H} |u - u_i| <=
+    max_{i, j in H} |u_i - u_j|``: no farther from any honest update than the
+    honest updates are from each other. Aggregator-agnostic.
+    """
+    return _min_max_or_sum("max", kind, evals)
+
+
+def min_sum(kind: str = "std", evals: int = 20) -> Attack:
+    """Min-Sum (Shejwalkar and Houmansadr, NDSS 2021): ``u = mu_H + gamma p``.
+
+    The largest ``gamma`` with ``sum_{i in H} |u - u_i|^2 <= max_{i in H}
+    sum_{j in H} |u_i - u_j|^2`` (the paper's bound; their code compares with
+    the minimum instead). Aggregator-agnostic.
+    """
+    return _min_max_or_sum("sum", kind, evals)
+
+
+def mean_loss(apply_fn: Any, params: Any, x: jax.Array, y: jax.Array, rows: jax.Array) -> jax.Array:
+    """Mean softmax cross-entropy over the ``rows`` (``[C, N]`` bool) of client data ``x [C, N, ...]``."""
+    logits = apply_fn(params, x.reshape(-1, *x.shape[2:]))
+    losses = optax.softmax_cross_entropy_with_integer_labels(logits, y.reshape(-1))
+    rows = rows.reshape(-1)
+    return jnp.sum(jnp.where(rows, losses, 0.0)) / jnp.maximum(jnp.sum(rows), 1).astype(losses.dtype)
+
+
+def stealth_radius(updates: Updates, honest: jax.Array, mu: Updates, stealth: str, budget: Any) -> jax.Array:
+    """Stealth radius: ``budget * max_{i in H} |u_i - mu_H|`` (distance), ``budget * max_{i in H} |u_i|`` (norm)."""
+    center = mu if stealth == "distance" else jax.tree.map(jnp.zeros_like, mu)
+    d = jnp.sqrt(aggregators.client_sqdistances(updates, center))
+    return budget * jnp.max(jnp.where(honest, d, 0.0))
+
+
+def project(u: Updates, center: Updates, radius: jax.Array) -> Updates:
+    """``u`` moved onto the ball ``|u - center| <= radius`` (unchanged inside it)."""
+    offset = jax.tree.map(jnp.subtract, u, center)
+    scale = jnp.minimum(1.0, radius / jnp.maximum(optax.global_norm(offset), _TINY))
+    return jax.tree.map(lambda c, o: c + scale * o, center, offset)
+
+
+def poison_objective(u: Updates, updates: Updates, malicious: jax.Array, clients: jax.Array, context) -> jax.Array:
+    """The loss on ``clients``' training rows after the round's server step with every attacker sending ``u``.
+
+    ``context.loss(context.step(context.aggregate(updates with u))), clients)``:
+    aggregator and server optimizer in the graph, differentiable in ``u``
+    (sub-gradients through sorts and selections).
+    """
+    return context.loss(context.step(context.aggregate(_replace(updates, malicious, u))), clients)
+
+
+def grad_ascent(
+    steps: int = 5, step_size: Any = 0.5, budget: Any = 1.0, stealth: str = "distance", knowledge: str = "omniscient"
+) -> Attack:
+    """A differentiable attacker: projected gradient ascent on `poison_objective`, run inside the round.
+
+    Every attacker sends one shared ``u``, started at ``mu_H``; ``steps``
+    steps of ``u <- project(u + step_size * R * g / |g|)`` (optax SGD on the
+    normalised gradient ``g`` of the loss) inside the stealth ball of radius
+    ``R`` = `stealth_radius` (around ``mu_H`` for ``distance``, around 0 for
+    ``norm``). It keeps the best iterate seen, so the loss is never below the
+    one at ``mu_H``. Through median, trimmed mean, Krum and Bulyan the
+    gradient is the sub-gradient of the sort or selection (zero while Krum
+    selects an honest client, which starting at ``mu_H`` makes unlikely).
+    ``knowledge``: ``omniscient`` maximises the honest clients' loss on their
+    own training data; ``own_data`` the loss on the attackers' own data.
+    Both see the round's honest updates and the server side.
+    """
+
+    def apply(updates, malicious, key, context: AttackContext):
+        del key
+        _needs(context, "grad_ascent", "aggregate", "step", "loss")
+        honest = context.mask & ~malicious
+        clients = honest if knowledge == "omniscient" else context.mask & malicious
+        mu, _ = honest_mean_std(updates, honest)
+        radius = stealth_radius(updates, honest, mu, stealth, budget)
+        center = mu if stealth == "distance" else jax.tree.map(jnp.zeros_like, mu)
+        value_and_grad = jax.value_and_grad(lambda u: poison_objective(u, updates, malicious, clients, context))
+        opt = optax.sgd(step_size * radius)
+
+        def body(_, carry):  # the last of the steps + 1 passes only scores the final iterate
+            u, state, best_u, best = carry
+            value, g = value_and_grad(u)
+            better = value > best
+            best_u, best = jax.tree.map(lambda a, b: jnp.where(better, a, b), u, best_u), jnp.where(better, value, best)
+            unit = jax.tree.map(lambda x: -x / jnp.maximum(optax.global_norm(g), _TINY), g)
+            step, state = opt.update(unit, state, u)
+            return project(optax.apply_updates(u, step), center, radius), state, best_u, best
+
+        _, _, best_u, _ = jax.lax.fori_loop(0, steps + 1, body, (mu, opt.init(mu), mu, -jnp.inf))
+        return _replace(updates, malicious, best_u)
+
+    return Attack(apply, _keep_labels)
+
+
+# --------------------------------------------------------------------------
 # The malicious set.
 
 
@@ -237,9 +593,19 @@ _ATTACKS = {
     "scaling": lambda cfg, knobs: scaling(_knob(cfg, knobs, "gamma")),
     "label_flip": lambda cfg, knobs: label_flip(),
     "non_finite": lambda cfg, knobs: non_finite(),
+    "opt_ipm": lambda cfg, knobs: opt_ipm(cfg.evals),
+    "opt_alie": lambda cfg, knobs: opt_alie(cfg.evals),
+    "fang_krum": lambda cfg, knobs: fang_krum(),
+    "fang_trim": lambda cfg, knobs: fang_trim(),
+    "min_max": lambda cfg, knobs: min_max(cfg.perturbation, cfg.evals),
+    "min_sum": lambda cfg, knobs: min_sum(cfg.perturbation, cfg.evals),
+    "grad_ascent": lambda cfg, knobs: grad_ascent(
+        cfg.steps, _knob(cfg, knobs, "step_size"), _knob(cfg, knobs, "budget"), cfg.stealth, cfg.knowledge
+    ),
 }
 ATTACK_NAMES = tuple(_ATTACKS)
-NUMERIC_FIELDS = ("fraction", "scale", "eps", "z", "sigma", "gamma")
+ADAPTIVE_ATTACKS = ("opt_ipm", "opt_alie", "fang_krum", "fang_trim", "min_max", "min_sum", "grad_ascent")
+NUMERIC_FIELDS = ("fraction", "scale", "eps", "z", "sigma", "gamma", "step_size", "budget")
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -254,6 +620,13 @@ def default_config() -> ml_collections.ConfigDict:
             "z": 0.0,  # alie: shift in honest stds; 0 = Baruch et al.'s z_max from n and f
             "sigma": 1.0,  # gaussian: std of the random update
             "gamma": 0.0,  # scaling: boost factor; 0 = n (clients per round)
+            "evals": 20,  # evaluations per round: opt_ipm/opt_alie (ByzFL line search), min_max/min_sum (bisection)
+            "perturbation": "std",  # min_max/min_sum: one of PERTURBATIONS (inverse unit vector, sign, std)
+            "steps": 5,  # grad_ascent: gradient-ascent steps per round
+            "step_size": 0.5,  # grad_ascent: step length as a fraction of the stealth radius (numeric knob)
+            "budget": 1.0,  # grad_ascent: stealth radius in units of the farthest honest update (numeric knob)
+            "stealth": "distance",  # grad_ascent: one of STEALTH, a ball around the honest mean or around 0
+            "knowledge": "omniscient",  # grad_ascent: one of KNOWLEDGE, whose data the loss is on (honest, own)
         }
     )
 
@@ -295,6 +668,15 @@ def validate_config(cfg: Any, context: Any) -> None:
     _finite(cfg, "z", hint="Use 0 for Baruch et al.'s z_max.")
     _finite(cfg, "sigma", 0.0)
     _finite(cfg, "gamma", 0.0, hint="Use 0 to boost by the number of clients per round.")
+    for field, hint in (("evals", "ByzFL's line search uses 20."), ("steps", "grad_ascent: try 5.")):
+        value = cfg[field]
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"attack.{field}={value!r} must be an integer >= 1; {hint}")
+    for field, choices in (("perturbation", PERTURBATIONS), ("stealth", STEALTH), ("knowledge", KNOWLEDGE)):
+        if cfg[field] not in choices:
+            raise ValueError(f"attack.{field}={cfg[field]!r} is unknown; choose one of {choices}.")
+    _finite(cfg, "step_size", 0.0, strict=True, hint="grad_ascent steps this fraction of the stealth radius; try 0.5.")
+    _finite(cfg, "budget", 0.0, strict=True, hint="grad_ascent's radius in farthest-honest-update units; try 1.")
 
 
 def build_attack(cfg: Any, knobs: Knobs) -> Attack:

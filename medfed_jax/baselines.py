@@ -91,7 +91,7 @@ def pooled_training_view(dataset: FederatedDataset) -> FederatedDataset:
 def pooled_config(cfg: Any) -> Any:
     """The run config for centralised training: one client, no attack, no DP, plain mean, no personalisation."""
     cfg = cfg.copy_and_resolve_references()
-    cfg.cohort_size = 0
+    cfg.cohort_size, cfg.cohort_sampling, cfg.sampling_rate, cfg.max_cohort = 0, "fixed", 0.0, 0
     defaults = config_lib.default_config()
     cfg.attack = defaults.attack
     cfg.aggregator = defaults.aggregator

@@ -68,6 +68,12 @@ _COMPILATION_CACHE = flags.DEFINE_string(
 _DEVICES = flags.DEFINE_string(
     "devices", None, "Devices to split each cohort over: 'all' or a count (default: $MEDFED_JAX_DEVICES, else all)."
 )
+_SWEEP_DEVICES = flags.DEFINE_string(
+    "sweep_devices",
+    None,
+    f"How a sweep's chunks use the devices: {', '.join(sweep.SWEEP_DEVICES)} (default: cells on several GPUs or "
+    f"TPUs, {sweep.CPU_DEFAULT} on a CPU; see medfed_jax.sweep.Execution).",
+)
 _DEBUG = flags.DEFINE_bool("debug", False, "Show the traceback of a refused command instead of one error line.")
 _ALLOW_LARGE = flags.DEFINE_bool(
     "allow_large_sweep",
@@ -77,7 +83,7 @@ _ALLOW_LARGE = flags.DEFINE_bool(
 
 USAGE = (
     "python -m medfed_jax --config=<name or file.py> [--workdir=DIR] [--seeds=N] [--overwrite] [--debug]\n"
-    "                     [--devices=all|N]\n"
+    "                     [--devices=all|N] [--sweep_devices=cells|threads|clients]\n"
     "                     [--config.<field>=<value> ...]\n"
     "       python -m medfed_jax --help[=<section>]   (every config field, or one section's)"
 )
@@ -105,6 +111,7 @@ class Command:
     extra_args: tuple[str, ...]  # positional arguments (refused)
     allow_large_sweep: bool = False
     devices: str | None = None  # --devices (`medfed_jax.mesh.configure_devices`)
+    sweep_devices: str | None = None  # --sweep_devices (`medfed_jax.sweep.execution`)
 
 
 def help_text(section: str | None = None) -> str:
@@ -164,6 +171,7 @@ def parse_command_line(argv: list[str]) -> Command:
         extra_args=tuple(positional[1:]),
         allow_large_sweep=_ALLOW_LARGE.value,
         devices=_DEVICES.value,
+        sweep_devices=_SWEEP_DEVICES.value,
     )
 
 
@@ -430,7 +438,9 @@ def main(command: Command) -> None:
         cfg = command_config(command)
         is_sweep = sweep.is_sweep(cfg)
         prepared = (
-            sweep.prepare_sweep(cfg, command.seeds, command.allow_large_sweep) if is_sweep else runner.prepare(cfg)
+            sweep.prepare_sweep(cfg, command.seeds, command.allow_large_sweep, command.sweep_devices)
+            if is_sweep
+            else runner.prepare(cfg)
         )
         if command.workdir:
             extra = {"seeds": command.seeds} if command.seeds > 1 else None

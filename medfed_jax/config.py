@@ -45,6 +45,7 @@ CLIENT_OPTIMIZERS = ("sgd", "momentum", "adam")
 SERVER_OPTIMIZERS = ("fedavg", "fedavgm", "fedadam", "fedyogi", "fedadagrad")
 MODELS = ("logistic", "mlp", "cnn")
 PARALLELISM = ("auto", "vmap", "map")
+COHORT_SAMPLINGS = ("fixed", "poisson")
 
 INT_MAX = 2**31 - 1  # integer fields size loops and arrays (int32 on the device)
 SEED_MAX = 2**32 - 1  # seeds are uint32
@@ -63,6 +64,12 @@ class BuildContext(NamedTuple):
     num_classes: int
     feature_shape: tuple[int, ...]
     cohort_cap: int = 0  # rows per client of a flat population's cohort block (0: padded storage)
+    sampling_rate: float = 0.0  # Poisson cohorts: each client's probability per round (0: fixed-size cohorts)
+
+    @property
+    def expected_cohort(self) -> float:
+        """Clients expected per round: ``q C`` under Poisson sampling, else ``cohort_size``."""
+        return self.sampling_rate * self.num_clients if self.sampling_rate else float(self.cohort_size)
 
 
 def local_config() -> ml_collections.ConfigDict:
@@ -129,6 +136,9 @@ def default_config() -> ml_collections.ConfigDict:
     cfg.rounds = 50  # federated rounds to train
     cfg.eval_every = 10  # rounds between evaluations (and checkpoints)
     cfg.cohort_size = 0  # clients per round; 0 = every client takes part in every round
+    cfg.cohort_sampling = "fixed"  # one of COHORT_SAMPLINGS: cohort_size clients per round, or each with prob. q
+    cfg.sampling_rate = 0.0  # cohort_sampling='poisson': probability q in (0, 1] that a client takes part
+    cfg.max_cohort = 0  # poisson: client slots per round (a larger cohort is cut at random); 0 = all clients
     cfg.client_parallelism = "auto"  # 'vmap' (all at once), 'map' (chunks), 'auto'
     cfg.client_chunk = 0  # clients per vmapped chunk under 'map'; 0 = backend default
     cfg.baselines = ("local_only", "pooled")  # methods run beside federated: local_only, pooled, personalised ones
@@ -346,6 +356,21 @@ def validate_run_settings(cfg: Any, num_clients: int) -> None:
             f"cohort_size={cfg.cohort_size} is larger than the population of {num_clients} "
             f"clients; use cohort_size <= {num_clients} (or 0 for all)."
         )
+    _one_of("cohort_sampling", cfg.cohort_sampling, COHORT_SAMPLINGS)
+    q = cfg.sampling_rate
+    if cfg.cohort_sampling == "poisson":
+        if not 0 < q <= 1:
+            raise ValueError(f"sampling_rate={q!r} must lie in (0, 1] with cohort_sampling='poisson', e.g. 0.1.")
+        if cfg.cohort_size:
+            raise ValueError(
+                f"cohort_size={cfg.cohort_size} with cohort_sampling='poisson': the cohort's size is random "
+                "(sampling_rate x clients expected); set cohort_size=0 and max_cohort for the slots."
+            )
+    elif q or cfg.max_cohort:
+        raise ValueError(
+            f"sampling_rate={q!r} / max_cohort={cfg.max_cohort!r} apply to cohort_sampling='poisson' only "
+            "(it is 'fixed'); set them to 0, or cohort_sampling='poisson'."
+        )
     _one_of("client_parallelism", cfg.client_parallelism, PARALLELISM)
     if not isinstance(cfg.client_chunk, int) or cfg.client_chunk < 0:
         raise ValueError(f"client_chunk={cfg.client_chunk!r} must be 0 (default) or a positive integer.")
@@ -386,12 +411,36 @@ def validate_run_settings(cfg: Any, num_clients: int) -> None:
     _positive("server.eps", server.eps)
 
 
+def cohort_slots(cfg: Any, num_clients: int) -> int:
+    """Clients trained per round (a shape): ``cohort_size``, ``max_cohort`` under Poisson, or all (when 0)."""
+    size = cfg.max_cohort if cfg.cohort_sampling == "poisson" else cfg.cohort_size
+    return size or num_clients
+
+
+def check_max_cohort(cfg: Any, num_clients: int) -> None:
+    """Refuse Poisson slots outside ``[ceil(q C), C]``: fewer slots than the expected cohort cut most rounds.
+
+    (The privacy cost of truncation is accounted in `medfed_jax.privacy`, which
+    also refuses slots too few for its RDP truncation bound.)
+    """
+    if cfg.cohort_sampling != "poisson" or not cfg.max_cohort:
+        return
+    low = math.ceil(cfg.sampling_rate * num_clients)
+    if not low <= cfg.max_cohort <= num_clients:
+        raise ValueError(
+            f"max_cohort={cfg.max_cohort} must lie in [{low}, {num_clients}]: at least the expected cohort "
+            f"(sampling_rate x clients = {cfg.sampling_rate * num_clients:g}), at most the {num_clients} "
+            "clients; 0 keeps a slot for every client (no truncation)."
+        )
+
+
 def validate(cfg: Any, context: BuildContext) -> None:
     """Validate a whole config against the data it will run on.
 
     Raises ValueError naming the field and the fix, before anything compiles.
     """
     validate_run_settings(cfg, context.num_clients)
+    check_max_cohort(cfg, context.num_clients)
     aggregators.validate_config(cfg.aggregator, context)
     attacks.validate_config(cfg.attack, context)
     privacy.validate_config(cfg.privacy, context)

@@ -9,6 +9,21 @@ Mechanisms (all noise from explicit keys; nothing else is random):
   denominator, so the sensitivity of the mean is ``S / m``). Optional adaptive
   clipping (Andrew et al. 2021) moves ``S`` toward a target quantile of the
   client update norms. Unit of privacy: one client's entire data set.
+- ``mode='bandmf'``: client-level DP-FTRL with banded matrix factorisation
+  (Choquette-Choo et al. 2023, "(Amplified) Banded Matrix Factorization";
+  Kairouz et al. 2021 for DP-FTRL). As DP-FedAvg, but round ``t``'s noise is
+  ``sigma S (C^-1 z)_t`` for iid ``z_t ~ N(0, I)`` and the lower-triangular
+  ``b``-banded Toeplitz strategy ``C`` of the square-root factorisation of
+  the prefix sum (Fichtenberger et al. 2023), so the noise of the released
+  model (a prefix sum of updates) is ``B z`` with ``A = B C``. ``C^-1`` is
+  ``jax_privacy.matrix_factorization.toeplitz.inverse_as_streaming_matrix``
+  (Algorithm 9 of the paper: a buffer of ``b - 1`` past noise vectors in the
+  aggregator state). ``b = 1`` is DP-FedAvg. Accounting: every client in
+  every round (min-sep 1, ``T`` participations), the ``T`` releases together
+  are one Gaussian mechanism of sensitivity ``S sens(C)``,
+  ``sens(C)^2 = ||C 1||^2`` for non-negative ``C`` (jax-privacy's
+  ``toeplitz.minsep_sensitivity_squared``), so epsilon is that of one Gaussian
+  of multiplier ``sigma / sens(C)`` (``sqrt(T)`` for ``C = I``).
 - ``mode='local'``: each client clips its update to ``S`` and adds
   ``N(0, (sigma S)^2)`` before it leaves the client, so any aggregator (robust
   ones included) sees only privatised updates. It costs far more utility
@@ -46,6 +61,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 from jax.flatten_util import ravel_pytree
 
 from medfed_jax.aggregators import count_nonfinite, zero_masked
@@ -54,7 +70,8 @@ from medfed_jax.types import Aggregator, Knobs, PRNGKey
 if TYPE_CHECKING:
     import dp_accounting
 
-MODES = ("none", "central", "local", "dpsgd")
+MODES = ("none", "central", "bandmf", "local", "dpsgd")
+SERVER_NOISE = ("central", "bandmf")  # client-level DP noised on the server's sum: the DP-FedAvg estimator
 ACCOUNTANTS = ("pld", "rdp")
 SAMPLINGS = ("poisson", "fixed")
 NUMERIC_FIELDS = ("noise_multiplier", "clip_norm", "target_quantile", "clip_lr", "clipped_count_stddev")
@@ -73,6 +90,7 @@ def default_config() -> ml_collections.ConfigDict:
             "target_quantile": 0.5,  # adaptive clipping: share of updates meant to fall under S
             "clip_lr": 0.2,  # geometric step of the adaptive clip norm
             "clipped_count_stddev": 1.0,  # noise std on the clipped count; Andrew et al. suggest cohort/20
+            "bands": 1,  # mode='bandmf': bands b of the Toeplitz strategy C; 1 = DP-FedAvg's independent noise
         }
     )
 
@@ -120,6 +138,10 @@ def validate_config(cfg: Any, context: Any) -> None:
         f"privacy.noise_multiplier={sigma!r} must be a finite number >= 0 (0 adds no noise; epsilon is then inf).",
     )
     _check(_is_number(clip) and clip > 0, f"privacy.clip_norm={clip!r} must be > 0.")
+    _check(
+        isinstance(cfg.bands, int) and cfg.bands >= 1,
+        f"privacy.bands={cfg.bands!r} must be an integer >= 1 (1 = independent noise, as DP-FedAvg).",
+    )
     if cfg.adaptive_clipping:
         _check(
             cfg.mode == "central",
@@ -147,7 +169,7 @@ def validate_config(cfg: Any, context: Any) -> None:
         "sensitivity, so no epsilon holds. Set a finite clip_norm (e.g. 1.0).",
     )
     _check(_is_number(cfg.delta) and 0 < cfg.delta < 1, f"privacy.delta={cfg.delta!r} must lie in (0, 1).")
-    if cfg.mode in ("central", "local"):
+    if cfg.mode in ("central", "bandmf", "local"):
         check_delta(cfg.delta, context.num_clients, "client")
 
 
@@ -162,12 +184,23 @@ def validate_with_run(cfg: Any, client_sizes: Sequence[int] | None = None) -> No
       ``client_sizes``, ``delta < 1 / (smallest client size)``.
     """
     p = cfg.privacy
-    if p.mode == "central":
+    if p.mode in SERVER_NOISE:
         _check(
             cfg.aggregator.name == "mean",
-            f"privacy.mode='central' with aggregator.name={cfg.aggregator.name!r}: DP-FedAvg's guarantee "
+            f"privacy.mode={p.mode!r} with aggregator.name={cfg.aggregator.name!r}: DP-FedAvg's guarantee "
             "holds only for its own unweighted, fixed-denominator mean. Set aggregator.name='mean', or use "
             "privacy.mode='local' to combine DP with a robust aggregator.",
+        )
+    if p.mode == "bandmf":
+        _check(
+            not cfg.cohort_size and cfg.cohort_sampling == "fixed",
+            f"privacy.mode='bandmf' with cohort_size={cfg.cohort_size}, cohort_sampling={cfg.cohort_sampling!r}: "
+            "its accounting assumes every client in every round; set cohort_size=0 and cohort_sampling='fixed'.",
+        )
+        _check(
+            p.bands <= cfg.rounds,
+            f"privacy.bands={p.bands} exceeds rounds={cfg.rounds}: a band beyond the last round is never "
+            f"used; set privacy.bands <= {cfg.rounds}.",
         )
     if p.mode == "dpsgd":
         _check(
@@ -253,18 +286,43 @@ def update_noise_multiplier(noise_multiplier: jax.Array, count_stddev: jax.Array
     return noise_multiplier / jnp.sqrt(1.0 - jnp.square(ratio))
 
 
+def strategy_coefs(bands: int) -> np.ndarray:
+    """Toeplitz coefficients of the ``bands``-banded strategy ``C``: the first ``bands`` of ``A^(1/2)``.
+
+    ``c_k = binom(2k, k) / 4^k`` (Fichtenberger et al. 2023), via
+    ``jax_privacy.matrix_factorization.toeplitz.optimal_max_error_strategy_coefs``;
+    positive and non-increasing, ``c_0 = 1``.
+    """
+    from jax_privacy.matrix_factorization import toeplitz
+
+    with jax.ensure_compile_time_eval():  # constants, also when called while tracing
+        return np.asarray(toeplitz.optimal_max_error_strategy_coefs(bands), np.float64)
+
+
+def correlated_noise(bands: int) -> Any:
+    """``C^-1`` as jax-privacy's `StreamingMatrix` (``init_multiply(like)``, ``multiply_next(z, state)``)."""
+    from jax_privacy.matrix_factorization import toeplitz
+
+    with jax.ensure_compile_time_eval():
+        return toeplitz.inverse_as_streaming_matrix(jnp.asarray(strategy_coefs(bands), jnp.float32))
+
+
 def dp_fedavg(
     noise_multiplier: jax.Array,
     clip_norm: jax.Array,
-    expected_cohort: int,
+    expected_cohort: float,
     adaptive: AdaptiveClip | None = None,
+    bands: int = 1,
 ) -> Aggregator:
     """Client-level central DP mean (DP-FedAvg) as an `Aggregator`.
 
     ``update = (sum_i m_i clip(u_i, S) + N(0, (z S)^2)) / expected_cohort``;
     ``weights`` are ignored (weighting by data size would raise the
-    sensitivity). With ``adaptive``, ``S`` lives in the aggregator state and
-    moves geometrically toward the target quantile of the update norms,
+    sensitivity). ``bands > 1``: the noise is correlated across rounds,
+    ``z S (C^-1 w)_t`` for iid ``w_t ~ N(0, I)`` (`correlated_noise`;
+    ``mode='bandmf'``), with a buffer of ``bands - 1`` past draws in the
+    aggregator state. With ``adaptive``, ``S`` lives in the aggregator state
+    and moves geometrically toward the target quantile of the update norms,
     estimated from the noised count of unclipped clients; the overall noise
     multiplier stays ``noise_multiplier``. Diagnostics: ``clip_norm`` (used
     this round), ``clipped_fraction`` (of taking-part clients; a non-private
@@ -274,10 +332,16 @@ def dp_fedavg(
     z_update = (
         noise_multiplier if adaptive is None else update_noise_multiplier(noise_multiplier, adaptive.count_stddev)
     )
+    noising = correlated_noise(bands) if bands > 1 else None
 
     def init(params):
-        del params
-        return () if adaptive is None else {"clip_norm": jnp.asarray(clip_norm, jnp.float32)}
+        state = {}
+        if adaptive is not None:
+            state["clip_norm"] = jnp.asarray(clip_norm, jnp.float32)
+        if noising is not None:
+            flat, _ = ravel_pytree(params)
+            state["noise"] = noising.init_multiply(jax.ShapeDtypeStruct(flat.shape, jnp.float32))
+        return state or ()
 
     def aggregate(updates, weights, mask, state, key):
         del weights
@@ -285,7 +349,13 @@ def dp_fedavg(
         clipped, norms = _clip_rows(updates, clip, mask)
         key_update, key_count = jax.random.split(key)
         total = jax.tree.map(lambda u: jnp.sum(u, axis=0), clipped)
-        noisy = add_gaussian_noise(total, key_update, noise_std(z_update, clip))
+        std = noise_std(z_update, clip)
+        if noising is None:
+            noisy = add_gaussian_noise(total, key_update, std)
+        else:
+            flat, unravel = ravel_pytree(total)
+            noise, buffer = noising.multiply_next(std * jax.random.normal(key_update, flat.shape), state["noise"])
+            noisy, state = unravel(flat + noise), {**state, "noise": buffer}
         update = jax.tree.map(lambda u: u / m, noisy)
         taking_part = jnp.sum(mask)
         diag = {
@@ -297,7 +367,7 @@ def dp_fedavg(
             centred = jnp.sum(jnp.where(mask, (norms <= clip) - 0.5, 0.0))
             noisy_count = centred + adaptive.count_stddev * jax.random.normal(key_count)
             below = noisy_count / m + 0.5
-            state = {"clip_norm": clip * jnp.exp(-adaptive.clip_lr * (below - adaptive.target_quantile))}
+            state = {**state, "clip_norm": clip * jnp.exp(-adaptive.clip_lr * (below - adaptive.target_quantile))}
         return update, state, diag
 
     return Aggregator(init, aggregate)
@@ -334,21 +404,24 @@ def build_client_privatizer(cfg: Any, knobs: Knobs) -> Callable[[Any, PRNGKey], 
 
 
 def build_central_aggregator(cfg: Any, knobs: Knobs, context: Any) -> Aggregator | None:
-    """The DP-FedAvg `Aggregator` replacing the configured one under central DP, or None.
+    """The DP-FedAvg (or banded-MF) `Aggregator` replacing the configured one under central DP, or None.
 
-    The fixed denominator is ``context.cohort_size``, the expected number of
-    clients per round.
+    The fixed denominator is ``context.expected_cohort``, the expected number
+    of clients per round (``q C`` under Poisson sampling).
     """
-    if cfg.mode != "central":
+    if cfg.mode not in SERVER_NOISE:
         return None
-    if context.cohort_size < 1:
-        raise ValueError(f"central DP needs the expected cohort size; got context.cohort_size={context.cohort_size}.")
+    if context.expected_cohort <= 0:
+        raise ValueError(f"central DP needs the expected cohort size; got {context.expected_cohort}.")
     adaptive = None
     if cfg.adaptive_clipping:
         adaptive = AdaptiveClip(
             knobs["privacy.target_quantile"], knobs["privacy.clip_lr"], knobs["privacy.clipped_count_stddev"]
         )
-    return dp_fedavg(knobs["privacy.noise_multiplier"], knobs["privacy.clip_norm"], context.cohort_size, adaptive)
+    bands = cfg.bands if cfg.mode == "bandmf" else 1
+    return dp_fedavg(
+        knobs["privacy.noise_multiplier"], knobs["privacy.clip_norm"], context.expected_cohort, adaptive, bands
+    )
 
 
 def build_gradient_fn(cfg: Any, knobs: Knobs) -> Callable[..., tuple[jax.Array, Any]] | None:
@@ -392,10 +465,24 @@ def _make_accountant(accountant: str, sampling_rate: float, sampling: str) -> dp
     return pld.PLDAccountant() if accountant == "pld" else rdp.RdpAccountant()
 
 
-def _make_event(noise_multiplier: float, sampling_rate: float, sampling: str) -> dp_accounting.DpEvent:
-    """One step's event. ``noise_multiplier`` is noise std / clip norm of the clipped sum."""
+def _make_event(
+    noise_multiplier: float, sampling_rate: float, sampling: str, truncation: tuple[int, int] | None = None
+) -> dp_accounting.DpEvent:
+    """One step's event. ``noise_multiplier`` is noise std / clip norm of the clipped sum.
+
+    ``truncation=(population, max_cohort)``: Poisson sampling cut to
+    ``max_cohort`` at random, `dp_accounting.TruncatedSubsampledGaussianDpEvent`
+    (PLD only; as ``jax_privacy.experimental.accounting.truncated_dpsgd_event``)
+    on ``population + 1`` units: the larger neighbour under add-or-remove-one,
+    where truncation is likelier and epsilon larger.
+    """
     import dp_accounting
 
+    if truncation is not None:
+        population, max_cohort = truncation
+        return dp_accounting.TruncatedSubsampledGaussianDpEvent(
+            population + 1, sampling_rate, max_cohort, noise_multiplier
+        )
     gaussian = dp_accounting.GaussianDpEvent(_event_noise(noise_multiplier, sampling))
     if _uses_replace_one(sampling_rate, sampling):
         rate = fractions.Fraction(sampling_rate).limit_denominator(10**6)
@@ -405,8 +492,21 @@ def _make_event(noise_multiplier: float, sampling_rate: float, sampling: str) ->
     return dp_accounting.PoissonSampledDpEvent(sampling_rate, gaussian)
 
 
-def describe_accounting(sampling_rate: float, accountant: str, sampling: str) -> str:
+def describe_accounting(
+    sampling_rate: float, accountant: str, sampling: str, truncation: tuple[int, int] | None = None
+) -> str:
     """A sentence saying which accountant, neighbouring relation and sampling give epsilon."""
+    if truncation is not None:
+        population, max_cohort = truncation
+        how = (
+            "PLD accountant of the truncated subsampled Gaussian (dp_accounting's TruncatedSubsampledGaussianDpEvent)"
+            if accountant == "pld"
+            else "RDP accountant at delta/2 plus the truncation coupling bound (privacy.truncation_slack)"
+        )
+        return (
+            f"Poisson sampling at rate {sampling_rate:g} of {population}, truncated to {max_cohort} at random, "
+            f"add-or-remove-one: {how}"
+        )
     if _uses_replace_one(sampling_rate, sampling):
         return (
             f"fixed-size sampling without replacement at rate {sampling_rate:g}: RDP accountant with the "
@@ -419,6 +519,47 @@ def describe_accounting(sampling_rate: float, accountant: str, sampling: str) ->
     return f"Poisson sampling at rate {sampling_rate:g}, add-or-remove-one: {accountant.upper()} accountant"
 
 
+def truncation_tail(population: int, sampling_rate: float, max_cohort: int) -> float:
+    """``P(Binomial(population + 1, q) > max_cohort)``: a step truncates, on the larger of two neighbours."""
+    from scipy import stats
+
+    return float(stats.binom.sf(max_cohort, population + 1, sampling_rate))
+
+
+def truncation_slack(eps: float, steps: int, tail: float) -> float:
+    """The delta truncation adds to an untruncated ``(eps, delta)`` guarantee: ``(1 + e^eps) steps tail``.
+
+    Proof (a coupling): the truncated run ``M'`` and the untruncated ``M`` on
+    the same draws differ only if some step has more than ``max_cohort``
+    clients, which has probability ``p <= steps * tail`` (union bound) on
+    either neighbour. So ``P[M'(D) in S] <= P[M(D) in S] + p <= e^eps
+    P[M(D') in S] + delta + p <= e^eps (P[M'(D') in S] + p) + delta + p``.
+    """
+    return (1.0 + math.exp(min(eps, 700.0))) * steps * tail
+
+
+def _truncated_rdp_epsilon(
+    noise_multiplier: float, sampling_rate: float, steps: int, delta: float, truncation: tuple[int, int]
+) -> float:
+    """RDP epsilon at ``delta / 2`` of the untruncated run, if its `truncation_slack` fits in the other half."""
+    eps = epsilon(noise_multiplier, sampling_rate, steps, delta / 2, "rdp", "poisson")
+    population, max_cohort = truncation
+    slack = truncation_slack(eps, steps, truncation_tail(population, sampling_rate, max_cohort))
+    if slack > delta / 2:
+        fits = [
+            m
+            for m in range(max_cohort + 1, population)
+            if truncation_slack(eps, steps, truncation_tail(population, sampling_rate, m)) <= delta / 2
+        ]
+        fix = f"max_cohort >= {fits[0]}" if fits else "max_cohort=0 (a slot per client: no truncation)"
+        raise ValueError(
+            f"max_cohort={max_cohort} is too small for the RDP truncation bound: (1 + e^eps) x {steps} steps x "
+            f"P(more than {max_cohort} of {population} clients) = {slack:.2g} > delta/2 = {delta / 2:g}; "
+            f"use {fix}, or privacy.accountant='pld' (exact for truncation)."
+        )
+    return eps
+
+
 @functools.lru_cache(maxsize=1024)
 def epsilon(
     noise_multiplier: float,
@@ -427,6 +568,7 @@ def epsilon(
     delta: float,
     accountant: str = "pld",
     sampling: str = "poisson",
+    truncation: tuple[int, int] | None = None,
 ) -> float:
     """Epsilon of ``steps`` compositions of a sampled Gaussian on a clipped sum.
 
@@ -439,15 +581,25 @@ def epsilon(
     composition is one Gaussian of multiplier ``z / sqrt(steps)``, whose
     epsilon is computed exactly (the value PLD approximates). With ``'pld'``
     and an event noise below `PLD_MIN_NOISE`, RDP is used. ``0`` noise gives
-    ``inf``. Results are cached.
+    ``inf``. ``truncation=(population, max_cohort)``: Poisson sampling of
+    ``population`` units cut to ``max_cohort`` at random; PLD accounts it
+    exactly (`_make_event`), RDP through `truncation_slack` (refused, naming
+    the fix, when the slack exceeds ``delta / 2``). Results are cached.
     """
     _check_accounting_args(sampling_rate, steps, delta, accountant, sampling)
     _check(noise_multiplier >= 0, f"noise_multiplier={noise_multiplier!r} must be >= 0.")
+    _check(truncation is None or sampling == "poisson", "truncation applies to Poisson sampling only.")
     if steps == 0:
         return 0.0
     if noise_multiplier == 0:
         return math.inf
     z = _event_noise(noise_multiplier, sampling)
+    if truncation is not None:
+        if accountant == "rdp" or z < PLD_MIN_NOISE:
+            return _truncated_rdp_epsilon(noise_multiplier, sampling_rate, steps, delta, truncation)
+        acc = _make_accountant("pld", sampling_rate, sampling)
+        acc.compose(_make_event(noise_multiplier, sampling_rate, sampling, truncation), steps)
+        return float(acc.get_epsilon(delta))
     if accountant == "pld" and sampling_rate == 1:
         import dp_accounting
 
@@ -493,6 +645,50 @@ def calibrate_noise(
     return sigma
 
 
+def bandmf_sensitivity_squared(bands: int, rounds: int) -> float:
+    """``sens(C)^2`` of the ``rounds x rounds`` banded strategy when a client takes part in every round.
+
+    jax-privacy's ``toeplitz.minsep_sensitivity_squared`` with min-sep 1 and
+    ``rounds`` participations: ``||C 1||^2`` (the worst case for non-negative
+    ``C``, all contributions aligned). ``bands = 1`` gives ``rounds``.
+    """
+    from jax_privacy.matrix_factorization import toeplitz
+
+    coefs = jnp.asarray(strategy_coefs(bands), jnp.float32)
+    return float(toeplitz.minsep_sensitivity_squared(coefs, min_sep=1, max_participations=rounds, n=rounds))
+
+
+@functools.lru_cache(maxsize=1024)
+def bandmf_epsilon(noise_multiplier: float, bands: int, rounds: int, delta: float) -> float:
+    """Epsilon of ``rounds`` banded-MF releases (every client every round): one Gaussian of ``sigma / sens(C)``."""
+    _check(0 < delta < 1, f"delta={delta!r} must lie in (0, 1).")
+    if rounds == 0:
+        return 0.0
+    if noise_multiplier == 0:
+        return math.inf
+    import dp_accounting
+
+    z = noise_multiplier / math.sqrt(bandmf_sensitivity_squared(bands, rounds))
+    return float(dp_accounting.get_epsilon_gaussian(z, delta))
+
+
+def bandmf_noise_for(noise_multiplier: float, bands: int, rounds: int) -> float:
+    """The ``bandmf`` noise multiplier with DP-FedAvg's epsilon at ``noise_multiplier`` (every client, every round).
+
+    Both are one Gaussian of ``sigma / sens``: ``sqrt(rounds)`` for DP-FedAvg, ``sens(C)`` for banded MF.
+    """
+    return noise_multiplier * math.sqrt(bandmf_sensitivity_squared(bands, rounds) / rounds)
+
+
+MECHANISMS = {
+    "central": "Gaussian noise on the sum of clipped client updates (DP-FedAvg)",
+    "bandmf": "banded matrix-factorisation noise on the sum of clipped client updates (DP-FTRL / BandMF)",
+    "local": "Gaussian noise on each clipped client update before upload (local DP)",
+    "dpsgd": "Gaussian noise on each step's sum of clipped per-example gradients (DP-SGD)",
+    "none": "none",
+}
+
+
 @dataclasses.dataclass(frozen=True)
 class Accounting:
     """The privacy accounting of a run: cheap `epsilon_after(rounds)` for eval lines."""
@@ -506,11 +702,22 @@ class Accounting:
     accountant: str
     sampling: str
     description: str
+    truncation: tuple[int, int] | None = None  # Poisson cohorts cut to slots: (clients, max_cohort)
+    bands: int = 1  # mode='bandmf': the strategy's bands
+
+    @property
+    def relation(self) -> str:
+        """The neighbouring relation epsilon holds for."""
+        if self.mode == "none":
+            return "none"
+        return f"{'replace' if self.sampling == 'fixed' else 'add-or-remove'}-one {self.unit}"
 
     def epsilon_after(self, rounds: int) -> float:
         """Epsilon after ``rounds`` rounds (inf without DP; results are cached)."""
         if self.mode == "none":
             return math.inf
+        if self.mode == "bandmf":
+            return bandmf_epsilon(self.noise_multiplier, self.bands, rounds, self.delta)
         return epsilon(
             self.noise_multiplier,
             self.sampling_rate,
@@ -518,6 +725,7 @@ class Accounting:
             self.delta,
             self.accountant,
             self.sampling,
+            self.truncation,
         )
 
     def report(self, rounds: int) -> dict:
@@ -532,18 +740,28 @@ class Accounting:
             "sampling_rate": self.sampling_rate,
             "steps": rounds * self.steps_per_round,
             "sampling": self.sampling,
+            "max_cohort": self.truncation[1] if self.truncation else 0,
+            "neighbouring_relation": self.relation,
+            "mechanism": MECHANISMS[self.mode] + (f", {self.bands} bands" if self.mode == "bandmf" else ""),
             "description": self.description,
         }
 
 
 def accounting_for_run(
-    cfg: Any, num_clients: int, client_sizes: Sequence[int] | None = None, cohort_sampling: str = "fixed"
+    cfg: Any, num_clients: int, client_sizes: Sequence[int] | None = None, cohort_sampling: str | None = None
 ) -> Accounting:
     """The `Accounting` of a whole run config (``cfg.privacy``, ``cfg.cohort_size``, ``cfg.local``).
 
+    Refuses (ValueError) a Poisson ``max_cohort`` too small for the RDP
+    truncation bound over ``cfg.rounds`` (`truncation_slack`).
+
     - central: unit client, one step per round at rate ``cohort_size /
-      num_clients``; ``cohort_sampling`` says how the engine draws cohorts
-      ('fixed': a fixed-size cohort without replacement, 'poisson').
+      num_clients`` (``cohort_sampling='fixed'``, a fixed-size cohort without
+      replacement) or ``sampling_rate`` (``'poisson'``, truncated to
+      ``max_cohort`` when that is set). ``cohort_sampling`` ('fixed' or
+      'poisson') overrides how a *fixed-size* config's cohort is accounted
+      (e.g. Poisson at the same rate, for comparison); default: as drawn.
+    - bandmf: unit client, every client every round (`bandmf_epsilon`).
     - local: unit client, one release per round a client takes part in,
       counted for every round (the server sees who takes part, so cohort
       sampling does not amplify), replace-one relation.
@@ -555,11 +773,18 @@ def accounting_for_run(
     accountant = p.accountant
     if p.mode == "none":
         return Accounting("none", "none", 0.0, 1.0, 1, 0.0, accountant, "none", "no differential privacy")
-    if p.mode == "central":
-        _check(cohort_sampling in SAMPLINGS, f"cohort_sampling={cohort_sampling!r}: choose one of {SAMPLINGS}.")
-        cohort = cfg.cohort_size or num_clients
-        rate, sampling, steps, unit = cohort / num_clients, cohort_sampling, 1, "client"
-        if rate == 1:
+    truncation = None
+    if p.mode == "bandmf":
+        rate, sampling, steps, unit = 1.0, "poisson", 1, "client"
+    elif p.mode == "central":
+        if cfg.cohort_sampling == "poisson":
+            rate, sampling, steps, unit = cfg.sampling_rate, "poisson", 1, "client"
+            truncation = (num_clients, cfg.max_cohort) if cfg.max_cohort else None
+        else:
+            sampling = cohort_sampling or "fixed"
+            _check(sampling in SAMPLINGS, f"cohort_sampling={sampling!r}: choose one of {SAMPLINGS}.")
+            rate, steps, unit = (cfg.cohort_size or num_clients) / num_clients, 1, "client"
+        if rate == 1 and truncation is None:
             sampling = "poisson"  # every client every round: add-or-remove-one, no sampling
     elif p.mode == "local":
         rate, sampling, steps, unit = 1.0, "fixed", 1, "client"
@@ -572,10 +797,13 @@ def accounting_for_run(
             cfg.local.steps,
             "record",
         )
-    description = f"{p.mode} DP per {unit}; {describe_accounting(rate, accountant, sampling)}"
+    if p.mode == "bandmf":
+        how = f"{p.bands}-banded MF, every client every round (min-sep 1): one Gaussian of sigma / sens(C)"
+    else:
+        how = describe_accounting(rate, accountant, sampling, truncation)
     if _uses_replace_one(rate, sampling):
         accountant = "rdp"
-    return Accounting(
+    accounting = Accounting(
         p.mode,
         unit,
         float(p.noise_multiplier),
@@ -584,8 +812,13 @@ def accounting_for_run(
         float(p.delta),
         accountant,
         sampling,
-        description,
+        f"{p.mode} DP per {unit}; {how}",
+        truncation,
+        p.bands,
     )
+    if truncation is not None:
+        accounting.epsilon_after(cfg.rounds)  # refuses max_cohort too small for the RDP truncation bound
+    return accounting
 
 
 def run_privacy_report(
@@ -593,7 +826,7 @@ def run_privacy_report(
     num_clients: int,
     client_sizes: Sequence[int] | None = None,
     rounds: int | None = None,
-    cohort_sampling: str = "fixed",
+    cohort_sampling: str | None = None,
 ) -> dict:
     """Epsilon, delta, unit, accountant and sampling of a run after ``rounds`` (default ``cfg.rounds``)."""
     accounting = accounting_for_run(cfg, num_clients, client_sizes, cohort_sampling)

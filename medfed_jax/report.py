@@ -8,6 +8,8 @@ Each figure is drawn when the sweep's columns call for it:
 - ``curves.png``: test accuracy vs round, mean with a 95% confidence band over seeds;
 - ``heatmap.png``: final accuracy, aggregator x attack (one panel per other setting);
 - ``fraction.png``: final accuracy vs malicious fraction, one line per aggregator;
+- ``worst_case.png``: each aggregator's lowest final accuracy over the attacks vs
+  malicious fraction (with a table in ``report.md``);
 - ``epsilon.png``: final accuracy vs the privacy budget epsilon (non-private runs dashed);
 - ``clients.png``: final accuracy on each client's own test split (hospitals).
 
@@ -430,6 +432,118 @@ def draw_fraction(tables: SweepTables):
     return _finish(fig, "Final test accuracy vs malicious fraction (mean, 95% CI over seeds)", _legend_title(lines))
 
 
+def worst_case(final: Sequence[dict], knobs: Sequence[str], among: Sequence[str] | None = None) -> list[dict]:
+    """Per setting but the attack (aggregator, malicious fraction, ...): the final row of its worst attack.
+
+    The worst attack has the lowest mean final accuracy; a diverged setting
+    (non-finite model) is worse than any accuracy. Candidates: the attacks
+    ``among`` (default: all), never the no-attack rows. Rows keep the
+    setting's first-seen order.
+    """
+    others = [k for k in knobs if k not in ("seed", "attack.name")]
+    worst: dict[tuple, dict] = {}
+    rank = lambda r: -math.inf if diverged(r) else _pct(r, "mean")  # noqa: E731
+    for row in final:
+        if _reference(row, "attack.name") or (among is not None and row["attack.name"] not in among):
+            continue
+        key = tuple(row[k] for k in others)
+        if key not in worst or rank(row) < rank(worst[key]):
+            worst[key] = row
+    return list(worst.values())
+
+
+def _worst_case_applies(tables: SweepTables) -> bool:
+    if not all(k in tables.knobs for k in ("aggregator.name", "attack.name", "attack.fraction")):
+        return False
+    return len({r["attack.name"] for r in tables.final if not _reference(r, "attack.name")}) > 1
+
+
+def worst_case_table(tables: SweepTables) -> str:
+    """Markdown: each aggregator's lowest final accuracy (%) over the attacks at each malicious fraction.
+
+    Cells: ``mean ± std (attack)`` of the worst attack; the no-attack column
+    is the reference. Rows sorted by the worst case at the largest fraction,
+    best first (diverged last).
+    """
+    final, knobs = tables.final, tables.meta["knobs"]
+    worst = worst_case(final, knobs)
+    fractions = sorted({r["attack.fraction"] for r in worst}, key=float)
+    clean = {r["aggregator.name"]: r for r in final if _reference(r, "attack.name")}
+    by = {(r["aggregator.name"], r["attack.fraction"]): r for r in worst}
+    names = list(dict.fromkeys(r["aggregator.name"] for r in worst))
+    last = lambda name: by.get((name, fractions[-1]))  # noqa: E731
+    names.sort(key=lambda a: math.inf if last(a) is None or diverged(last(a)) else -_pct(last(a), "mean"))
+    header = ["aggregator", "no attack", *(f"{100 * float(f):g}% attackers: worst (attack)" for f in fractions)]
+    body = []
+    for name in names:
+        cells = [format_mean_std(clean[name]) if name in clean else "—"]
+        for f in fractions:
+            row = by.get((name, f))
+            cells.append("—" if row is None else f"{format_mean_std(row)} ({row['attack.name']})")
+        body.append([name, *cells])
+    return _markdown(header, body)
+
+
+def _markdown(header: list[str], body: list[list[str]]) -> str:
+    widths = [max(len(r[i]) for r in [header, *body]) for i in range(len(header))]
+    line = lambda cells: "| " + " | ".join(c.ljust(w) for c, w in zip(cells, widths)) + " |"  # noqa: E731
+    return "\n".join([line(header), "|" + "|".join("-" * (w + 2) for w in widths) + "|", *map(line, body)])
+
+
+def adaptive_vs_fixed_table(tables: SweepTables) -> str | None:
+    """Markdown: per aggregator and fraction, the worst fixed attack, the worst adaptive one, and the gap.
+
+    Adaptive: `medfed_jax.attacks.ADAPTIVE_ATTACKS`. None unless the sweep has both kinds.
+    """
+    from medfed_jax.attacks import ADAPTIVE_ATTACKS
+
+    if not _worst_case_applies(tables):
+        return None
+    names = {r["attack.name"] for r in tables.final if not _reference(r, "attack.name")}
+    fixed, adaptive = sorted(names - set(ADAPTIVE_ATTACKS)), sorted(names & set(ADAPTIVE_ATTACKS))
+    if not fixed or not adaptive:
+        return None
+    knobs = tables.meta["knobs"]
+    key = lambda r: (r["aggregator.name"], r["attack.fraction"])  # noqa: E731
+    worst_fixed = {key(r): r for r in worst_case(tables.final, knobs, fixed)}
+    header = ["aggregator", "attackers", "worst fixed attack", "worst adaptive attack", "adaptive - fixed (points)"]
+    body = []
+    for row in worst_case(tables.final, knobs, adaptive):
+        other = worst_fixed[key(row)]
+        gap = "—" if diverged(row) or diverged(other) else f"{_pct(row, 'mean') - _pct(other, 'mean'):+.1f}"
+        cells = [f"{format_mean_std(r)} ({r['attack.name']})" for r in (other, row)]
+        body.append([row["aggregator.name"], f"{100 * float(row['attack.fraction']):g}%", *cells, gap])
+    return _markdown(header, body)
+
+
+def draw_worst_case(tables: SweepTables):
+    """Each aggregator's lowest final accuracy over the attacks vs malicious fraction; no attack at 0."""
+    if not _worst_case_applies(tables):
+        return None
+    final = tables.final
+    worst = worst_case(final, tables.meta["knobs"])
+    clean = {r["aggregator.name"]: r for r in final if _reference(r, "attack.name")}
+    colors = _colors(worst, ["aggregator.name"])
+    fig, axes = _axes(1, width=7.5, height=4.6)
+    ax = axes[0]
+    for key, points in _groups(worst, ["aggregator.name"]).items():
+        points = sorted(points, key=lambda r: float(r["attack.fraction"]))
+        points = ([clean[key[0]]] if key[0] in clean else []) + points
+        x = [100 * float(r["attack.fraction"]) * (not _reference(r, "attack.name")) for r in points]
+        mean, err = _bars([(r, METRIC) for r in points])
+        ax.errorbar(x, mean, yerr=err, marker="o", capsize=3, color=colors[key], label=key[0])
+        _mark_diverged(ax, x, points, colors[key])
+    if clean:
+        ticks = sorted({100 * float(r["attack.fraction"]) for r in worst})
+        ax.set_xticks([0, *ticks], [NO_ATTACK_TEXT, *(f"{t:g}" for t in ticks)])
+    ax.set_xlabel("malicious clients (% of all clients)")
+    ax.set_ylabel("worst final test accuracy (%)")
+    ax.set_ylim(0, 102)
+    ax.grid(alpha=0.3)
+    title = "Worst case over the attacks: lowest final test accuracy (mean, 95% CI over seeds of that attack)"
+    return _finish(fig, title, "aggregator")
+
+
 def draw_epsilon(tables: SweepTables):
     """Final accuracy vs epsilon (log scale), one line per remaining setting; non-private runs dashed."""
     final = tables.final
@@ -518,6 +632,7 @@ FIGURES = (
     ("curves.png", draw_curves, "Test accuracy vs round"),
     ("heatmap.png", draw_heatmap, "Aggregator x attack heatmap"),
     ("fraction.png", draw_fraction, "Accuracy vs malicious fraction"),
+    ("worst_case.png", draw_worst_case, "Worst case over the attacks"),
     ("epsilon.png", draw_epsilon, "Accuracy vs privacy budget"),
     ("clients.png", draw_clients, "Per-client accuracy"),
 )
@@ -538,6 +653,23 @@ def sweep_sentence(tables: SweepTables) -> str:
         + (f"switched knobs (compiled together, picked at run time): {picked}; " if switched else "")
         + f"structural knobs (one program each): {structural}."
     )
+
+
+def _worst_case_section(tables: SweepTables) -> list[str]:
+    return [
+        "## Worst case over the attacks",
+        "",
+        "Each aggregator's lowest final test accuracy over all attacks at each malicious fraction, mean ± std "
+        "over seeds, the attack in brackets (`worst_case.png`).",
+        "",
+        worst_case_table(tables),
+        "",
+        *(
+            ["Worst fixed vs worst adaptive attack:", "", versus, ""]
+            if (versus := adaptive_vs_fixed_table(tables))
+            else []
+        ),
+    ]
 
 
 def write_report(workdir: str) -> tuple[str, list[str]]:
@@ -566,6 +698,7 @@ def write_report(workdir: str) -> tuple[str, list[str]]:
             "",
             final_table(tables.summary, tables.meta["knobs"]),
             "",
+            *(_worst_case_section(tables) if _worst_case_applies(tables) else []),
             "## Figures",
             "",
             *lines,

@@ -65,10 +65,11 @@ def build_context(cfg: Any, dataset: FederatedDataset) -> config_lib.BuildContex
     flat = not isinstance(dataset.train, ClientData)  # a flat or generated population
     return config_lib.BuildContext(
         num_clients=dataset.num_clients,
-        cohort_size=cfg.cohort_size or dataset.num_clients,
+        cohort_size=config_lib.cohort_slots(cfg, dataset.num_clients),
         num_classes=dataset.num_classes,
         feature_shape=dataset.feature_shape,
         cohort_cap=population.resolve_cap(cfg.data, dataset.train.count) if flat else 0,
+        sampling_rate=cfg.sampling_rate if cfg.cohort_sampling == "poisson" else 0.0,
     )
 
 
@@ -298,7 +299,7 @@ def _resume(method: str, checkpoint: str | None, state: Any, log: Callable[[str]
 def place_data(engine: Engine, view: FederatedDataset) -> tuple[ClientData, ClientData]:
     """Train and test data on the engine's devices (`medfed_jax.mesh.put`): the population split
     over the client mesh when every client trains each round, else replicated."""
-    full = engine.context.cohort_size >= engine.context.num_clients
+    full = engine.context.cohort_size >= engine.context.num_clients and not engine.context.sampling_rate
     train = mesh_lib.put(tuple(view.train), engine.mesh, shard_clients=full)
     return type(view.train)(*train), type(view.test)(*mesh_lib.put(tuple(view.test), engine.mesh))
 

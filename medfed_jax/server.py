@@ -1,6 +1,9 @@
 """The federated round as one pure function, and many rounds under `lax.scan`.
 
-``round_step(state, train, knobs) -> (state, metrics)``: sample a cohort,
+``round_step(state, train, knobs) -> (state, metrics)``: sample a cohort
+(``cohort_size`` clients uniformly, or Poisson: each client with probability
+``sampling_rate`` in ``max_cohort`` padded slots, those not taking part
+masked out; metric ``participants``),
 poison labels (data attacks), train every cohort client locally (vmapped or
 chunk-mapped), privatise (local DP), replace malicious updates (model
 attacks), aggregate, and apply the server optimizer. Personalisation
@@ -297,9 +300,10 @@ def _build_round_functions(
     build_attack = _switchable(cfg, switches, "attack", attacks.build_attack, attacks.switch)
     parallelism, chunk = default_parallelism(cfg)
     num_clients, cohort = context.num_clients, context.cohort_size
-    sampled = cohort < num_clients
+    poisson = context.sampling_rate > 0  # Poisson cohorts in ``cohort`` slots (`population.poisson_cohort`)
+    sampled = cohort < num_clients or poisson
     rules = dict(switches).get("aggregator.name") or (cfg.aggregator.name,)
-    by_coordinate = cfg.privacy.mode != "central" and not set(rules) <= MEANS  # see mesh_lib.spread_coordinates
+    by_coordinate = cfg.privacy.mode not in privacy.SERVER_NOISE and not set(rules) <= MEANS  # see spread_coordinates
     flat = context.cohort_cap > 0  # a flat or generated population, in [cohort, cohort_cap] blocks
     indexed = sampled or flat  # the round's clients are train[index], not train itself
 
@@ -346,19 +350,28 @@ def _build_round_functions(
         personal, privatizer, attack, aggregator, server_opt = components(knobs, block_rows(train))
         round_key = jax.random.fold_in(state.key, state.round)
         key_for = lambda purpose: jax.random.fold_in(round_key, purpose)  # noqa: E731
-        if flat:
+        taking = None  # Poisson cohorts: which of the ``cohort`` slots take part this round
+        if poisson:
+            index, taking = population.poisson_cohort(key_for(_SAMPLE), num_clients, context.sampling_rate, cohort)
+            if flat:
+                index, taking = population.by_size(train, index, taking)
+        elif flat:
             index = (
                 population.draw_cohort(key_for(_SAMPLE), train, cohort)
                 if sampled
                 else jnp.argsort(train.count, stable=True)
             )
-            data = population.cohort_block(train, index, context.cohort_cap, key_for(_SUBSAMPLE))
-            malicious = state.malicious[index]
         elif sampled:
             index = jax.random.choice(key_for(_SAMPLE), num_clients, (cohort,), replace=False)
-            data, malicious = train.take(index), state.malicious[index]
         else:
-            index, data, malicious = jnp.arange(num_clients), train, state.malicious
+            index = jnp.arange(num_clients)
+        if flat:
+            data = population.cohort_block(train, index, context.cohort_cap, key_for(_SUBSAMPLE))
+        else:
+            data = train.take(index) if sampled else train
+        malicious = state.malicious[index] if indexed else state.malicious
+        if poisson:  # a slot not taking part holds no rows: masked out of training, attacks and aggregation
+            data, malicious = data._replace(count=jnp.where(taking, data.count, 0)), malicious & taking
         cohort_clients = jax.tree.map(lambda s: s[index], state.clients) if indexed else state.clients
         labels = attack.poison_labels(data.y, malicious, context.num_classes)
         client_keys = jax.vmap(lambda i: jax.random.fold_in(key_for(_LOCAL), i))(index)
@@ -371,23 +384,38 @@ def _build_round_functions(
             mesh,
         )
         clients = cohort_clients
-        if indexed:  # clients outside the cohort keep their personal state
-            clients = jax.tree.map(lambda s, new: s.at[index].set(new), state.clients, cohort_clients)
+        if indexed:  # clients outside the cohort (and in slots not taking part) keep their personal state
+            kept = index if taking is None else jnp.where(taking, index, num_clients)
+            clients = jax.tree.map(lambda s, new: s.at[kept].set(new, mode="drop"), state.clients, cohort_clients)
         if by_coordinate:
             deltas = mesh_lib.spread_coordinates(deltas, mesh)
         if privatizer is not None:
             deltas = jax.vmap(privatizer)(deltas, jax.random.split(key_for(_PRIVACY), index.shape[0]))
         weights, mask = data.count, data.count > 0
-        deltas = attack.apply(deltas, malicious, key_for(_ATTACK), AttackContext(weights, mask, context.num_classes))
-        update, agg_state, diagnostics = aggregator.aggregate(
-            deltas, weights, mask, state.agg_state, key_for(_AGGREGATE)
-        )
-        update = mesh_lib.gather(update, mesh)
-        pseudo_gradient = jax.tree.map(jnp.negative, update)
+        aggregate = lambda u: aggregator.aggregate(u, weights, mask, state.agg_state, key_for(_AGGREGATE))  # noqa: E731
         shared = personal.shared(state.params)
-        server_updates, opt_state = server_opt.update(pseudo_gradient, state.server_opt_state, shared)
+
+        def server_step(update):  # -> (params, server optimizer state)
+            pseudo_gradient = jax.tree.map(jnp.negative, mesh_lib.gather(update, mesh))
+            server_updates, opt_state = server_opt.update(pseudo_gradient, state.server_opt_state, shared)
+            return personal.merge(state.params, optax.apply_updates(shared, server_updates)), opt_state
+
+        attack_context = AttackContext(
+            weights,
+            mask,
+            context.num_classes,
+            aggregate=lambda u: aggregate(u)[0],
+            step=lambda update: server_step(update)[0],
+            loss=lambda p, clients: attacks.mean_loss(
+                model.apply, p, data.x, data.y, data.valid_mask() & clients[:, None]
+            ),
+        )
+        deltas = attack.apply(deltas, malicious, key_for(_ATTACK), attack_context)
+        update, agg_state, diagnostics = aggregate(deltas)
+        params, opt_state = server_step(update)
+        update = mesh_lib.gather(update, mesh)
         new_state = state._replace(
-            params=personal.merge(state.params, optax.apply_updates(shared, server_updates)),
+            params=params,
             server_opt_state=opt_state,
             agg_state=agg_state,
             round=state.round + 1,
@@ -400,6 +428,8 @@ def _build_round_functions(
             "update_norm": optax.global_norm(update),
             **_scalar_metrics(diagnostics),
         }
+        if poisson:
+            metrics["participants"] = jnp.sum(mask).astype(jnp.int32)
         return new_state, metrics
 
     def run_rounds(state: FedState, train: ClientData, knobs: Knobs, num_rounds: int):

@@ -44,9 +44,30 @@ choice as an int32 index that is *shared* by the cells of a chunk (not
 vmapped), so only the chosen branch runs. The 6 x 6 aggregator x attack matrix
 is then one compile instead of 36. Chunks never mix choices.
 
-Programs compile in order on a background thread; on a CPU one chunk per core
-runs at once (one XLA run keeps about one core busy). On a CPU, vmapping does
-not speed up the cells themselves much: a sweep wins by compiling once and by
+Programs compile in order on a background thread. How chunks use the devices
+is an `Execution` (``--sweep_devices``, `execution`):
+
+- ``cells``: each chunk's cells split over the local devices, each cell whole
+  on one device (`medfed_jax.mesh.over_cells`: `jax.shard_map` over a
+  ``'cells'`` mesh); a chunk is padded to a multiple of the device count with
+  copies of its last cell, computed and dropped, and the automatic chunk size
+  is per device;
+- ``threads``: every program on one device, one chunk per core at once on a
+  CPU (one XLA run keeps about one core busy), one at a time elsewhere;
+- ``clients``: one chunk at a time, each cell's cohort split over the devices
+  (the client mesh, `medfed_jax.mesh`).
+
+A sweep runs in one process. The default is ``cells`` on several GPUs or
+TPUs, ``threads`` on one device and on a CPU: there the host devices
+share the same cores, and on the 2-core CPU a 60-cell robustness sub-matrix
+ran as fast either way (``threads / cells`` 0.95 and 1.06, medians of
+interleaved passes in two runs, `benchmarks/RESULTS.md`), while threads pad
+no cells and give the one-device results bit for bit. Each mode runs the same program per cell, but a program split over
+several devices is compiled anew and XLA may round its float32 sums
+differently (a few ulps; equal to 1e-5 in `tests/test_sharding.py`), so chunk
+files are named by the mode and device count (`Execution.layout`): a sweep
+resumed in another mode recomputes its chunks. On a CPU, vmapping does not
+speed up the cells themselves much: a sweep wins by compiling once and by
 filling every core (`benchmarks/sweep_results.md`).
 
 Results (workdir): ``results.csv``, one row per cell x evaluation (every knob
@@ -99,7 +120,7 @@ from medfed_jax.types import ClientData, FederatedDataset
 
 SWEEP_FIELDS = ("grid", "cells", "numeric", "chunk_size", "switch")
 SPECIAL_KNOBS = ("seed", "method")
-AUTO_CHUNK = {"cpu": 32}  # cells per chunk when chunk_size = 0; accelerators: 256
+AUTO_CHUNK = {"cpu": 32}  # cells per chunk and device when chunk_size = 0; accelerators: 256
 AUTO_CHUNK_DEFAULT = 256
 CHUNK_DIR = "chunks"
 SUMMARY_EVERY_S = 30.0  # while a sweep runs, summary.csv is rewritten at most this often (and at the end)
@@ -459,11 +480,11 @@ def _cell_epsilon(cfg: Any, method: str, dataset: FederatedDataset, rounds: tupl
     return tuple(accounting.epsilon_after(r) for r in rounds), note
 
 
-def prepare_program(cfg: Any, plan: Plan, spec: ProgramSpec, datasets: dict) -> PreparedProgram:
+def prepare_program(cfg: Any, plan: Plan, spec: ProgramSpec, datasets: dict, run_on: Execution) -> PreparedProgram:
     """Load data, validate every cell of ``spec``, compute epsilons: everything short of compiling.
 
     The program is built from its first cell's config (its numeric knobs are
-    traced, so any cell would build the same program).
+    traced, so any cell would build the same program), on ``run_on``'s devices.
     """
     struct_cfg = with_overrides(cfg, plan.cells[spec.cells[0]].values)
     method = spec.structural.get("method", "federated")
@@ -471,7 +492,7 @@ def prepare_program(cfg: Any, plan: Plan, spec: ProgramSpec, datasets: dict) -> 
         prepared = runner.prepare(struct_cfg, _dataset(struct_cfg, datasets))
     except ValueError as e:
         raise ValueError(f"sweep program {spec.label()}: {e}") from None
-    engine, view, _ = runner.engine_for(method, prepared, plan.switches, program_mesh())
+    engine, view, _ = runner.engine_for(method, prepared, plan.switches, run_on.program_mesh())
     rounds = runner.eval_rounds(struct_cfg.rounds, struct_cfg.eval_every)
     seeds, knobs, epsilons, notes = [], [], [], []
     for index in spec.cells:
@@ -487,11 +508,12 @@ def prepare_program(cfg: Any, plan: Plan, spec: ProgramSpec, datasets: dict) -> 
         seeds.append(cell_cfg.seed)
         knob_cfg = baselines.pooled_config(cell_cfg) if method == "pooled" else cell_cfg
         knobs.append({k: float(config_lib.get_path(knob_cfg, k)) for k in config_lib.numeric_fields()})
+    train, test = place_program_data(run_on, engine, view)
     return PreparedProgram(
         spec=spec,
         engine=engine,
-        train=ClientData(*(jnp.asarray(a) for a in view.train)),
-        test=ClientData(*(jnp.asarray(a) for a in view.test)),
+        train=train,
+        test=test,
         client_names=tuple(prepared.dataset.client_names),
         rounds=rounds,
         seeds=np.asarray(seeds, np.uint32),
@@ -516,45 +538,55 @@ def chunk_bounds(num_cells: int, chunk_size: int) -> list[tuple[int, int]]:
     return [(s, min(s + size, num_cells)) for s in range(0, num_cells, size)]
 
 
-def effective_chunk_size(plan: Plan) -> int:
-    """``plan.chunk_size``, or the backend's automatic size when it is 0."""
-    return plan.chunk_size or AUTO_CHUNK.get(jax.default_backend(), AUTO_CHUNK_DEFAULT)
+def effective_chunk_size(plan: Plan, devices: int = 1) -> int:
+    """``plan.chunk_size``, or when it is 0 the backend's automatic size for each of the ``devices`` a chunk is
+    split over (`Execution.parallel` in ``cells`` mode)."""
+    return plan.chunk_size or AUTO_CHUNK.get(jax.default_backend(), AUTO_CHUNK_DEFAULT) * devices
 
 
 @functools.lru_cache(maxsize=64)
-def _vmapped(program: Callable, switched: tuple[str, ...]) -> Callable:
-    """The program vmapped over cells: seeds and numeric knobs batched, data and switch indices shared."""
+def _vmapped(program: Callable, switched: tuple[str, ...], cells: jax.sharding.Mesh | None = None) -> Callable:
+    """The program vmapped over cells: seeds and numeric knobs batched, data and switch indices shared;
+    with a ``cells`` mesh, the cells split over its devices (`medfed_jax.mesh.over_cells`)."""
     knob_axes = {**{k: 0 for k in config_lib.numeric_fields()}, **{k: None for k in switched}}
-    return jax.jit(jax.vmap(program, in_axes=(0, None, None, knob_axes)))
+    in_axes = (0, None, None, knob_axes)
+    batched = jax.vmap(program, in_axes=in_axes)
+    return jax.jit(batched) if cells is None else mesh_lib.over_cells(batched, cells, in_axes)
 
 
 def _spec_of(tree: Any) -> Any:
-    return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), tree)
+    return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding), tree)
 
 
 _COMPILED: dict[tuple, Any] = {}
 
 
 def compile_batched(
-    engine: Engine, batch: int, train_spec: ClientData, test_spec: ClientData, switched: tuple[str, ...] = ()
+    engine: Engine,
+    batch: int,
+    train_spec: ClientData,
+    test_spec: ClientData,
+    switched: tuple[str, ...] = (),
+    cells: jax.sharding.Mesh | None = None,
 ) -> tuple[Any, bool]:
     """The engine's whole-run program vmapped over ``batch`` cells, compiled; and whether it was compiled now.
 
-    ``switched``: knobs the program reads as shared int32 switch indices.
-    Compiled programs are kept for the life of the process.
+    ``switched``: knobs the program reads as shared int32 switch indices;
+    ``cells``: a mesh the cells are split over (``batch`` a multiple of its
+    size). Compiled programs are kept for the life of the process.
     """
-    key = (engine, batch, train_spec, test_spec, switched)
+    key = (engine, batch, train_spec, test_spec, switched, cells)
     if key in _COMPILED:
         return _COMPILED[key], False
     seeds = jax.ShapeDtypeStruct((batch,), jnp.uint32)
     knobs = {k: jax.ShapeDtypeStruct((batch,), jnp.float32) for k in config_lib.numeric_fields()}
     knobs.update({k: jax.ShapeDtypeStruct((), jnp.int32) for k in switched})
-    _COMPILED[key] = _vmapped(engine.program, switched).lower(seeds, train_spec, test_spec, knobs).compile()
+    _COMPILED[key] = _vmapped(engine.program, switched, cells).lower(seeds, train_spec, test_spec, knobs).compile()
     return _COMPILED[key], True
 
 
 def run_chunk(program: PreparedProgram, start: int, stop: int, batch: int, compiled: Any) -> dict[str, np.ndarray]:
-    """Histories of the program's cells ``[start, stop)``, padded to ``batch`` with the last cell."""
+    """Histories of the program's cells ``[start, stop)``, padded to ``batch`` with the last cell (dropped)."""
     take = np.minimum(np.arange(start, start + batch), stop - 1)
     knobs = {k: v[take] for k, v in program.knobs.items()}
     knobs.update({k: np.int32(i) for k, i in program.switch_index.items()})
@@ -562,8 +594,16 @@ def run_chunk(program: PreparedProgram, start: int, stop: int, batch: int, compi
     return {k: np.asarray(v)[: stop - start] for k, v in history.items()}
 
 
-def chunk_key(cfg_json: str, spec: ProgramSpec, cells: Sequence[Cell], batch: int, switches: Switches = ()) -> str:
-    """A stable hash naming a chunk: the base config, its program and switches, its cells and batch size."""
+def chunk_key(
+    cfg_json: str,
+    spec: ProgramSpec,
+    cells: Sequence[Cell],
+    batch: int,
+    switches: Switches = (),
+    layout: tuple = (),
+) -> str:
+    """A stable hash naming a chunk: the base config, its program and switches, its cells and batch size, and
+    ``layout`` (`Execution.layout`: how the devices split it, () for one device)."""
     payload = json.dumps(
         [
             cfg_json,
@@ -571,6 +611,7 @@ def chunk_key(cfg_json: str, spec: ProgramSpec, cells: Sequence[Cell], batch: in
             [_canonical(list(c.values.items())) for c in cells],
             batch,
             *([_canonical(list(switches))] if switches else []),
+            *([list(layout)] if layout else []),
         ]
     )
     return hashlib.sha256(payload.encode()).hexdigest()[:24]
@@ -863,19 +904,22 @@ def shared_batch(sizes: Sequence[int], chunk_size: int) -> int:
     return min(natural, key=lambda b: (padded(b), -b))
 
 
-def _chunks(cfg: Any, plan: Plan, programs: Sequence[PreparedProgram], chunk_dir: str | None) -> list[_Chunk]:
+def _chunks(
+    cfg: Any, plan: Plan, programs: Sequence[PreparedProgram], chunk_dir: str | None, run_on: Execution
+) -> list[_Chunk]:
     """Every chunk of every program, in program order; programs sharing a compiled one share its batch size."""
     cfg_json = config_lib.to_json(cfg)
     sizes: dict[Engine, list[int]] = {}
     for program in programs:
         sizes.setdefault(program.engine, []).append(len(program.spec.cells))
-    batches = {engine: shared_batch(n, effective_chunk_size(plan)) for engine, n in sizes.items()}
+    chunk_size = effective_chunk_size(plan, run_on.split)
+    batches = {engine: shared_batch(n, chunk_size) for engine, n in sizes.items()}
     chunks = []
     for program in programs:
         batch = batches[program.engine]
         for lo, hi in chunk_bounds(len(program.spec.cells), batch):
             cells = [plan.cells[i] for i in program.spec.cells[lo:hi]]
-            name = f"{chunk_key(cfg_json, program.spec, cells, batch, plan.switches)}.json"
+            name = f"{chunk_key(cfg_json, program.spec, cells, batch, plan.switches, run_on.layout)}.json"
             chunks.append(_Chunk(program, lo, hi, batch, os.path.join(chunk_dir, name) if chunk_dir else None))
     return chunks
 
@@ -885,28 +929,132 @@ def _compile_key(chunk: _Chunk) -> tuple:
     return (program.engine, chunk.batch, _spec_of(program.train), _spec_of(program.test), tuple(program.switch_index))
 
 
-def _compile_job(chunk: _Chunk) -> tuple[Any, float, bool]:
+def _compile_job(chunk: _Chunk, run_on: Execution) -> tuple[Any, float, bool]:
     """(compiled program, seconds, whether it was compiled now rather than found)."""
     start = time.perf_counter()
-    compiled, fresh = compile_batched(*_compile_key(chunk))
+    engine, batch, *specs = _compile_key(chunk)
+    compiled, fresh = compile_batched(engine, run_on.padded(batch), *specs, run_on.cell_mesh())
     return compiled, time.perf_counter() - start, fresh
 
 
 MAX_CPU_WORKERS = 8  # each running chunk holds its own buffers: bound the memory on big hosts
+SWEEP_DEVICES = ("cells", "threads", "clients")  # how a sweep's chunks use the devices (`Execution`)
+CPU_DEFAULT = "threads"  # measured on the host devices: see the module docstring
 
 
-def program_mesh() -> jax.sharding.Mesh | None:
-    """The devices one sweep program runs on: one on a CPU, where `run_workers` chunks already fill the
-    cores (splitting each cell's clients over them as well ran the 540-cell matrix in 70 s instead of 53 s); the
-    default client mesh (None) elsewhere."""
-    if run_workers() > 1:
-        return jax.sharding.Mesh(np.asarray(jax.devices()[:1]), (mesh_lib.AXIS,))
-    return None
+@dataclasses.dataclass(frozen=True)
+class Execution:
+    """How a sweep's chunks use the devices (``--sweep_devices``; `execution` picks and checks it).
+
+    - ``cells``: one chunk at a time, its cells split over ``devices`` devices
+      (`medfed_jax.mesh.over_cells`), each cell whole on one device; a chunk is
+      padded to a multiple of ``devices`` with copies of its last cell, whose
+      results are dropped; `effective_chunk_size` is per device;
+    - ``threads``: every program on one device, ``workers`` chunks at once
+      (one per core on a CPU, where one XLA run keeps about one core busy);
+    - ``clients``: one chunk at a time, each cell's cohort split over the
+      devices (the client mesh of `medfed_jax.mesh`).
+    """
+
+    mode: str
+    devices: int
+
+    @property
+    def workers(self) -> int:
+        """Chunks run at once."""
+        if self.mode == "threads" and jax.default_backend() == "cpu":
+            return min(MAX_CPU_WORKERS, os.cpu_count() or 1)
+        return 1
+
+    def program_mesh(self) -> jax.sharding.Mesh | None:
+        """The mesh each program is built on: one device, or the default client mesh (None) in ``clients``."""
+        return None if self.mode == "clients" else mesh_lib.one_device_mesh()
+
+    def cell_mesh(self) -> jax.sharding.Mesh | None:
+        """The ``'cells'`` mesh a chunk is split over, in ``cells`` mode."""
+        return mesh_lib.cell_mesh(self.devices) if self.mode == "cells" else None
+
+    def padded(self, batch: int) -> int:
+        """Cells a chunk of ``batch`` runs as: a multiple of `split`."""
+        return -(-batch // self.split) * self.split
+
+    @property
+    def split(self) -> int:
+        """Devices a chunk's cells are split over: the device count in ``cells`` mode, else 1."""
+        return self.devices if self.mode == "cells" else 1
+
+    @property
+    def parallel(self) -> int:
+        """One-device chunks' worth of cells running at once: ``workers``, or the device count in ``cells``."""
+        return self.split * self.workers
+
+    @property
+    def layout(self) -> tuple:
+        """What a chunk's results depend on besides its cells: () on one device (``threads``), else the mode and
+        device count (another device split compiles another program, which may round differently)."""
+        return () if self.mode == "threads" else (self.mode, self.devices)
+
+    def describe(self) -> str:
+        if self.mode == "cells":
+            return f"cells split over {self.devices} {jax.default_backend()} devices"
+        if self.mode == "clients":
+            return f"each cohort split over {self.devices} {jax.default_backend()} device(s)"
+        return f"{self.workers} chunk(s) at once on one {jax.default_backend()} device"
 
 
-def run_workers() -> int:
-    """Chunks run at once: one per core on a CPU (one XLA run keeps about one core busy), else 1."""
-    return min(MAX_CPU_WORKERS, os.cpu_count() or 1) if jax.default_backend() == "cpu" else 1
+def place_program_data(run_on: Execution, engine: Engine, view: FederatedDataset) -> tuple[ClientData, ClientData]:
+    """A program's train and test data where it runs: on every device of the cell mesh, else on the engine's."""
+    cells = run_on.cell_mesh()
+    if cells is None:
+        return runner.place_data(engine, view)
+    return tuple(type(d)(*mesh_lib.put(tuple(d), cells)) for d in (view.train, view.test))
+
+
+def default_sweep_devices(devices: int) -> str:
+    """The mode when none is asked for: on several devices ``cells`` (``CPU_DEFAULT`` on a CPU's host devices),
+    else ``threads``."""
+    if devices > 1:
+        return CPU_DEFAULT if jax.default_backend() == "cpu" else "cells"
+    return "threads"
+
+
+def execution(mode: str | None = None) -> Execution:
+    """The `Execution` for ``mode`` (one of `SWEEP_DEVICES`; None: `default_sweep_devices`), checked.
+
+    Raises ValueError (one line, naming the fix) for an unknown mode,
+    ``cells`` or ``clients`` on one device, or a launch of several processes
+    (a sweep runs in one: its chunk files and tables are not shared out).
+    """
+    if jax.process_count() > 1:
+        raise ValueError(
+            f"a sweep runs in one process, but this launch has {jax.process_count()} (MEDFED_JAX_NUM_PROCESSES); "
+            "run it on one host without the MEDFED_JAX_COORDINATOR/NUM_PROCESSES/PROCESS_ID variables."
+        )
+    devices = len(mesh_lib.local_devices())
+    if mode is None:
+        return Execution(default_sweep_devices(devices), devices)
+    where = f"--sweep_devices={mode!r}"
+    if mode not in SWEEP_DEVICES:
+        raise ValueError(f"{where} is unknown: choose one of {', '.join(SWEEP_DEVICES)} (or leave it unset).")
+    if mode != "threads" and devices < 2:
+        raise ValueError(
+            f"{where} splits work over several devices, but this process has 1 {jax.default_backend()} device; "
+            "use --sweep_devices=threads, or give it more (--devices=N or MEDFED_JAX_DEVICES=N on a CPU)."
+        )
+    return Execution(mode, devices)
+
+
+def allowed_sweep_devices() -> tuple[str, ...]:
+    """The `SWEEP_DEVICES` modes `execution` accepts on this machine, the default first."""
+    allowed = []
+    for mode in SWEEP_DEVICES:
+        try:
+            execution(mode)
+        except ValueError:
+            continue
+        allowed.append(mode)
+    default = execution().mode
+    return (default, *(m for m in allowed if m != default))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -914,8 +1062,9 @@ class SweepCost:
     """What a sweep will take, before compiling: its size, and a nominal estimate of its wall time.
 
     Compiles run one at a time on a background thread while compiled
-    programs' chunks run (``workers`` at once), so the estimate is the longer
-    of the two, plus the first compile that nothing overlaps.
+    programs' chunks run (``workers`` one-device chunks' worth at once,
+    `Execution.parallel`), so the estimate is the longer of the two, plus the
+    first compile that nothing overlaps.
     """
 
     cells: int
@@ -943,15 +1092,16 @@ class SweepCost:
         return (
             f"{self.cells} cells, {self.programs} compiled program(s), {self.cell_rounds} cell-rounds; estimated "
             f"~{_duration(self.seconds)} (an estimate from nominal rates: {NOMINAL_COMPILE_S:g}s per compile, "
-            f"{NOMINAL_CELL_ROUNDS_PER_S:g} cell-rounds/s per chunk, {self.workers} chunk(s) at once; "
+            f"{NOMINAL_CELL_ROUNDS_PER_S:g} cell-rounds/s per one-device chunk, {self.workers} at once; "
             "bigger models and datasets are slower)"
         )
 
 
 def sweep_cost(cfg: Any, plan: Plan, workers: int | None = None) -> SweepCost:
-    """`SweepCost` of a parsed sweep (no data loaded): each cell trains its ``rounds`` (a knob, or the config's)."""
+    """`SweepCost` of a parsed sweep (no data loaded): each cell trains its ``rounds`` (a knob, or the config's);
+    ``workers`` one-device chunks' worth at once (default: the default `execution`'s `Execution.parallel`)."""
     cell_rounds = sum(int(c.values.get("rounds", cfg.rounds)) for c in plan.cells)
-    return SweepCost(len(plan.cells), plan.num_compiled, cell_rounds, workers or run_workers())
+    return SweepCost(len(plan.cells), plan.num_compiled, cell_rounds, workers or execution().parallel)
 
 
 def check_size(cost: SweepCost, allow_large: bool) -> None:
@@ -966,25 +1116,31 @@ def check_size(cost: SweepCost, allow_large: bool) -> None:
 
 @dataclasses.dataclass(frozen=True)
 class PreparedSweep:
-    """A parsed, loaded and validated sweep: nothing compiled yet."""
+    """A parsed, loaded and validated sweep, and the devices it runs on: nothing compiled yet."""
 
     cfg: Any
     plan: Plan
     programs: tuple[PreparedProgram, ...]
     cost: SweepCost
+    run_on: Execution
 
 
-def prepare_sweep(cfg: Any, num_seeds: int = 1, allow_large: bool = False) -> PreparedSweep:
+def prepare_sweep(
+    cfg: Any, num_seeds: int = 1, allow_large: bool = False, sweep_devices: str | None = None
+) -> PreparedSweep:
     """Parse ``cfg.sweep``, check its size (`check_size`), load each program's data, validate every cell, epsilons.
 
-    Raises ValueError naming the knob or cell and the fix, before any compile.
+    ``sweep_devices``: how chunks use the devices (`execution`; None: the
+    backend's default). Raises ValueError naming the knob, cell or setting and
+    the fix, before any compile.
     """
+    run_on = execution(sweep_devices)
     plan = plan_sweep(cfg, num_seeds)
-    cost = sweep_cost(cfg, plan)
+    cost = sweep_cost(cfg, plan, run_on.parallel)
     check_size(cost, allow_large)
     datasets: dict = {}
-    programs = tuple(prepare_program(cfg, plan, spec, datasets) for spec in plan.programs)
-    return PreparedSweep(cfg, plan, programs, cost)
+    programs = tuple(prepare_program(cfg, plan, spec, datasets, run_on) for spec in plan.programs)
+    return PreparedSweep(cfg, plan, programs, cost, run_on)
 
 
 def run_sweep(
@@ -994,9 +1150,10 @@ def run_sweep(
     log: Callable[[str], None] | None = print,
     on_chunk: Callable[[int], None] | None = None,
     allow_large: bool = False,
+    sweep_devices: str | None = None,
 ) -> SweepResult:
     """Run every cell of ``cfg.sweep`` (`prepare_sweep`, then `run_prepared`)."""
-    return run_prepared(prepare_sweep(cfg, num_seeds, allow_large), workdir, log, on_chunk)
+    return run_prepared(prepare_sweep(cfg, num_seeds, allow_large, sweep_devices), workdir, log, on_chunk)
 
 
 def run_prepared(
@@ -1009,10 +1166,11 @@ def run_prepared(
 
     With a ``workdir``, finished chunks found there are reused and every new
     chunk is saved, its rows appended to ``results.csv`` (`TableFiles`).
-    Programs compile in order on a background thread; `run_workers` chunks run
-    at once as their programs become ready. The log gets the sweep's size and
-    estimated cost first, then a line per compiled program and per chunk (with
-    an ETA from the measured chunk times). ``on_chunk(k)`` is called after
+    Programs compile in order on a background thread; chunks run as their
+    programs become ready, on the devices of ``prepared.run_on``
+    (`Execution`). The log gets the sweep's size and estimated cost first,
+    then a line per compiled program and per chunk (with an ETA from the
+    measured chunk times). ``on_chunk(k)`` is called after
     the k-th chunk computed in this call (tests use it to simulate a crash);
     chunks still running when it raises are dropped, not saved.
     """
@@ -1025,7 +1183,7 @@ def run_prepared(
         runner.write_text_atomic(os.path.join(workdir, "sweep.json"), meta)
     histories: dict[int, dict[str, np.ndarray]] = {}
     todo = []
-    for chunk in _chunks(prepared.cfg, plan, programs, chunk_dir):
+    for chunk in _chunks(prepared.cfg, plan, programs, chunk_dir, prepared.run_on):
         if chunk.path and os.path.exists(chunk.path):
             cells, history = _load_chunk(chunk.path)
             histories.update({i: {k: v[j] for k, v in history.items()} for j, i in enumerate(cells)})
@@ -1035,14 +1193,15 @@ def run_prepared(
     tables = Tables(plan, programs)
     tables.add(histories)
     files = TableFiles(workdir, tables) if workdir else None
-    workers = run_workers()
+    run_on = prepared.run_on
+    workers = run_on.workers
     if log:
         log(f"[sweep] {prepared.cost.describe()}")
         log(
             f"[sweep] {len(plan.cells)} cells in {len(programs)} group(s), {plan.num_compiled} compiled program(s)"
             + (f" switching {', '.join(plan.switched)} at run time" if plan.switches else "")
             + f"; {len(histories)} cells already done, {len(todo)} chunk(s) to run (chunk size "
-            f"{effective_chunk_size(plan)}, {workers} at once, backend {jax.default_backend()})"
+            f"{effective_chunk_size(plan, run_on.split)}; {run_on.describe()})"
         )
     if files:
         files.rewrite()
@@ -1055,9 +1214,12 @@ def run_prepared(
         for chunk in todo:
             key = _compile_key(chunk)
             if key not in by_key:
-                by_key[key] = compile_pool.submit(_compile_job, chunk)
+                by_key[key] = compile_pool.submit(_compile_job, chunk, run_on)
                 compiles[by_key[key]] = chunk
-        runs = {run_pool.submit(_run_job, chunk, by_key[_compile_key(chunk)], progress): chunk for chunk in todo}
+        runs = {
+            run_pool.submit(_run_job, chunk, run_on.padded(chunk.batch), by_key[_compile_key(chunk)], progress): chunk
+            for chunk in todo
+        }
         pending, computed = {*compiles, *runs}, 0
         while pending:
             finished, pending = concurrent.futures.wait(pending, return_when=concurrent.futures.FIRST_COMPLETED)
@@ -1092,18 +1254,20 @@ def run_prepared(
         log(
             f"[sweep] done: {len(plan.cells)} cells; {stats['compiled']} program(s) compiled in "
             f"{stats['compile_s']:.1f}s on a background thread, {stats['cells']} cells run in {stats['run_s']:.1f}s "
-            f"of chunk time ({workers} at once); wall {seconds:.1f}s"
+            f"of chunk time ({run_on.describe()}); wall {seconds:.1f}s"
         )
     return SweepResult(
         plan, histories, tables.rows(), tables.summary(), stats["compiled"], stats["compile_s"], stats["run_s"], seconds
     )
 
 
-def _run_job(chunk: _Chunk, compile_future: concurrent.futures.Future, progress: _Progress) -> dict[str, np.ndarray]:
-    """Wait for the chunk's program, run the chunk, record the timings."""
+def _run_job(
+    chunk: _Chunk, batch: int, compile_future: concurrent.futures.Future, progress: _Progress
+) -> dict[str, np.ndarray]:
+    """Wait for the chunk's program, run the chunk as ``batch`` cells, record the timings."""
     compiled, _, _ = compile_future.result()
     t0 = time.perf_counter()
-    history = run_chunk(chunk.program, chunk.start, chunk.stop, chunk.batch, compiled)
+    history = run_chunk(chunk.program, chunk.start, chunk.stop, batch, compiled)
     progress.ran(chunk, time.perf_counter() - t0)
     return history
 

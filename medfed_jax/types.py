@@ -186,11 +186,21 @@ class AttackContext(NamedTuple):
       weights: ``[C]`` sample counts of the clients in the round.
       mask: ``[C]`` bool, clients that take part this round.
       num_classes: number of label classes (static).
+      aggregate: ``updates -> update``, the round's aggregator (its state and
+        key included), for attacks adapted to the rule in use; None outside
+        the engine.
+      step: ``update -> params``, the global parameters after the server
+        optimizer applies an aggregate; None outside the engine.
+      loss: ``(params, clients) -> scalar``, the mean loss over the training
+        rows of the ``[C]`` bool ``clients`` this round; None outside the engine.
     """
 
     weights: Array
     mask: Array
     num_classes: int
+    aggregate: Callable[[Any], Any] | None = None
+    step: Callable[[Any], Params] | None = None
+    loss: Callable[[Params, Array], Array] | None = None
 
 
 class Attack(NamedTuple):

@@ -1,14 +1,16 @@
 """Run by tests/test_sharding.py in a subprocess with ``MEDFED_JAX_DEVICES=4``: writes an .npz of
-single-device and 4-device results (aggregators on random updates; engine histories)."""
+single-device and 4-device results (aggregators on random updates; engine histories; a sweep in every
+`medfed_jax.sweep.SWEEP_DEVICES` mode, with its workdirs next to the .npz)."""
 
 from __future__ import annotations
 
+import os
 import sys
 
 import jax
 import numpy as np
 
-from medfed_jax import aggregators, runner
+from medfed_jax import aggregators, runner, sweep
 from medfed_jax import config as config_lib
 from medfed_jax import mesh as mesh_lib
 from medfed_jax.data.synthetic import linear_teacher
@@ -63,6 +65,34 @@ def engine_results(out: dict) -> None:
                 out[f"engine/{aggregator}-{clients}-{cohort}/{devices}/{metric}"] = value
 
 
+def sweep_config():
+    """6 cells (3 seeds x 2 client learning rates) of `test_sweep.tiny_config`, in chunks of 3: on 4 devices a chunk
+    of ``cells`` mode runs as 4 cells, the 4th a copy of the 3rd."""
+    from test_sweep import tiny_config  # noqa: PLC0415 (this script's folder is on the path)
+
+    cfg = tiny_config()
+    cfg.sweep.grid = {"seed": (0, 1, 2), "local": {"lr": (0.05, 0.3)}}
+    cfg.sweep.chunk_size = 3
+    return cfg
+
+
+def sweep_results(out: dict, folder: str) -> None:
+    """Every mode's histories; workdirs ``sweep-<mode>``, and ``sweep-cells-resumed``: killed after one chunk, rerun."""
+    for mode in sweep.SWEEP_DEVICES:
+        result = sweep.run_sweep(sweep_config(), os.path.join(folder, f"sweep-{mode}"), log=None, sweep_devices=mode)
+        out.update({f"sweep/{mode}/{i}/{k}": v for i, history in result.histories.items() for k, v in history.items()})
+
+    def crash(computed: int) -> None:
+        raise KeyboardInterrupt
+
+    resumed = os.path.join(folder, "sweep-cells-resumed")
+    try:
+        sweep.run_sweep(sweep_config(), resumed, log=None, on_chunk=crash, sweep_devices="cells")
+    except KeyboardInterrupt:
+        pass
+    sweep.run_sweep(sweep_config(), resumed, log=None, sweep_devices="cells")
+
+
 def main() -> None:
     mesh_lib.configure_devices()  # $MEDFED_JAX_DEVICES (JAX was imported before medfed_jax could set it)
     if jax.device_count() != 4:
@@ -70,6 +100,7 @@ def main() -> None:
     out: dict = {}
     aggregator_results(out)
     engine_results(out)
+    sweep_results(out, os.path.dirname(os.path.abspath(sys.argv[1])))
     np.savez(sys.argv[1], **out)
 
 

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from scipy.stats import norm
 
-from medfed_jax import attacks
+from medfed_jax import aggregators, attacks
 from medfed_jax.config import BuildContext
 from medfed_jax.types import AttackContext
 
@@ -211,10 +211,20 @@ def test_every_name_builds():
     for field in attacks.NUMERIC_FIELDS:
         assert isinstance(attacks.default_config()[field], float)
     u, mal, mask = setup()
-    context = AttackContext(jnp.ones(C), jnp.asarray(mask), K)
+    rule = aggregators.coordinate_median()
+    context = AttackContext(  # a server side for the adaptive attacks: params are the aggregate itself
+        jnp.ones(C),
+        jnp.asarray(mask),
+        K,
+        aggregate=lambda t: rule.aggregate(t, jnp.ones(C), jnp.asarray(mask), (), jax.random.PRNGKey(0))[0],
+        step=lambda update: update,
+        loss=lambda params, clients: sum(jnp.sum(jnp.square(p)) for p in jax.tree.leaves(params)),
+    )
     for name in attacks.ATTACK_NAMES:
         a = attacks.build_attack(section(name=name), {})
-        out = jax.eval_shape(a.apply, to_tree(u), jnp.asarray(mal), jax.random.PRNGKey(0), context)
+        out = jax.eval_shape(
+            lambda *args, a=a: a.apply(*args, context), to_tree(u), jnp.asarray(mal), jax.random.PRNGKey(0)
+        )
         assert out["a"].shape == (C, 2, 3), name
 
 
@@ -236,6 +246,13 @@ def context(num_clients=10) -> BuildContext:
         ({"sigma": -1.0}, ["attack.sigma"]),
         ({"z": float("nan")}, ["attack.z", "z_max"]),
         ({"gamma": -2.0}, ["attack.gamma"]),
+        ({"evals": 0}, ["attack.evals=0", ">= 1"]),
+        ({"steps": 0}, ["attack.steps=0", "integer >= 1"]),
+        ({"perturbation": "gauss"}, ["attack.perturbation='gauss'", "unit_vec"]),
+        ({"stealth": "none"}, ["attack.stealth", "distance"]),
+        ({"knowledge": "partial"}, ["attack.knowledge", "own_data"]),
+        ({"step_size": 0.0}, ["attack.step_size=0.0", "> 0"]),
+        ({"budget": float("inf")}, ["attack.budget=inf", "finite"]),
     ],
 )
 def test_validate_config_names_the_field_and_the_fix(fields, needles):

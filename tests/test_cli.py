@@ -140,6 +140,8 @@ BAD_FLAGS = {
     "bad_seeds_flag": (("--config=quickstart", "--seeds=two"), "--seeds=two"),
     "positional": (("--config=quickstart", "extra"), "unexpected arguments ['extra']"),
     "sweep_knob": (("--config=signflip_attack", "--config.sweep.chunk_size=-1"), "sweep.chunk_size=-1"),
+    "sweep_devices": (("--config=signflip_attack", "--sweep_devices=gpu"), "--sweep_devices='gpu' is unknown"),
+    "sweep_devices_one": (("--config=signflip_attack", "--sweep_devices=cells"), "splits work over several devices"),
 }
 
 

@@ -241,11 +241,22 @@ def _intermediate_sizes(jaxpr) -> list[tuple[str, tuple[int, ...]]]:
     return found
 
 
-@pytest.mark.parametrize("storage", ["flat", "generated", "padded"])
-def test_a_flat_round_computes_nothing_of_population_size(storage):
+POISSON = {"cohort_size": 0, "cohort_sampling": "poisson", "sampling_rate": 1e-3, "max_cohort": 12}
+
+
+@pytest.mark.parametrize(
+    "storage, sampling", [("flat", {}), ("generated", {}), ("padded", {}), ("flat", POISSON), ("generated", POISSON)]
+)
+def test_a_flat_round_computes_nothing_of_population_size(storage, sampling):
     num_clients = 5003  # larger than every block, parameter and cohort array of this config
     cfg = random_config(
-        **{"data.num_clients": num_clients, "data.samples_per_client": 2, "data.storage": storage, "cohort_size": 5}
+        **{
+            "data.num_clients": num_clients,
+            "data.samples_per_client": 2,
+            "data.storage": storage,
+            "cohort_size": 5,
+            **sampling,
+        }
     )
     prepared = runner.prepare(cfg)
     engine = build_engine(static_config(cfg), prepared.context)
@@ -260,6 +271,8 @@ def test_a_flat_round_computes_nothing_of_population_size(storage):
         assert not big, big  # the stored rows are inputs; the round only builds cohort-sized values
         new, metrics = engine.round_step(state, train, prepared.knobs)
         assert int(new.round) == 1 and np.isfinite(float(metrics["train_loss"]))
+        if sampling:  # Poisson cohorts: a binomial count in max_cohort slots
+            assert 0 <= int(metrics["participants"]) <= sampling["max_cohort"]
 
 
 # ----------------------------------------------------------------------------- step loop

@@ -253,7 +253,7 @@ def test_builders_return_none_outside_their_mode():
     for mode in privacy.MODES:
         p = _cfg(mode=mode).privacy
         assert (privacy.build_client_privatizer(p, knobs) is None) == (mode != "local")
-        assert (privacy.build_central_aggregator(p, knobs, CONTEXT) is None) == (mode != "central")
+        assert (privacy.build_central_aggregator(p, knobs, CONTEXT) is None) == (mode not in privacy.SERVER_NOISE)
         assert (privacy.build_gradient_fn(p, knobs) is None) == (mode != "dpsgd")
 
 
@@ -315,8 +315,8 @@ def test_calibrate_noise_inverts_epsilon(q, sampling, accountant):
 def test_run_report_central_local_dpsgd():
     delta = 1e-5
     cfg = _cfg(mode="central", noise_multiplier=1.2, clip_norm=1.0, delta=delta, accountant="rdp")
-    cfg.cohort_size, cfg.rounds, cfg.aggregator.name = 10, 30, "mean"
-    report = privacy.run_privacy_report(cfg, num_clients=100, cohort_sampling="poisson")
+    cfg.cohort_sampling, cfg.sampling_rate, cfg.rounds, cfg.aggregator.name = "poisson", 0.1, 30, "mean"
+    report = privacy.run_privacy_report(cfg, num_clients=100)
     direct = (
         rdp.RdpAccountant()
         .compose(dp_accounting.PoissonSampledDpEvent(0.1, dp_accounting.GaussianDpEvent(1.2)), 30)
@@ -387,3 +387,64 @@ def test_record_delta_and_cross_section_refusals():
         privacy.validate_with_run(central)
     central.aggregator.name = "mean"
     privacy.validate_with_run(central)
+
+
+# --------------------------------------------------------------------------- banded matrix factorisation
+
+
+def _numpy_strategy(bands: int, rounds: int) -> np.ndarray:
+    """The ``rounds x rounds`` lower-triangular Toeplitz C with ``c_k = binom(2k, k) / 4^k`` for ``k < bands``."""
+    from math import comb
+
+    coefs = [comb(2 * k, k) / 4**k for k in range(min(bands, rounds))]
+    strategy = np.zeros((rounds, rounds))
+    for k, c in enumerate(coefs):
+        strategy += c * np.eye(rounds, k=-k)
+    return strategy
+
+
+def test_bandmf_noise_is_white_after_applying_the_strategy():
+    """Rounds' noise n_t = sigma S (C^-1 z)_t: C n is iid N(0, (sigma S)^2) (sample covariance over coordinates)."""
+    bands, rounds, dim, sigma, clip = 3, 6, 20_000, 0.7, 2.0
+    aggregator = privacy.dp_fedavg(jnp.float32(sigma), jnp.float32(clip), 1.0, bands=bands)
+    params = {"w": jnp.zeros((dim,), jnp.float32)}
+    state, noises = aggregator.init(params), []
+    zeros, mask = {"w": jnp.zeros((2, dim), jnp.float32)}, jnp.ones(2, bool)
+    for t in range(rounds):
+        update, state, _ = aggregator.aggregate(zeros, None, mask, state, jax.random.key(t))
+        noises.append(np.asarray(update["w"], np.float64))
+    white = _numpy_strategy(bands, rounds) @ np.stack(noises) / (sigma * clip)
+    covariance = white @ white.T / dim
+    # Sample covariance of iid N(0, 1) over `dim` coordinates: entries have std <= sqrt(2 / dim) (~0.01).
+    np.testing.assert_allclose(covariance, np.eye(rounds), atol=6 * np.sqrt(2 / dim))
+    assert np.abs(np.corrcoef(np.stack(noises))[1, 0]) > 0.2  # the raw noise is correlated across rounds
+
+
+@pytest.mark.parametrize("bands", [1, 2, 5])
+def test_bandmf_epsilon_is_one_gaussian_of_sigma_over_sensitivity(bands):
+    sigma, rounds, delta = 8.0, 30, 1e-5
+    sensitivity = np.linalg.norm(_numpy_strategy(bands, rounds) @ np.ones(rounds))  # C >= 0: all aligned
+    assert privacy.bandmf_sensitivity_squared(bands, rounds) == pytest.approx(sensitivity**2, rel=1e-5)
+    direct = dp_accounting.get_epsilon_gaussian(sigma / sensitivity, delta)
+    assert privacy.bandmf_epsilon(sigma, bands, rounds, delta) == pytest.approx(direct, rel=1e-4)
+    fedavg = privacy.epsilon(sigma, 1.0, rounds, delta)  # DP-FedAvg, every client every round
+    matched = privacy.bandmf_noise_for(sigma, bands, rounds)
+    assert privacy.bandmf_epsilon(matched, bands, rounds, delta) == pytest.approx(fedavg, rel=1e-4)
+
+
+def test_bandmf_run_report_and_refusals():
+    cfg = _cfg(mode="bandmf", noise_multiplier=4.0, clip_norm=1.0, bands=3)
+    cfg.rounds, cfg.aggregator.name = 20, "mean"
+    report = privacy.run_privacy_report(cfg, num_clients=4)
+    sensitivity = np.linalg.norm(_numpy_strategy(3, 20) @ np.ones(20))
+    assert report["epsilon"] == pytest.approx(dp_accounting.get_epsilon_gaussian(4.0 / sensitivity, 1e-5), rel=1e-4)
+    assert report["neighbouring_relation"] == "add-or-remove-one client" and "3 bands" in report["mechanism"]
+    cfg.cohort_size = 2
+    with pytest.raises(ValueError, match="privacy.mode='bandmf' with cohort_size=2"):
+        privacy.validate_with_run(cfg)
+    cfg.cohort_size, cfg.privacy.bands = 0, 21
+    with pytest.raises(ValueError, match="privacy.bands=21 exceeds rounds=20"):
+        privacy.validate_with_run(cfg)
+    cfg.privacy.bands = 0
+    with pytest.raises(ValueError, match="privacy.bands=0 must be an integer >= 1"):
+        privacy.validate_config(cfg.privacy, CONTEXT)

@@ -105,7 +105,12 @@ def test_heatmap_holds_final_means_with_the_no_attack_row_in_every_panel(tmp_pat
                 want = expected[(ag, at, 0.0 if at == "none" else float(fraction))]
                 assert matrix[i, j] == pytest.approx(want, abs=1e-4)
     _, figures = report.write_report(str(tmp_path))
-    assert sorted(os.path.basename(f) for f in figures) == ["curves.png", "fraction.png", "heatmap.png"]
+    assert sorted(os.path.basename(f) for f in figures) == [
+        "curves.png",
+        "fraction.png",
+        "heatmap.png",
+        "worst_case.png",
+    ]
 
 
 def test_readme_section_is_replaced_from_the_generated_tables(tiny_workdir, tmp_path):
@@ -143,7 +148,7 @@ def test_every_figure_has_one_legend_outside_its_panels_and_fits_the_readme_widt
     # for the tiny sweep's fraction plot (one line per panel).
     expected = {
         tiny_workdir: {"curves.png": 1, "fraction.png": 0, "epsilon.png": 1, "clients.png": 1},
-        str(tmp_path): {"curves.png": 1, "heatmap.png": 0, "fraction.png": 1},
+        str(tmp_path): {"curves.png": 1, "heatmap.png": 0, "fraction.png": 1, "worst_case.png": 1},
     }
     for workdir, legends in expected.items():
         tables = report.load(workdir)

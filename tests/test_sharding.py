@@ -1,4 +1,5 @@
-"""The client axis split over 4 host devices gives the one-device results (`medfed_jax.mesh`).
+"""The client axis split over 4 host devices gives the one-device results (`medfed_jax.mesh`); so do a
+sweep's cells split over them (`medfed_jax.sweep.Execution`).
 
 One subprocess (``tests/sharding_worker.py``, ``MEDFED_JAX_DEVICES=4``) runs every case on one
 device and on four; the tests compare them, and the means also against numpy in float64.
@@ -22,14 +23,18 @@ order. For ``s = sum_i a_i`` in float32 any order satisfies ``|s_hat - s| <= gam
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import os
 import subprocess
 import sys
 
+import jax
 import numpy as np
 import pytest
+from test_sweep import tiny_sweep
 
-from medfed_jax import host_devices
+from medfed_jax import host_devices, sweep
 from medfed_jax import mesh as mesh_lib
 
 U = 2.0**-24
@@ -42,12 +47,20 @@ def gamma(n: int) -> float:
 
 
 @pytest.fixture(scope="module")
-def results(tmp_path_factory):
-    path = tmp_path_factory.mktemp("sharding") / "results.npz"
+def worker_dir(tmp_path_factory):
+    """The worker's folder: ``results.npz`` and its sweeps' workdirs."""
+    folder = tmp_path_factory.mktemp("sharding")
     env = {**os.environ, "MEDFED_JAX_DEVICES": "4", "PYTHONPATH": os.pathsep.join(sys.path)}
-    done = subprocess.run([sys.executable, WORKER, str(path)], env=env, capture_output=True, text=True, timeout=600)
+    done = subprocess.run(
+        [sys.executable, WORKER, str(folder / "results.npz")], env=env, capture_output=True, text=True, timeout=600
+    )
     assert done.returncode == 0, done.stderr[-3000:]
-    with np.load(path) as saved:
+    return folder
+
+
+@pytest.fixture(scope="module")
+def results(worker_dir):
+    with np.load(worker_dir / "results.npz") as saved:
         return dict(saved)
 
 
@@ -141,3 +154,70 @@ def test_device_settings_precedence():
     assert resolve(environ={"MEDFED_JAX_DEVICES": "all", "JAX_NUM_CPU_DEVICES": "5"}) == (None, cores, True)
     assert resolve(environ={"JAX_NUM_CPU_DEVICES": "5"}) == (None, None, False)
     assert resolve(environ={"XLA_FLAGS": "--xla_force_host_platform_device_count=3"}) == (None, None, False)
+
+
+def _sweep(results, mode):
+    """cell -> metric -> history of the worker's sweep in ``mode``."""
+    found: dict[int, dict] = {}
+    for key, value in results.items():
+        if key.startswith(f"sweep/{mode}/"):
+            _, _, cell, metric = key.split("/")
+            found.setdefault(int(cell), {})[metric] = value
+    return found
+
+
+@pytest.mark.parametrize("mode", ["cells", "clients"])
+def test_sweep_over_four_devices_matches_the_threaded_run(results, mode):
+    """Cells split over the 4 devices (chunks of 3 padded to 4), or each cohort split over them, against one device.
+
+    Each cell runs the same program on any device, but XLA compiles a program split over 4 devices anew and may
+    re-associate float32 sums (cells) or sum over the devices in another order (clients, the means: see
+    `test_sharded_mean_run_matches_one_device`): equal to 1e-5, the tolerance of `tests/test_sweep.py`'s
+    vmapped-vs-alone comparison (another compile of the same cell's program), bitwise where the compiles agree.
+    """
+    threads, split = _sweep(results, "threads"), _sweep(results, mode)
+    assert threads.keys() == split.keys() == set(range(6))
+    for cell, history in threads.items():
+        assert history.keys() == split[cell].keys()
+        for metric, value in history.items():
+            np.testing.assert_allclose(split[cell][metric], value, rtol=1e-5, atol=1e-5, err_msg=f"{cell} {metric}")
+    finals = {float(h["test_loss"][-1]) for h in split.values()}
+    assert len(finals) == 6  # every cell its own (a misplaced or padded cell would repeat one)
+
+
+def _read(folder):
+    return {name: (folder / name).read_bytes() for name in ("results.csv", "summary.csv", "sweep.json")}
+
+
+def test_sweep_cells_mode_writes_only_real_cells_and_resumes_byte_identical(worker_dir):
+    """Chunk files hold their own 3 cells (the padding cell never written); a run killed after its first chunk
+    and rerun ends with the uninterrupted run's files; chunk names say how the devices split them."""
+    cells, resumed, threads = (worker_dir / f"sweep-{m}" for m in ("cells", "cells-resumed", "threads"))
+    chunks = sorted((cells / "chunks").iterdir())
+    assert [json.loads(p.read_text())["cells"] for p in chunks] in ([[0, 1, 2], [3, 4, 5]], [[3, 4, 5], [0, 1, 2]])
+    assert len((cells / "results.csv").read_text().splitlines()) == 1 + 6 * 2  # header + 6 cells x 2 evaluations
+    assert _read(resumed) == _read(cells)
+    assert not {p.name for p in chunks} & {p.name for p in (threads / "chunks").iterdir()}
+
+
+def test_sweep_device_modes_are_checked_before_anything_loads(forbid_compile, monkeypatch):
+    """This process has 1 device (conftest): only ``threads`` runs; the others are refused in one line, and so is
+    a sweep launched as one of several processes."""
+    assert sweep.execution().mode == "threads" and sweep.allowed_sweep_devices() == ("threads",)
+    with pytest.raises(ValueError, match=r"--sweep_devices='gpu' is unknown: choose one of cells, threads, clients"):
+        sweep.prepare_sweep(tiny_sweep(), sweep_devices="gpu")
+    for mode in ("cells", "clients"):
+        with pytest.raises(ValueError, match=rf"--sweep_devices='{mode}' splits work over several devices, but"):
+            sweep.prepare_sweep(tiny_sweep(), sweep_devices=mode)
+    assert sweep.default_sweep_devices(4) == sweep.CPU_DEFAULT  # this backend is a CPU
+    cells, threads = sweep.Execution("cells", 4), sweep.Execution("threads", 4)
+    assert [cells.padded(n) for n in (1, 3, 4, 5)] == [4, 4, 4, 8] and threads.padded(3) == 3
+    assert threads.layout == () and cells.layout == ("cells", 4)
+    assert cells.parallel == 4 and threads.parallel == threads.workers  # the cost estimate's chunks at once
+    plan = sweep.plan_sweep(tiny_sweep())
+    assert sweep.effective_chunk_size(plan, cells.split) == plan.chunk_size == 4  # as given
+    automatic = dataclasses.replace(plan, chunk_size=0)
+    assert sweep.effective_chunk_size(automatic, cells.split) == 4 * sweep.AUTO_CHUNK["cpu"]  # per device
+    monkeypatch.setattr(jax, "process_count", lambda: 2)
+    with pytest.raises(ValueError, match=r"a sweep runs in one process, but this launch has 2"):
+        sweep.prepare_sweep(tiny_sweep())

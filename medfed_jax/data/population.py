@@ -13,7 +13,9 @@ A round over a flat population (`medfed_jax.server`, `draw_cohort`, `gather`):
 
 1. draw the cohort with Floyd's algorithm (`sample_without_replacement`):
    ``cohort`` iterations, each comparing with the clients drawn so far, so
-   O(cohort^2) work and no array of population size;
+   O(cohort^2) work and no array of population size (Poisson cohorts,
+   ``cohort_sampling='poisson'``: `poisson_cohort`, a binomial count and a
+   Floyd draw of ``max_cohort`` slots);
 2. order it by client size, so that each chunk of `client.map_clients` holds
    clients of similar size (a chunk's step loop runs as many steps as its own
    largest member, `client.make_local_update`);
@@ -77,8 +79,32 @@ def sample_without_replacement(key: Array, n: Array | int, k: int) -> Array:
 
 def draw_cohort(key: Array, population: Population | GeneratedPopulation, cohort: int) -> Array:
     """``[cohort]`` population indices, uniform without replacement, ordered by client size."""
-    index = sample_without_replacement(key, population.num_clients, cohort)
-    return index[jnp.argsort(jnp.asarray(population.count)[index], stable=True)]
+    (index,) = by_size(population, sample_without_replacement(key, population.num_clients, cohort))
+    return index
+
+
+def poisson_cohort(key: Array, num_clients: int, rate: float, slots: int) -> tuple[Array, Array]:
+    """Truncated Poisson sampling: ``([slots] client indices, [slots] taking part)``.
+
+    Each client takes part independently with probability ``rate``; when more
+    than ``slots`` do, a uniformly random ``slots`` of them are kept (the
+    truncation `dp_accounting.TruncatedSubsampledGaussianDpEvent` models).
+    Drawn as ``K ~ Binomial(num_clients, rate)`` and the first ``min(K, slots)``
+    of a uniformly ordered ``slots``-sample without replacement (Floyd, then a
+    permutation): under Poisson sampling the set's law depends on its size
+    only, so given ``K`` it is a uniform ``K``-subset, and any prefix of a
+    uniformly ordered sample is one. O(slots^2) work, nothing of population size.
+    """
+    count_key, subset_key, order_key = jax.random.split(key, 3)
+    taking = jnp.round(jax.random.binomial(count_key, num_clients, rate)).astype(jnp.int32)
+    index = jax.random.permutation(order_key, sample_without_replacement(subset_key, num_clients, slots))
+    return index, jnp.arange(slots) < jnp.minimum(taking, slots)
+
+
+def by_size(population: Population | GeneratedPopulation, index: Array, *carried: Array) -> tuple[Array, ...]:
+    """``index`` (and arrays ``carried`` along with it) ordered by client size, as `draw_cohort` orders."""
+    order = jnp.argsort(jnp.asarray(population.count)[index], stable=True)
+    return (index[order], *(c[order] for c in carried))
 
 
 def gather(population: Population, index: Array, cap: int, key: Array) -> ClientData:
