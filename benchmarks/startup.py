@@ -8,7 +8,8 @@ seeds) and the collaboration sweep (``configs/collaboration.py``). Phases, from
 JAX's own monitoring events (the union of their time spans, so nested and
 concurrent spans count once):
 
-- *import*: ``import medfed_jax.cli`` (JAX, optax, flax included), inside the process;
+- *import*: what ``python -m medfed_jax`` imports (`medfed_jax.__main__`: the
+  command line, JAX, optax and flax), inside the process;
 - *trace*: tracing Python to jaxprs and lowering them to StableHLO;
 - *compile*: XLA compiling, or reading the program from the persistent cache;
 - *other*: the rest of the process's wall time: interpreter start, data,
@@ -63,7 +64,7 @@ def union_seconds(spans: list[tuple[float, float]]) -> float:
 def child(report: str, argv: list[str]) -> None:
     """Run the command line on ``argv`` in this process; write its phases to ``report`` (JSON)."""
     start = time.time()
-    from medfed_jax import cli
+    from medfed_jax import __main__ as entry  # what `python -m medfed_jax` imports, and how
 
     imported = time.time()
     import jax
@@ -80,7 +81,7 @@ def child(report: str, argv: list[str]) -> None:
     jax.monitoring.register_event_listener(lambda e, **kw: hits.append(e) if e == HIT_EVENT else None)
     sys.argv = ["medfed_jax", *argv]
     try:
-        cli.run_main()
+        entry.run_main()
     except SystemExit as e:
         if e.code not in (None, 0):
             raise
@@ -119,6 +120,15 @@ def measure(argv: list[str], cache: str, workdir: str) -> dict:
     result["wall"] = wall
     result["other"] = wall - result["import"] - result["jax"]
     return result
+
+
+def cold_and_warm(runs: dict) -> list[tuple[str, float, float]]:
+    """``(program, cold s, warm s)`` in the cold run's order, the n-th compile of a name paired with the
+    n-th of the warm run (compiles on other threads may end in another order)."""
+    warm: dict[str, list[float]] = {}
+    for name, seconds in runs["warm"]["per_program"]:
+        warm.setdefault(name, []).append(seconds)
+    return [(name, seconds, warm[name].pop(0)) for name, seconds in runs["cold"]["per_program"]]
 
 
 def import_seconds() -> float:
@@ -173,8 +183,7 @@ def main() -> None:
                     f"{r['compile']:.2f} | {r['other']:.2f} | {r['programs']} | {r['hits']} |"
                 )
                 print(lines[-1], flush=True)
-        pairs = zip(runs["cold"]["per_program"], runs["warm"]["per_program"])  # same programs, same order
-        slow = [(p, cold, warm) for (p, cold), (_, warm) in pairs if cold >= MIN_LISTED_SECONDS]
+        slow = [(p, cold, warm) for p, cold, warm in cold_and_warm(runs) if cold >= MIN_LISTED_SECONDS]
         per_program.append(f"- {name}: " + ", ".join(f"{p} {cold:.2f} -> {warm:.2f}" for p, cold, warm in slow))
     lines.insert(2, f"- load average (1/5/15 min) at start {started}, at end {load()}")
     lines += [

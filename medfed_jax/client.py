@@ -207,10 +207,10 @@ def make_local_update(
 
 
 def _map_local(fn: Callable, args: tuple, in_axes: tuple, parallelism: str, chunk: int):
-    """`map_clients` on one device."""
-    if parallelism == "vmap":
-        return jax.vmap(fn, in_axes=in_axes)(*args)
+    """`map_clients` on one device; a single chunk is a plain vmap (`lax.map` would scan over one step)."""
     mapped = tuple(a for a, ax in zip(args, in_axes) if ax == 0)
+    if parallelism == "vmap" or jax.tree.leaves(mapped)[0].shape[0] <= chunk:
+        return jax.vmap(fn, in_axes=in_axes)(*args)
     shared = tuple(a for a, ax in zip(args, in_axes) if ax is None)
 
     def body(per_client):

@@ -34,7 +34,7 @@ import tokenize
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
-import jax.numpy as jnp
+import jax
 import ml_collections
 import numpy as np
 
@@ -329,8 +329,12 @@ def set_path(cfg: Any, path: str, value: Any) -> None:
 
 
 def knobs_from_config(cfg: Any) -> Knobs:
-    """The numeric knobs of a config as float32 scalars (traced in programs)."""
-    return {path: jnp.asarray(float(get_path(cfg, path)), jnp.float32) for path in numeric_fields()}
+    """The numeric knobs of a config as float32 scalars (traced in programs).
+
+    Placed with `jax.device_put`, which compiles nothing (``jnp.asarray`` of a
+    Python float compiles a small conversion program).
+    """
+    return {path: jax.device_put(np.float32(float(get_path(cfg, path)))) for path in numeric_fields()}
 
 
 def _positive(name: str, value: Any, fix: str = "") -> None:

@@ -73,14 +73,20 @@ def make_model(name: str, num_classes: int, widths: Sequence[int] = (200, 200)) 
     return Model(init, apply)
 
 
-def check_input_fits(model: Model, name: str, feature_shape: tuple[int, ...]) -> None:
-    """Raise a clear error if data of ``feature_shape`` cannot feed the model.
+def param_shapes(model: Model, feature_shape: tuple[int, ...]):
+    """The model's parameters as `jax.ShapeDtypeStruct` leaves, for inputs of ``feature_shape``.
 
-    Uses `jax.eval_shape`, so nothing is compiled or computed.
+    `jax.eval_shape` with the key made inside the trace: nothing is compiled
+    or computed (an eager ``jax.random.key`` compiles two small programs).
     """
     example = jax.ShapeDtypeStruct((1, *feature_shape), jnp.float32)
+    return jax.eval_shape(lambda x: model.init(jax.random.key(0), x), example)
+
+
+def check_input_fits(model: Model, name: str, feature_shape: tuple[int, ...]) -> None:
+    """Raise a clear error if data of ``feature_shape`` cannot feed the model (`param_shapes`)."""
     try:
-        jax.eval_shape(model.init, jax.random.key(0), example)
+        param_shapes(model, feature_shape)
     except Exception as err:  # noqa: BLE001 - re-raised with the fix
         hint = " The cnn needs images of shape (H, W, C)." if name == "cnn" else ""
         raise ValueError(

@@ -37,7 +37,7 @@ from medfed_jax import data as data_lib
 from medfed_jax import mesh as mesh_lib
 from medfed_jax.data import base as data_base
 from medfed_jax.data import population
-from medfed_jax.models import check_input_fits, make_model
+from medfed_jax.models import check_input_fits, make_model, param_shapes
 from medfed_jax.server import (
     Engine,
     Switches,
@@ -105,8 +105,7 @@ def prepare(cfg: Any, dataset: FederatedDataset | None = None) -> Prepared:
         if name not in METHODS[1:]:
             raise ValueError(f"baselines={tuple(cfg.baselines)!r}: {name!r} is unknown; choose from {METHODS[1:]}.")
     if "fedper" in (cfg.personalization.method, *cfg.baselines):
-        example = jax.ShapeDtypeStruct((1, *dataset.feature_shape), np.float32)
-        params = jax.eval_shape(model.init, jax.random.key(0), example)
+        params = param_shapes(model, dataset.feature_shape)
         personalize.validate_local_paths(cfg.personalization, personalize.param_paths(params))
     return Prepared(cfg, dataset, context, config_lib.knobs_from_config(cfg), accounting, follows)
 

@@ -127,3 +127,30 @@ def test_cache_off_or_moved_by_flag_and_environment(tmp_path):
     other = tmp_path / "other"
     python(cli, *tiny, "--compilation_cache=off", MEDFED_JAX_CACHE_DIR=str(other), XDG_CACHE_HOME=str(xdg))
     assert not other.exists() and not xdg.exists()
+
+
+# `python -m medfed_jax` in this process (`medfed_jax.__main__`, then its `run_main`), printing the name of
+# every program XLA compiled.
+COUNTED_CLI = """
+import json, sys
+import jax
+compiled = []
+jax.monitoring.register_event_time_span_listener(
+    lambda event, start, end, **kwargs: compiled.append(kwargs["fun_name"])
+    if event == "/jax/core/compile/backend_compile_duration" else None
+)
+from medfed_jax import __main__ as entry
+sys.argv = ["medfed_jax", *sys.argv[1:]]
+try:
+    entry.run_main()
+except SystemExit as exit:
+    assert exit.code in (None, 0), exit.code
+print(json.dumps(sorted(compiled)))
+"""
+
+
+def test_a_heart_federated_run_compiles_its_two_programs_and_nothing_else(tmp_path):
+    # init and the chunk program; validation, the knobs and the data placement compile nothing eagerly
+    heart = ["--config=configs/heart_fedavg.py", "--config.baselines=()", "--config.rounds=2", "--config.eval_every=1"]
+    out = python(COUNTED_CLI, *heart, "--compilation_cache=off", f"--workdir={tmp_path}")
+    assert json.loads(out.splitlines()[-1]) == ["jit(chunk)", "jit(init)"]
