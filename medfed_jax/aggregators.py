@@ -172,7 +172,9 @@ def bound_check(name: str, f: int) -> Callable[[int], None]:
 
 
 def make_aggregator(
-    init: Callable[[Any], Any], aggregate: Callable[..., tuple[Any, Any, Metrics]], check=no_precondition
+    init: Callable[[Any], Any],
+    aggregate: Callable[..., tuple[Any, Any, Metrics]],
+    check: Callable[[int], None] = no_precondition,
 ) -> Aggregator:
     """An `Aggregator` whose ``aggregate`` fills in defaults for its optional arguments.
 
@@ -296,7 +298,9 @@ def _stateless_init(params: Any) -> tuple:
 Rule = Callable[..., tuple[Any, Any, Metrics]]
 
 
-def robust(rule: Rule, init: Callable[[Any], Any] = _stateless_init, check=no_precondition) -> Aggregator:
+def robust(
+    rule: Rule, init: Callable[[Any], Any] = _stateless_init, check: Callable[[int], None] = no_precondition
+) -> Aggregator:
     """Wrap a rule so non-finite clients are dropped and the common diagnostics added.
 
     The rule sees a ``valid = mask & finite`` mask and updates whose invalid
