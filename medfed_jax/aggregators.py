@@ -155,14 +155,21 @@ _BOUNDS = {
 }
 
 
+def _shortfall(name: str, f: int, n: int) -> str | None:
+    """None when ``name`` tolerates ``f`` of ``n`` inputs, else the start of the fix (``'use f <= k, or'``)."""
+    least, largest, _ = _BOUNDS[name]
+    if n >= least(f):
+        return None
+    return f"use f <= {largest(n)}, or" if largest(n) >= 0 else "use"
+
+
 def bound_check(name: str, f: int) -> Callable[[int], None]:
     """``n -> None``: raise a ValueError naming ``f``, ``n`` and the bound when ``name`` cannot run on ``n`` inputs."""
-    least, largest, bound = _BOUNDS[name]
+    least, _, bound = _BOUNDS[name]
 
     def check(n: int) -> None:
-        if n < least(f):
-            fit = largest(n)
-            fix = f"use f <= {fit} or" if fit >= 0 else "use"
+        fix = _shortfall(name, f, n)
+        if fix is not None:
             raise ValueError(
                 f"{name}(f={f}) needs {bound} (at least {least(f)} clients for f={f}) but got n={n} clients; "
                 f"{fix} at least {least(f)} clients."
@@ -886,15 +893,13 @@ def validate_config(cfg: Any, context: Any) -> None:
         if s > n:
             raise ValueError(f"aggregator.bucket_size={s} exceeds the {n} clients per round; use <= {n}.")
         inputs, where = -(-n // s), f"n={-(-n // s)} buckets ({n} clients per round in buckets of {s})"
-    if cfg.name in _BOUNDS:
-        least, largest, bound = _BOUNDS[cfg.name]
-        if inputs < least(f):
-            fit = largest(inputs)
-            fix = f"use f <= {fit}, or" if fit >= 0 else "use"
-            raise ValueError(
-                f"aggregator.f={f} is too large for {cfg.name} with {where}: {cfg.name} needs {bound}; "
-                f"{fix} at least {least(f)} inputs per round."
-            )
+    fix = _shortfall(cfg.name, f, inputs) if cfg.name in _BOUNDS else None
+    if fix is not None:
+        least, _, bound = _BOUNDS[cfg.name]
+        raise ValueError(
+            f"aggregator.f={f} is too large for {cfg.name} with {where}: {cfg.name} needs {bound}; "
+            f"{fix} at least {least(f)} inputs per round."
+        )
     if cfg.name == "multi_krum" and cfg.m > inputs - f:
         raise ValueError(
             f"aggregator.m={cfg.m} is too large for multi_krum with {where} and f={f}: it averages at most "
