@@ -1,6 +1,6 @@
 """Benchmarks W1 and W2: seconds per federated round, engine (1 device, all devices) vs a per-client loop.
 
-W1 (ARCHITECTURE.md): synthetic MNIST-shaped data (x ~ N(0, I_784), labels
+W1 (medfed_jax/DESIGN.md): synthetic MNIST-shaped data (x ~ N(0, I_784), labels
 argmax(x @ W_true)), 600 samples per client, the 2NN MLP 784-200-200-10,
 E=1, B=50, SGD lr 0.05, every client in every round.
 

@@ -1,6 +1,8 @@
 """medfed_jax: federated learning for medical AI as pure JAX functions.
 
-Public API (re-exported names only); see README.md for a tour.
+Public API (re-exported names only); see README.md for a tour. The building
+blocks for your own JAX code are the modules ``mf.aggregators``, ``mf.attacks``
+and ``mf.privacy`` (README "Using the pieces in your own JAX code").
 
 Every name loads its module on first use (PEP 562 module ``__getattr__``):
 ``import medfed_jax`` itself loads nothing else, not even JAX; ``mf.run`` loads
@@ -51,10 +53,13 @@ _EXPORTS = {
 }
 
 __all__ = sorted(_EXPORTS)
+LIBRARY_MODULES = ("aggregators", "attacks", "privacy")  # loaded on first access too: ``mf.aggregators.krum``
 
 
 def __getattr__(name: str) -> Any:
-    """Import the public ``name``'s module on first access and cache the name here."""
+    """Import the public ``name``'s module (or the library module ``name``) on first access; cache it here."""
+    if name in LIBRARY_MODULES:
+        return importlib.import_module(f"medfed_jax.{name}")  # the import binds it on this package
     if name not in _EXPORTS:
         raise AttributeError(f"module 'medfed_jax' has no attribute {name!r}")
     value = getattr(importlib.import_module(_EXPORTS[name]), name)
@@ -63,4 +68,4 @@ def __getattr__(name: str) -> Any:
 
 
 def __dir__() -> list[str]:
-    return sorted({*globals(), *_EXPORTS})
+    return sorted({*globals(), *_EXPORTS, *LIBRARY_MODULES})

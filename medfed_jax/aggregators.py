@@ -24,7 +24,10 @@ sort on GPU and TPU (``aggregator.sort`` overrides).
 Masking: a client with ``mask == False`` has no influence on any output. The
 number of taking-part clients ``n = sum(mask)`` is traced, so every rule works
 for any ``n <= C``; the published preconditions (Krum ``n > 2f + 2``, ...)
-are checked on the configured cohort by `validate_config`. When a round has
+are checked on the configured cohort by `validate_config`, when a rule is
+built with ``num_clients`` (``krum(f, num_clients=10)``), and when it is
+called without a mask (then ``n`` is the leading axis, static while tracing:
+``krum(4).aggregate(ten_rows)`` raises a ValueError). When a round has
 fewer clients than a bound needs (clients dropped), rules degrade gracefully
 instead of failing: trimmed mean trims ``min(f, (n - 1) // 2)`` per side (the
 median at the limit), Krum scores over ``max(n - f - 2, 1)`` neighbours,
@@ -39,6 +42,14 @@ non-finite update poisons their output. Every rule reports
 spread of finite client update norms, ``norm_min``, ``norm_median``,
 ``norm_max``. Rules that select clients (Krum, Multi-Krum, Bulyan) return the
 ``[C]`` bool ``selected``; clipping rules return ``clipped`` counts.
+
+As a library: every ``aggregate`` takes defaults for its optional arguments,
+``aggregate(updates, weights=None, mask=None, state=None, key=None)`` (equal
+weights, every client taking part, the rule's initial state), so a stateless
+rule is ``coordinate_median().aggregate(updates)``; masks may be bool or 0/1
+(int or float). Deterministic rules ignore the key; randomised ones
+(``bucketing``, `medfed_jax.privacy.dp_fedavg`) refuse ``key=None``. A new
+rule built with `make_aggregator` gets the same defaults.
 """
 
 from __future__ import annotations
@@ -53,7 +64,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from medfed_jax.types import Aggregator, Knobs, Metrics, numeric_setting
+from medfed_jax.types import Aggregator, Knobs, Metrics, no_precondition, numeric_setting
 
 _HIGHEST = jax.lax.Precision.HIGHEST
 _TINY = float(jnp.finfo(jnp.float32).tiny)
@@ -114,6 +125,92 @@ def pairwise_sqdistances(updates: Any) -> jax.Array:
 def combine(coeffs: jax.Array, updates: Any) -> Any:
     """``sum_i coeffs[..., i] u_i`` per leaf: ``[C]`` gives one vector, ``[K, C]`` gives ``K``."""
     return jax.tree.map(lambda u: jnp.tensordot(coeffs, u, axes=1, precision=_HIGHEST), updates)
+
+
+def num_rows(updates: Any) -> int:
+    """The length of the leading client axis of ``updates`` (static, also while tracing)."""
+    return int(jax.tree.leaves(updates)[0].shape[0])
+
+
+def as_mask(mask: Any) -> jax.Array:
+    """A ``[C]`` bool mask from bool or 0/1 values (int or float): nonzero is True."""
+    if getattr(mask, "dtype", None) == jnp.bool_:
+        return mask
+    return jnp.asarray(mask) != 0
+
+
+def require_key(key: Any, name: str) -> None:
+    """Refuse ``key=None`` in a randomised rule: there is no default key."""
+    if key is None:
+        raise TypeError(f"{name} is randomised: pass key=jax.random.key(seed); it has no default key.")
+
+
+# (least number of inputs for f, largest f for n inputs, the bound as text) per rule that needs f.
+_BOUNDS = {
+    "trimmed_mean": (lambda f: 2 * f + 1, lambda n: (n - 1) // 2, "2f < n"),
+    "krum": (lambda f: 2 * f + 3, lambda n: (n - 3) // 2, "n > 2f + 2"),
+    "multi_krum": (lambda f: 2 * f + 3, lambda n: (n - 3) // 2, "n > 2f + 2"),
+    "bulyan": (lambda f: 4 * f + 3, lambda n: (n - 3) // 4, "n >= 4f + 3"),
+    "nnm": (lambda f: 2 * f + 1, lambda n: (n - 1) // 2, "2f < n"),
+}
+
+
+def _shortfall(name: str, f: int, n: int) -> str | None:
+    """None when ``name`` tolerates ``f`` of ``n`` inputs, else the start of the fix (``'use f <= k, or'``)."""
+    least, largest, _ = _BOUNDS[name]
+    if n >= least(f):
+        return None
+    return f"use f <= {largest(n)}, or" if largest(n) >= 0 else "use"
+
+
+def bound_check(name: str, f: int) -> Callable[[int], None]:
+    """``n -> None``: raise a ValueError naming ``f``, ``n`` and the bound when ``name`` cannot run on ``n`` inputs."""
+    least, _, bound = _BOUNDS[name]
+
+    def check(n: int) -> None:
+        fix = _shortfall(name, f, n)
+        if fix is not None:
+            raise ValueError(
+                f"{name}(f={f}) needs {bound} (at least {least(f)} clients for f={f}) but got n={n} clients; "
+                f"{fix} at least {least(f)} clients."
+            )
+
+    return check
+
+
+def make_aggregator(
+    init: Callable[[Any], Any],
+    aggregate: Callable[..., tuple[Any, Any, Metrics]],
+    check: Callable[[int], None] = no_precondition,
+) -> Aggregator:
+    """An `Aggregator` whose ``aggregate`` fills in defaults for its optional arguments.
+
+    ``aggregate(updates, weights=None, mask=None, state=None, key=None)``:
+    equal weights, every client taking part (then ``check(C)`` runs on the
+    leading axis ``C``: a precondition that fails raises while tracing),
+    ``init`` of one client's row as the state; a 0/1 mask becomes bool. The
+    given ``aggregate`` receives all five, as the engine passes them.
+    """
+
+    def public(updates, weights=None, mask=None, state=None, key=None):
+        rows = num_rows(updates)
+        if mask is None:
+            check(rows)
+            mask = jnp.ones(rows, bool)
+        if weights is None:
+            weights = jnp.ones(rows, jnp.float32)
+        if state is None:
+            state = init(jax.tree.map(lambda u: jnp.zeros(u.shape[1:], u.dtype), updates))
+        return aggregate(updates, weights, as_mask(mask), state, key)
+
+    return Aggregator(init, public, check)
+
+
+def _check_now(aggregator: Aggregator, num_clients: int | None) -> Aggregator:
+    """``aggregator``, after checking its precondition on ``num_clients`` (when given)."""
+    if num_clients is not None:
+        aggregator.check(num_clients)
+    return aggregator
 
 
 SORTS = ("auto", "xla", "bitonic")
@@ -208,12 +305,15 @@ def _stateless_init(params: Any) -> tuple:
 Rule = Callable[..., tuple[Any, Any, Metrics]]
 
 
-def robust(rule: Rule, init: Callable[[Any], Any] = _stateless_init) -> Aggregator:
+def robust(
+    rule: Rule, init: Callable[[Any], Any] = _stateless_init, check: Callable[[int], None] = no_precondition
+) -> Aggregator:
     """Wrap a rule so non-finite clients are dropped and the common diagnostics added.
 
     The rule sees a ``valid = mask & finite`` mask and updates whose invalid
     rows (masked out, or with any NaN/Inf) are zero; it must give them no
-    influence.
+    influence. ``check``: the rule's precondition on the number of clients
+    (see `make_aggregator`).
     """
 
     def aggregate(updates, weights, mask, state, key):
@@ -224,7 +324,7 @@ def robust(rule: Rule, init: Callable[[Any], Any] = _stateless_init) -> Aggregat
         common = {"nonfinite_clients": jnp.sum(mask & ~finite), **norm_stats(clean, valid)}
         return update, state, {**diag, **common}
 
-    return Aggregator(init, aggregate)
+    return make_aggregator(init, aggregate, check)
 
 
 # --------------------------------------------------------------------------
@@ -252,7 +352,7 @@ def weighted_mean() -> Aggregator:
         diag = {"nonfinite_clients": jnp.sum(mask & ~finite), **norm_stats(updates, mask & finite)}
         return update, state, diag
 
-    return Aggregator(_stateless_init, aggregate)
+    return make_aggregator(_stateless_init, aggregate)
 
 
 def mean() -> Aggregator:
@@ -262,7 +362,7 @@ def mean() -> Aggregator:
     def aggregate(updates, weights, mask, state, key):
         return inner.aggregate(updates, jnp.ones_like(weights), mask, state, key)
 
-    return Aggregator(_stateless_init, aggregate)
+    return make_aggregator(_stateless_init, aggregate)
 
 
 # --------------------------------------------------------------------------
@@ -293,11 +393,12 @@ def coordinate_median(sort: str = "auto") -> Aggregator:
     return robust(rule)
 
 
-def trimmed_mean(f: int, sort: str = "auto") -> Aggregator:
+def trimmed_mean(f: int, sort: str = "auto", num_clients: int | None = None) -> Aggregator:
     """Coordinate-wise trimmed mean (Yin et al. 2018): drop the ``f`` largest and ``f`` smallest.
 
     ``update_k = mean(sorted(u_{1k}, ..., u_{nk})[f : n - f])``. Unweighted.
-    ``sort``: see `sort_clients`.
+    Needs ``2f < n`` (checked on ``num_clients`` when given). ``sort``: see
+    `sort_clients`.
     """
 
     def rule(updates, weights, valid, state, key):
@@ -308,7 +409,7 @@ def trimmed_mean(f: int, sort: str = "auto") -> Aggregator:
         coeffs = ((rank >= t) & (rank < n - t)) / jnp.maximum(n - 2 * t, 1)
         return jax.tree.map(lambda u: _weighted_rows(coeffs, masked_sort(u, valid, sort)), updates), state, {}
 
-    return robust(rule)
+    return _check_now(robust(rule, check=bound_check("trimmed_mean", f)), num_clients)
 
 
 # --------------------------------------------------------------------------
@@ -356,13 +457,23 @@ def _average_of(selected: jax.Array, updates: Any) -> Any:
     return combine(coeffs / jnp.maximum(jnp.sum(coeffs), 1.0), updates)
 
 
-def multi_krum(f: int, m: int = 0) -> Aggregator:
+def multi_krum(f: int, m: int = 0, num_clients: int | None = None) -> Aggregator:
     """Multi-Krum (Blanchard et al. 2017): the mean of the ``m`` clients with the lowest Krum score.
 
     ``score(i) = sum_{j in N_i} |u_i - u_j|^2`` over the ``n - f - 2`` nearest
     other clients ``N_i`` (ties: see `_krum_order`); ``m = 0`` means ``n - f``.
-    Unweighted. Diagnostic ``selected``: ``[C]`` bool.
+    Needs ``n > 2f + 2`` and ``m <= n - f`` (checked on ``num_clients`` when
+    given). Unweighted. Diagnostic ``selected``: ``[C]`` bool.
     """
+    krum_bound = bound_check("multi_krum", f)
+
+    def check(n: int) -> None:
+        krum_bound(n)
+        if m > n - f:
+            raise ValueError(
+                f"multi_krum(f={f}, m={m}) averages at most n - f = {n - f} of n={n} clients; "
+                f"use 1 <= m <= {n - f}, or m=0 for n - f."
+            )
 
     def rule(updates, weights, valid, state, key):
         del weights, key
@@ -372,15 +483,16 @@ def multi_krum(f: int, m: int = 0) -> Aggregator:
         selected = valid & (rank < count)
         return _average_of(selected, updates), state, {"selected": selected}
 
-    return robust(rule)
+    return _check_now(robust(rule, check=check), num_clients)
 
 
-def krum(f: int) -> Aggregator:
+def krum(f: int, num_clients: int | None = None) -> Aggregator:
     """Krum (Blanchard et al. 2017): the update of the client with the lowest Krum score.
 
     ``update = u_{i*}``, ``i* = argmin_i sum_{j in N_i} |u_i - u_j|^2`` over the
-    ``n - f - 2`` nearest others (ties: see `_krum_order`). Diagnostics: ``selected`` (``[C]`` bool) and
-    ``selected_client`` (index of ``i*``).
+    ``n - f - 2`` nearest others (ties: see `_krum_order`). Needs ``n > 2f + 2``
+    (checked on ``num_clients`` when given). Diagnostics: ``selected``
+    (``[C]`` bool) and ``selected_client`` (index of ``i*``).
     """
     inner = multi_krum(f, m=1)
 
@@ -388,7 +500,7 @@ def krum(f: int) -> Aggregator:
         update, state, diag = inner.aggregate(updates, weights, mask, state, key)
         return update, state, {**diag, "selected_client": jnp.argmax(diag["selected"]).astype(jnp.int32)}
 
-    return Aggregator(_stateless_init, aggregate)
+    return _check_now(make_aggregator(_stateless_init, aggregate, bound_check("krum", f)), num_clients)
 
 
 def geometric_median(nu: Any = 1e-5, iters: int = 4) -> Aggregator:
@@ -451,7 +563,7 @@ def centered_clipping(tau: Any = 1.0, iters: int = 1) -> Aggregator:
     return robust(rule, init)
 
 
-def bulyan(f: int, sort: str = "auto") -> Aggregator:
+def bulyan(f: int, sort: str = "auto", num_clients: int | None = None) -> Aggregator:
     """Bulyan (El Mhamdi, Guerraoui and Rouault 2018) over Krum.
 
     1. Select ``theta = n - 2f`` clients by running Krum ``theta`` times, each
@@ -464,7 +576,7 @@ def bulyan(f: int, sort: str = "auto") -> Aggregator:
        closest to the selected clients' coordinate median; of equally close
        values, the lower ones.
 
-    Needs ``n >= 4f + 3``. Unweighted. Diagnostic ``selected``: ``[C]`` bool,
+    Needs ``n >= 4f + 3`` (checked on ``num_clients`` when given). Unweighted. Diagnostic ``selected``: ``[C]`` bool,
     the Krum-selected set. ``sort``: see `sort_clients`.
     """
 
@@ -502,7 +614,7 @@ def bulyan(f: int, sort: str = "auto") -> Aggregator:
 
         return jax.tree.map(leaf, updates), state, {"selected": selected}
 
-    return robust(rule)
+    return _check_now(robust(rule, check=bound_check("bulyan", f)), num_clients)
 
 
 # --------------------------------------------------------------------------
@@ -516,10 +628,13 @@ class PreAggregator(NamedTuple):
     gets finite updates whose invalid rows are zero and returns the same kind
     (its client axis may change size, as bucketing's does); invalid rows must
     have no influence. ``name`` prefixes its diagnostics: ``'<name>/<key>'``.
+    ``check(n) -> outputs``: raise a ValueError when the step cannot run on
+    ``n`` inputs, else the size of its output client axis.
     """
 
     name: str
     apply: Callable[..., tuple[Any, jax.Array, jax.Array, Metrics]]
+    check: Callable[[int], int] = lambda n: n
 
 
 def norm_clip(tau: Any = 0.0) -> PreAggregator:
@@ -545,8 +660,13 @@ def nearest_neighbor_mixing(f: int) -> PreAggregator:
     """NNM (Allouah et al. 2023): ``u_i <- (1 / (n - f)) sum_{j in N_i} u_j``.
 
     ``N_i`` is the ``n - f`` taking-part clients nearest to ``u_i`` in L2,
-    ``u_i`` itself included; ties go to the lower client index.
+    ``u_i`` itself included; ties go to the lower client index. Needs ``2f < n``.
     """
+    nnm_bound = bound_check("nnm", f)
+
+    def check(n: int) -> int:
+        nnm_bound(n)
+        return n
 
     def apply(updates, weights, valid, key):
         del key
@@ -557,7 +677,7 @@ def nearest_neighbor_mixing(f: int) -> PreAggregator:
         near = (rank < k) & valid[None, :] & valid[:, None]
         return combine(near.astype(jnp.float32) / k, updates), weights, valid, {}
 
-    return PreAggregator("nnm", apply)
+    return PreAggregator("nnm", apply, check)
 
 
 def bucketing(s: int) -> PreAggregator:
@@ -566,10 +686,16 @@ def bucketing(s: int) -> PreAggregator:
     The taking-part clients are shuffled with ``key`` (permutation ``pi``) and
     ``b_j = mean(u_{pi(js)}, ..., u_{pi(js + s - 1)})``; the last bucket may be
     smaller. Output: ``ceil(C / s)`` buckets, the first ``ceil(n / s)`` valid,
-    each weighing the sum of its members' weights.
+    each weighing the sum of its members' weights. Randomised: needs a key.
     """
 
+    def check(n: int) -> int:
+        if s > n:
+            raise ValueError(f"bucketing(s={s}) needs at most n clients per bucket but got n={n}; use s <= {n}.")
+        return -(-n // s)
+
     def apply(updates, weights, valid, key):
+        require_key(key, "bucketing")
         c = valid.shape[0]
         perm = jax.random.permutation(key, c)
         order = perm[jnp.argsort(~valid[perm], stable=True)]  # taking-part clients first, shuffled
@@ -579,7 +705,7 @@ def bucketing(s: int) -> PreAggregator:
         coeffs = member.astype(jnp.float32) / jnp.maximum(size, 1)[:, None]
         return combine(coeffs, updates), member.astype(jnp.float32) @ weights, size > 0, {}
 
-    return PreAggregator("bucketing", apply)
+    return PreAggregator("bucketing", apply, check)
 
 
 def chain(*stages: PreAggregator | Aggregator) -> Aggregator:
@@ -591,14 +717,21 @@ def chain(*stages: PreAggregator | Aggregator) -> Aggregator:
     non-finite clients for any final rule (``chain(norm_clip(), mean())`` is a
     mean over finite clients). Diagnostics: the final rule's, each
     pre-aggregator's as ``'<name>/<key>'``, and ``nonfinite_clients`` and
-    ``norm_*`` of the raw client updates. State: the final rule's.
+    ``norm_*`` of the raw client updates. State: the final rule's. Its
+    precondition: each stage's on the inputs it gets (bucketing's output for
+    the stages after it).
     """
     *pre, final = stages
     if not isinstance(final, Aggregator) or not all(isinstance(p, PreAggregator) for p in pre):
         raise TypeError("chain(*pre_aggregators, aggregator): PreAggregators first, one Aggregator last.")
 
+    def check(n: int) -> None:
+        for stage in pre:
+            n = stage.check(n)
+        final.check(n)
+
     def aggregate(updates, weights, mask, state, key):
-        keys = jax.random.split(key, len(pre) + 1)
+        keys = [None] * (len(pre) + 1) if key is None else jax.random.split(key, len(pre) + 1)
         finite = client_finite(updates)
         valid = mask & finite
         x, w = zero_masked(updates, valid), weights.astype(jnp.float32)
@@ -610,7 +743,7 @@ def chain(*stages: PreAggregator | Aggregator) -> Aggregator:
         update, state, d = final.aggregate(x, w, valid, state, keys[-1])
         return update, state, {**d, **diag, **raw}
 
-    return Aggregator(final.init, aggregate)
+    return make_aggregator(final.init, aggregate, check)
 
 
 def switch(choices: Sequence[Aggregator], index: Any) -> Aggregator:
@@ -626,6 +759,10 @@ def switch(choices: Sequence[Aggregator], index: Any) -> Aggregator:
 
     def init(params):
         return tuple(choice.init(params) for choice in choices)
+
+    def check(n: int) -> None:
+        for choice in choices:
+            choice.check(n)
 
     def aggregate(updates, weights, mask, state, key):
         def chosen(i):
@@ -653,7 +790,7 @@ def switch(choices: Sequence[Aggregator], index: Any) -> Aggregator:
 
         return jax.lax.switch(index, [branch(i) for i in range(len(choices))], *operands)
 
-    return Aggregator(init, aggregate)
+    return make_aggregator(init, aggregate, check)
 
 
 # --------------------------------------------------------------------------
@@ -718,15 +855,6 @@ def _finite_at_least(cfg: Any, field: str, low: float, strict: bool, hint: str) 
         )
 
 
-# (least number of inputs for f, largest f for n inputs, the bound as text) per rule that needs f.
-_BOUNDS = {
-    "trimmed_mean": (lambda f: 2 * f + 1, lambda n: (n - 1) // 2, "2f < n"),
-    "krum": (lambda f: 2 * f + 3, lambda n: (n - 3) // 2, "n > 2f + 2"),
-    "multi_krum": (lambda f: 2 * f + 3, lambda n: (n - 3) // 2, "n > 2f + 2"),
-    "bulyan": (lambda f: 4 * f + 3, lambda n: (n - 3) // 4, "n >= 4f + 3"),
-}
-
-
 def validate_config(cfg: Any, context: Any) -> None:
     """Raise a ValueError naming ``aggregator.<field>`` and the fix.
 
@@ -753,10 +881,11 @@ def validate_config(cfg: Any, context: Any) -> None:
 
     n = context.cohort_size or context.num_clients
     f = cfg.f
-    if "nnm" in pre and 2 * f >= n:
+    least, largest, bound = _BOUNDS["nnm"]
+    if "nnm" in pre and n < least(f):
         raise ValueError(
             f"aggregator.f={f} is too large for pre-aggregator 'nnm' with n={n} clients per round: NNM "
-            f"needs 2f < n; use f <= {(n - 1) // 2} or at least {2 * f + 1} clients per round."
+            f"needs {bound}; use f <= {largest(n)} or at least {least(f)} clients per round."
         )
     inputs, where = n, f"n={n} clients per round"
     if "bucketing" in pre:
@@ -764,15 +893,13 @@ def validate_config(cfg: Any, context: Any) -> None:
         if s > n:
             raise ValueError(f"aggregator.bucket_size={s} exceeds the {n} clients per round; use <= {n}.")
         inputs, where = -(-n // s), f"n={-(-n // s)} buckets ({n} clients per round in buckets of {s})"
-    if cfg.name in _BOUNDS:
-        least, largest, bound = _BOUNDS[cfg.name]
-        if inputs < least(f):
-            fit = largest(inputs)
-            fix = f"use f <= {fit}, or" if fit >= 0 else "use"
-            raise ValueError(
-                f"aggregator.f={f} is too large for {cfg.name} with {where}: {cfg.name} needs {bound}; "
-                f"{fix} at least {least(f)} inputs per round."
-            )
+    fix = _shortfall(cfg.name, f, inputs) if cfg.name in _BOUNDS else None
+    if fix is not None:
+        least, _, bound = _BOUNDS[cfg.name]
+        raise ValueError(
+            f"aggregator.f={f} is too large for {cfg.name} with {where}: {cfg.name} needs {bound}; "
+            f"{fix} at least {least(f)} inputs per round."
+        )
     if cfg.name == "multi_krum" and cfg.m > inputs - f:
         raise ValueError(
             f"aggregator.m={cfg.m} is too large for multi_krum with {where} and f={f}: it averages at most "

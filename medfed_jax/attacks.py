@@ -20,13 +20,19 @@ bound their distance to the honest updates, and `grad_ascent` differentiates
 the honest loss through the aggregator and the server optimizer. Those that
 need the server side read it from `AttackContext` (``aggregate``, ``step``,
 ``loss``), which the engine fills in every round.
+
+As a library: ``apply(updates, malicious, key=None, context=None)``.
+Without a context every client takes part with equal weight (what ``ipm``,
+``alie``, ``scaling`` and the Fang attacks read); attacks needing the server
+side refuse a missing one, randomised ones (``gaussian``, ``fang_trim``) a
+missing key. Masks may be bool or 0/1 (int or float).
 """
 
 from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
@@ -36,7 +42,7 @@ import numpy as np
 import optax
 
 from medfed_jax import aggregators
-from medfed_jax.aggregators import broadcast_clients
+from medfed_jax.aggregators import as_mask, broadcast_clients, num_rows, require_key
 from medfed_jax.types import Attack, AttackContext, Knobs, Updates, numeric_setting
 
 
@@ -53,6 +59,28 @@ def _keep_updates(updates, malicious, key, context):
 def _keep_labels(y, malicious, num_classes):
     del malicious, num_classes
     return y
+
+
+def make_attack(apply: Callable[..., Updates], poison_labels: Callable[..., jax.Array]) -> Attack:
+    """An `Attack` whose ``apply(updates, malicious, key=None, context=None)`` fills in defaults.
+
+    No ``context``: every client takes part, equal weights (no attack's
+    ``apply`` reads ``num_classes``). 0/1 masks become bool. The given
+    functions receive every argument, as the engine passes them.
+    """
+
+    def public_apply(updates, malicious, key=None, context=None):
+        if context is None:
+            rows = num_rows(updates)
+            context = AttackContext(jnp.ones(rows, jnp.float32), jnp.ones(rows, bool), 0)
+        elif context.mask.dtype != jnp.bool_:
+            context = context._replace(mask=as_mask(context.mask))
+        return apply(updates, as_mask(malicious), key, context)
+
+    def public_poison_labels(y, malicious, num_classes):
+        return poison_labels(y, as_mask(malicious), num_classes)
+
+    return Attack(public_apply, public_poison_labels)
 
 
 def honest_mean_std(updates: Updates, honest: jax.Array) -> tuple[Updates, Updates]:
@@ -78,7 +106,7 @@ def honest_mean_std(updates: Updates, honest: jax.Array) -> tuple[Updates, Updat
 
 def no_attack() -> Attack:
     """Every client is honest: updates and labels pass unchanged."""
-    return Attack(_keep_updates, _keep_labels)
+    return make_attack(_keep_updates, _keep_labels)
 
 
 def sign_flip(scale: Any = 1.0) -> Attack:
@@ -88,7 +116,7 @@ def sign_flip(scale: Any = 1.0) -> Attack:
         del key, context
         return _replace(updates, malicious, jax.tree.map(lambda u: -scale * u, updates))
 
-    return Attack(apply, _keep_labels)
+    return make_attack(apply, _keep_labels)
 
 
 def ipm(eps: Any = 0.1) -> Attack:
@@ -99,7 +127,7 @@ def ipm(eps: Any = 0.1) -> Attack:
         mu, _ = honest_mean_std(updates, context.mask & ~malicious)
         return _replace(updates, malicious, jax.tree.map(lambda m: -eps * m, mu))
 
-    return Attack(apply, _keep_labels)
+    return make_attack(apply, _keep_labels)
 
 
 def alie_z_max(n: Any, f: Any) -> jax.Array:
@@ -130,7 +158,7 @@ def alie(z: Any = None) -> Attack:
         mu, sigma = honest_mean_std(updates, taking_part & ~malicious)
         return _replace(updates, malicious, jax.tree.map(lambda m, s: m - z_used * s, mu, sigma))
 
-    return Attack(apply, _keep_labels)
+    return make_attack(apply, _keep_labels)
 
 
 def gaussian(sigma: Any = 1.0) -> Attack:
@@ -138,12 +166,13 @@ def gaussian(sigma: Any = 1.0) -> Attack:
 
     def apply(updates, malicious, key, context):
         del context
+        require_key(key, "gaussian")
         leaves, treedef = jax.tree.flatten(updates)
         keys = jax.random.split(key, len(leaves))
         noise = [sigma * jax.random.normal(k, u.shape, jnp.float32) for k, u in zip(keys, leaves)]
         return _replace(updates, malicious, jax.tree.unflatten(treedef, noise))
 
-    return Attack(apply, _keep_labels)
+    return make_attack(apply, _keep_labels)
 
 
 def scaling(gamma: Any = 0.0) -> Attack:
@@ -158,7 +187,7 @@ def scaling(gamma: Any = 0.0) -> Attack:
         boost = jnp.where(gamma == 0, jnp.sum(context.mask).astype(jnp.float32), gamma)
         return _replace(updates, malicious, jax.tree.map(lambda u: boost * u, updates))
 
-    return Attack(apply, _keep_labels)
+    return make_attack(apply, _keep_labels)
 
 
 def label_flip() -> Attack:
@@ -167,7 +196,7 @@ def label_flip() -> Attack:
     def poison_labels(y, malicious, num_classes):
         return jnp.where(malicious[:, None], num_classes - 1 - y, y)
 
-    return Attack(_keep_updates, poison_labels)
+    return make_attack(_keep_updates, poison_labels)
 
 
 def non_finite() -> Attack:
@@ -178,7 +207,7 @@ def non_finite() -> Attack:
         bad = jnp.where(jnp.arange(malicious.shape[0]) % 2 == 0, jnp.nan, jnp.inf)
         return _replace(updates, malicious, jax.tree.map(lambda u: broadcast_clients(bad, u), updates))
 
-    return Attack(apply, _keep_labels)
+    return make_attack(apply, _keep_labels)
 
 
 # --------------------------------------------------------------------------
@@ -253,7 +282,7 @@ def _optimized_line(name: str, line: Any, evals: int) -> Attack:
         tau, _ = line_maximize(distance, evals)
         return _replace(updates, malicious, at(tau))
 
-    return Attack(apply, _keep_labels)
+    return make_attack(apply, _keep_labels)
 
 
 def opt_ipm(evals: int = 20) -> Attack:
@@ -341,7 +370,7 @@ def fang_krum() -> Attack:
         lam, found = jax.lax.while_loop(lambda c: ~c[1] & (c[0] / 2 > FANG_THRESHOLD), halve, start)
         return jax.tree.map(lambda u, c: jnp.where(found, c, u), updates, crafted(lam))
 
-    return Attack(apply, _keep_labels)
+    return make_attack(apply, _keep_labels)
 
 
 def fang_trim_values(updates: Updates, honest: jax.Array, r: Updates) -> Updates:
@@ -371,13 +400,14 @@ def fang_trim(b: float = FANG_B) -> Attack:
     """
 
     def apply(updates, malicious, key, context: AttackContext):
+        require_key(key, "fang_trim")
         leaves, treedef = jax.tree.flatten(updates)
         keys = jax.random.split(key, len(leaves))
         r = [jax.random.uniform(k, u.shape, jnp.float32, 1.0, b) for k, u in zip(keys, leaves)]
         values = fang_trim_values(updates, context.mask & ~malicious, jax.tree.unflatten(treedef, r))
         return _replace(updates, malicious, values)
 
-    return Attack(apply, _keep_labels)
+    return make_attack(apply, _keep_labels)
 
 
 def perturbation(kind: str, mu: Updates, sigma: Updates) -> Updates:
@@ -428,7 +458,7 @@ def _min_max_or_sum(reduce: str, kind: str, evals: int) -> Attack:
 
         return _replace(updates, malicious, at(gamma_search(feasible, evals)))
 
-    return Attack(apply, _keep_labels)
+    return make_attack(apply, _keep_labels)
 
 
 def min_max(kind: str = "std", evals: int = 20) -> Attack:
@@ -524,7 +554,7 @@ def grad_ascent(
         _, _, best_u, _ = jax.lax.fori_loop(0, steps + 1, body, (mu, opt.init(mu), mu, -jnp.inf))
         return _replace(updates, malicious, best_u)
 
-    return Attack(apply, _keep_labels)
+    return make_attack(apply, _keep_labels)
 
 
 # --------------------------------------------------------------------------
@@ -578,7 +608,7 @@ def switch(choices: Sequence[Attack], index: Any) -> Attack:
         branches = [lambda y, m, c=c: c.poison_labels(y, m, num_classes) for c in choices]
         return jax.lax.switch(index, branches, y, malicious)
 
-    return Attack(apply, poison_labels)
+    return make_attack(apply, poison_labels)
 
 
 # --------------------------------------------------------------------------

@@ -233,7 +233,7 @@ def map_clients(
     ``in_axes`` marks which of ``args`` carry the client axis (0) and which are
     shared (None). Under ``'map'`` the clients run as a sequential `lax.map`
     whose body vmaps ``chunk`` clients at a time; on a CPU that beats one huge
-    vmap (see ARCHITECTURE.md), on a GPU full vmap fills the chip.
+    vmap (see medfed_jax/DESIGN.md), on a GPU full vmap fills the chip.
 
     With a ``mesh`` (axis ``'clients'``, `medfed_jax.mesh`), the client axis is
     split into one contiguous block per device (`jax.shard_map`) and each

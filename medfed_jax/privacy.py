@@ -64,7 +64,7 @@ import ml_collections
 import numpy as np
 from jax.flatten_util import ravel_pytree
 
-from medfed_jax.aggregators import count_nonfinite, zero_masked
+from medfed_jax.aggregators import count_nonfinite, make_aggregator, require_key, zero_masked
 from medfed_jax.types import Aggregator, Knobs, PRNGKey
 
 if TYPE_CHECKING:
@@ -324,7 +324,8 @@ def dp_fedavg(
     aggregator state. With ``adaptive``, ``S`` lives in the aggregator state
     and moves geometrically toward the target quantile of the update norms,
     estimated from the noised count of unclipped clients; the overall noise
-    multiplier stays ``noise_multiplier``. Diagnostics: ``clip_norm`` (used
+    multiplier stays ``noise_multiplier``. Randomised: ``aggregate`` needs a
+    key (its other arguments default, see `medfed_jax.aggregators.make_aggregator`). Diagnostics: ``clip_norm`` (used
     this round), ``clipped_fraction`` (of taking-part clients; a non-private
     diagnostic), ``nonfinite_clients`` (their updates count as zeros).
     """
@@ -345,6 +346,7 @@ def dp_fedavg(
 
     def aggregate(updates, weights, mask, state, key):
         del weights
+        require_key(key, "dp_fedavg")
         clip = clip_norm if adaptive is None else state["clip_norm"]
         clipped, norms = _clip_rows(updates, clip, mask)
         key_update, key_count = jax.random.split(key)
@@ -370,7 +372,7 @@ def dp_fedavg(
             state = {**state, "clip_norm": clip * jnp.exp(-adaptive.clip_lr * (below - adaptive.target_quantile))}
         return update, state, diag
 
-    return Aggregator(init, aggregate)
+    return make_aggregator(init, aggregate)
 
 
 def dpsgd_gradient(noise_multiplier: jax.Array, clip_norm: jax.Array) -> Callable[..., tuple[jax.Array, Any]]:
@@ -432,6 +434,24 @@ def build_gradient_fn(cfg: Any, knobs: Knobs) -> Callable[..., tuple[jax.Array, 
 
 
 # --------------------------------------------------------------------------- accounting (host)
+
+
+def host_only(library: str) -> Callable[[Callable], Callable]:
+    """Refuse traced arguments with a TypeError saying the function runs on the host with ``library``."""
+
+    def decorate(function: Callable) -> Callable:
+        @functools.wraps(function)
+        def guarded(*args, **kwargs):
+            if any(isinstance(leaf, jax.core.Tracer) for leaf in jax.tree.leaves((args, kwargs))):
+                raise TypeError(
+                    f"privacy.{function.__name__} is host-only (it runs {library}): call it outside jit, "
+                    "with Python numbers."
+                )
+            return function(*args, **kwargs)
+
+        return guarded
+
+    return decorate
 
 
 # Below this noise multiplier a PLD would need billions of grid points; RDP
@@ -519,6 +539,7 @@ def describe_accounting(
     return f"Poisson sampling at rate {sampling_rate:g}, add-or-remove-one: {accountant.upper()} accountant"
 
 
+@host_only("scipy")
 def truncation_tail(population: int, sampling_rate: float, max_cohort: int) -> float:
     """``P(Binomial(population + 1, q) > max_cohort)``: a step truncates, on the larger of two neighbours."""
     from scipy import stats
@@ -526,6 +547,7 @@ def truncation_tail(population: int, sampling_rate: float, max_cohort: int) -> f
     return float(stats.binom.sf(max_cohort, population + 1, sampling_rate))
 
 
+@host_only("Python math")
 def truncation_slack(eps: float, steps: int, tail: float) -> float:
     """The delta truncation adds to an untruncated ``(eps, delta)`` guarantee: ``(1 + e^eps) steps tail``.
 
@@ -560,6 +582,7 @@ def _truncated_rdp_epsilon(
     return eps
 
 
+@host_only("dp_accounting")
 @functools.lru_cache(maxsize=1024)
 def epsilon(
     noise_multiplier: float,
@@ -609,6 +632,7 @@ def epsilon(
     return float(acc.get_epsilon(delta))
 
 
+@host_only("dp_accounting and scipy")
 def calibrate_noise(
     target_epsilon: float,
     delta: float,
@@ -645,6 +669,7 @@ def calibrate_noise(
     return sigma
 
 
+@host_only("jax-privacy, then float()")
 def bandmf_sensitivity_squared(bands: int, rounds: int) -> float:
     """``sens(C)^2`` of the ``rounds x rounds`` banded strategy when a client takes part in every round.
 
@@ -658,6 +683,7 @@ def bandmf_sensitivity_squared(bands: int, rounds: int) -> float:
     return float(toeplitz.minsep_sensitivity_squared(coefs, min_sep=1, max_participations=rounds, n=rounds))
 
 
+@host_only("dp_accounting")
 @functools.lru_cache(maxsize=1024)
 def bandmf_epsilon(noise_multiplier: float, bands: int, rounds: int, delta: float) -> float:
     """Epsilon of ``rounds`` banded-MF releases (every client every round): one Gaussian of ``sigma / sens(C)``."""
@@ -672,6 +698,7 @@ def bandmf_epsilon(noise_multiplier: float, bands: int, rounds: int, delta: floa
     return float(dp_accounting.get_epsilon_gaussian(z, delta))
 
 
+@host_only("jax-privacy, then float()")
 def bandmf_noise_for(noise_multiplier: float, bands: int, rounds: int) -> float:
     """The ``bandmf`` noise multiplier with DP-FedAvg's epsilon at ``noise_multiplier`` (every client, every round).
 

@@ -164,6 +164,11 @@ class FederatedDataset:
         return self.train.feature_shape
 
 
+def no_precondition(num_clients: int) -> None:
+    """A rule that runs on any number of clients."""
+    del num_clients
+
+
 class Aggregator(NamedTuple):
     """A robust (or plain) aggregation rule, as a pair of pure functions.
 
@@ -172,11 +177,16 @@ class Aggregator(NamedTuple):
     diagnostics)``: ``updates`` has leaves ``[C, ...]``, ``weights`` is ``[C]``
     (sample counts), ``mask`` is ``[C]`` bool (which clients took part). A
     masked-out client must not influence any output. ``diagnostics`` is a dict
-    of arrays whose keys and shapes do not depend on the data.
+    of arrays whose keys and shapes do not depend on the data. The rules of
+    `medfed_jax.aggregators` default all but ``updates``
+    (`medfed_jax.aggregators.make_aggregator`); the engine passes all five.
+    ``check(n)`` raises a ValueError naming the bound when the rule cannot
+    run on ``n`` clients.
     """
 
     init: Callable[[Params], Any]
     aggregate: Callable[..., tuple[Params, Any, Metrics]]
+    check: Callable[[int], None] = no_precondition
 
 
 class AttackContext(NamedTuple):
@@ -210,7 +220,8 @@ class Attack(NamedTuple):
     malicious clients (``malicious`` is ``[C]`` bool) after local training
     (model poisoning). ``poison_labels(y, malicious, num_classes) -> y``
     rewrites the labels ``[C, N]`` of malicious clients before local training
-    (data poisoning).
+    (data poisoning). The attacks of `medfed_jax.attacks` default ``key`` and
+    ``context`` (`medfed_jax.attacks.make_attack`); the engine passes both.
     """
 
     apply: Callable[..., Updates]
