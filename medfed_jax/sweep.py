@@ -894,13 +894,16 @@ def mean_std_ci(values: np.ndarray, present: np.ndarray) -> tuple[np.ndarray, np
     The half-width is ``t_{0.975, n-1} * std / sqrt(n)``; std and CI are nan
     for fewer than two entries, the mean is nan for none.
     """
-    import scipy.stats  # here, not at module level: scipy.stats takes ~0.7 s to import
-
     n = present.sum(axis=0)
     mean = np.where(present, values, 0.0).sum(axis=0) / np.maximum(n, 1)
     std = np.sqrt(np.square(np.where(present, values - mean, 0.0)).sum(axis=0) / np.maximum(n - 1, 1))
-    ci = scipy.stats.t.ppf(0.975, np.maximum(n - 1, 1)) * std / np.sqrt(np.maximum(n, 1))
     few = n < 2
+    if few.all():  # no CI to compute: a single run need not pay scipy.stats' import (~0.5 s)
+        ci = np.full(np.shape(n), math.nan)
+    else:
+        import scipy.stats  # here, not at module level
+
+        ci = scipy.stats.t.ppf(0.975, np.maximum(n - 1, 1)) * std / np.sqrt(np.maximum(n, 1))
     return np.where(n == 0, math.nan, mean), np.where(few, math.nan, std), np.where(few, math.nan, ci)
 
 
