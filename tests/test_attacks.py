@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import pytest
+from attack_inputs import updates_with_absent
 from scipy.stats import norm
 
 from medfed_jax import aggregators, attacks
@@ -19,18 +20,8 @@ C, K = 9, 4
 
 
 def setup(seed=0):
-    """Updates as a two-leaf pytree plus their [C, P] view, a malicious set and a mask.
-
-    Client 8 does not take part and holds garbage, which must not enter any honest statistic.
-    """
-    rng = np.random.default_rng(seed)
-    u = rng.normal(size=(C, 10))
-    u[8] = 1e30
-    malicious = np.zeros(C, bool)
-    malicious[[1, 4, 6]] = True
-    mask = np.ones(C, bool)
-    mask[8] = False
-    return u, malicious, mask
+    """Updates as ``[C, 10]`` rows, attackers 1, 4, 6; client 8 does not take part and holds garbage."""
+    return updates_with_absent(C, 10, absent=8, attackers=(1, 4, 6), seed=seed)
 
 
 def to_tree(u):

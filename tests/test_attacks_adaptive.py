@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from attack_inputs import updates_with_absent
 
 from medfed_jax import aggregators, attacks, runner, sweep
 from medfed_jax import config as config_lib
@@ -24,14 +25,7 @@ C, P = 10, 12
 
 def setup(seed=0):
     """``[C, P]`` updates (client 9 absent, holding garbage), attackers 2, 5, 7."""
-    rng = np.random.default_rng(seed)
-    u = rng.normal(size=(C, P)) + 0.5
-    u[9] = 1e30
-    malicious = np.zeros(C, bool)
-    malicious[[2, 5, 7]] = True
-    mask = np.ones(C, bool)
-    mask[9] = False
-    return u, malicious, mask
+    return updates_with_absent(C, P, absent=9, attackers=(2, 5, 7), shift=0.5, seed=seed)
 
 
 def tree(u):
