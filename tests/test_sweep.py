@@ -152,16 +152,21 @@ def test_epsilon_column_matches_the_accountant(finished):
         assert float(r["epsilon"]) == pytest.approx(expected, rel=1e-6)
 
 
-def test_resume_after_an_interruption_is_byte_identical(finished, tmp_path):
-    reference, _ = finished
-    workdir = str(tmp_path)
+def interrupt_after(workdir: str, chunks: int) -> None:
+    """Run `tiny_sweep` into ``workdir`` and kill it (KeyboardInterrupt) once ``chunks`` chunks are computed."""
 
     def crash(k):
-        if k == 2:
+        if k == chunks:
             raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
         sweep.run_sweep(tiny_sweep(), workdir, log=None, on_chunk=crash)
+
+
+def test_resume_after_an_interruption_is_byte_identical(finished, tmp_path):
+    reference, _ = finished
+    workdir = str(tmp_path)
+    interrupt_after(workdir, chunks=2)
     assert len(os.listdir(os.path.join(workdir, "chunks"))) == 2
     with open(os.path.join(workdir, "results.csv")) as f:
         assert len(f.read().splitlines()) == 1 + 8 * 2  # header + the 8 finished cells x 2 evaluations
@@ -177,13 +182,7 @@ def test_resume_after_a_crash_mid_append_is_byte_identical(finished, tmp_path):
     """A kill while appending leaves a torn last line in results.csv and a stale summary.csv; both are rebuilt."""
     reference, _ = finished
     workdir = str(tmp_path)
-
-    def crash(k):
-        if k == 3:
-            raise KeyboardInterrupt
-
-    with pytest.raises(KeyboardInterrupt):
-        sweep.run_sweep(tiny_sweep(), workdir, log=None, on_chunk=crash)
+    interrupt_after(workdir, chunks=3)
     with open(os.path.join(workdir, "results.csv")) as f:
         lines = f.read().splitlines()
     assert len(lines) == 1 + 12 * 2  # the header, then 3 chunks' rows appended as they finished
