@@ -203,13 +203,14 @@ def engine_round(width: int, batch_size: int, local_steps: int, lr: float, seed:
     cfg.privacy.mode, cfg.privacy.clip_norm = "local", 1.0
     cfg.privacy.delta = 0.5  # one client: delta < 1/units; the epsilon rows use their own delta
     prepared = runner.prepare(cfg, dataset)
-    engine = server.build_engine(server.static_config(cfg), prepared.context)
+    engine = server.build_engine(config_lib.split(cfg).static, prepared.context)
 
     def round_update(x, y, sigma, clip):
         train = ClientData(x[None], y[None], jnp.asarray([batch_size], jnp.int32))
-        knobs = {**prepared.knobs, "privacy.noise_multiplier": sigma, "privacy.clip_norm": clip}
-        state = engine.init(seed, train, knobs)
-        stepped, _ = engine.round_step(state, train, knobs)
+        hp = prepared.hparams
+        hp = hp._replace(privacy=hp.privacy._replace(noise_multiplier=sigma, clip_norm=clip))
+        state = engine.init(seed, train, hp)
+        stepped, _ = engine.round_step(state, train, hp)
         return state.params, jax.tree.map(jnp.subtract, state.params, stepped.params)
 
     def round_fn(x, y, sigma):
@@ -520,6 +521,7 @@ def federated_audit(
     """
     from jax_privacy import auditing
 
+    from medfed_jax import config as config_lib
     from medfed_jax import runner, server
 
     check_audit_config(cfg)
@@ -530,13 +532,13 @@ def federated_audit(
     trains = jax.vmap(included_block, in_axes=(None, 0))(pool, member)
     target_view = dataclasses.replace(dataset, train=jax.tree.map(lambda a: np.asarray(a[0]), trains))
     prepared = runner.prepare(cfg, target_view)
-    engine = server.build_engine(server.static_config(cfg), prepared.context)
-    knobs, model = prepared.knobs, make_model(cfg.model.name, dataset.num_classes, tuple(cfg.model.widths))
+    engine = server.build_engine(config_lib.split(cfg).static, prepared.context)
+    hparams, model = prepared.hparams, make_model(cfg.model.name, dataset.num_classes, tuple(cfg.model.widths))
     personal = cfg.personalization.method != "none"
 
     def statistics(run_seed, train):
-        state, _ = engine.run_rounds(engine.init(run_seed, train, knobs), train, knobs, cfg.rounds)
-        params = engine.eval_params(state, train, knobs)
+        state, _ = engine.run_rounds(engine.init(run_seed, train, hparams), train, hparams, cfg.rounds)
+        params = engine.eval_params(state, train, hparams)
         if personal:  # client c's records under client c's model
             logits = jax.vmap(model.apply)(params, pool.x)
         else:

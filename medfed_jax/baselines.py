@@ -21,11 +21,13 @@ import ml_collections
 
 from medfed_jax import config as config_lib
 from medfed_jax.client import LocalSpec, make_local_update, map_clients
+from medfed_jax.config import NO_CHOICES, Choices, HParams
 from medfed_jax.data.base import pool_clients
 from medfed_jax.eval import make_evaluate_per_client_models
 from medfed_jax.models import make_model
-from medfed_jax.server import Engine, default_parallelism, local_hparams, make_program
-from medfed_jax.types import Array, ClientData, FederatedDataset, Knobs
+from medfed_jax.program import make_program
+from medfed_jax.server import Engine, default_parallelism
+from medfed_jax.types import Array, ClientData, FederatedDataset
 
 
 class LocalOnlyState(NamedTuple):
@@ -42,28 +44,28 @@ def build_local_only(cfg: ml_collections.FrozenConfigDict, context: config_lib.B
     model = make_model(cfg.model.name, context.num_classes, tuple(cfg.model.widths))
     parallelism, chunk = default_parallelism(cfg)
 
-    def init(seed: Array, train: ClientData, knobs: Knobs) -> LocalOnlyState:
-        del knobs
+    def init(seed: Array, train: ClientData, hparams: HParams, choices: Choices = NO_CHOICES) -> LocalOnlyState:
+        del hparams, choices
         model_key, _, run_key = jax.random.split(jax.random.PRNGKey(seed), 3)
         params = model.init(model_key, jnp.zeros((1, *train.x.shape[2:]), jnp.float32))
         stacked = jax.tree.map(lambda p: jnp.broadcast_to(p, (context.num_clients, *p.shape)), params)
         return LocalOnlyState(stacked, jnp.zeros((), jnp.int32), run_key)
 
-    def round_step(state: LocalOnlyState, train: ClientData, knobs: Knobs):
+    def round_step(state: LocalOnlyState, train: ClientData, hparams: HParams, choices: Choices = NO_CHOICES):
         spec = LocalSpec.from_config(cfg.local, train.y.shape[1])
         local_update = make_local_update(model, spec)
         round_key = jax.random.fold_in(state.key, state.round)
         keys = jax.vmap(lambda i: jax.random.fold_in(round_key, i))(jnp.arange(context.num_clients))
         deltas, metrics = map_clients(
-            local_update, (state.params, tuple(train), keys, local_hparams(knobs)), (0, 0, 0, None), parallelism, chunk
+            local_update, (state.params, tuple(train), keys, hparams.local), (0, 0, 0, None), parallelism, chunk
         )
         params = jax.tree.map(jnp.add, state.params, deltas)
         weights = train.count.astype(jnp.float32)
         loss = jnp.sum(weights * metrics["train_loss"]) / jnp.sum(weights)
         return LocalOnlyState(params, state.round + 1, state.key), {"train_loss": loss}
 
-    def run_rounds(state, train, knobs, num_rounds: int):
-        return jax.lax.scan(lambda s, _: round_step(s, train, knobs), state, None, length=num_rounds)
+    def run_rounds(state, train, hparams: HParams, num_rounds: int, choices: Choices = NO_CHOICES):
+        return jax.lax.scan(lambda s, _: round_step(s, train, hparams), state, None, length=num_rounds)
 
     evaluate = make_evaluate_per_client_models(model)
     return Engine(

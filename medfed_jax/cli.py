@@ -117,7 +117,7 @@ class Command:
 def help_text(section: str | None = None) -> str:
     """``--help``: usage, flags, shipped configs and every config field (or one section)."""
     if section is not None:
-        return config_lib.describe_fields(section)
+        return config_files.describe_fields(section)
     module_flags = flags.FLAGS.get_flags_for_module(sys.modules[__name__])
     flag_lines = [f"  --{f.name}: {f.help}" for f in sorted(module_flags, key=lambda f: f.name)]
     return "\n".join(
@@ -133,7 +133,7 @@ def help_text(section: str | None = None) -> str:
             "config fields (--config.<field>=<value>; defaults of medfed_jax.config.default_config(), "
             "which configs change):",
             "",
-            config_lib.describe_fields(),
+            config_files.describe_fields(),
         ]
     )
 

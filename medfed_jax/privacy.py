@@ -65,7 +65,7 @@ import numpy as np
 from jax.flatten_util import ravel_pytree
 
 from medfed_jax.aggregators import count_nonfinite, make_aggregator, require_key, zero_masked
-from medfed_jax.types import Aggregator, Knobs, PRNGKey
+from medfed_jax.types import Aggregator, PRNGKey, hparams_of
 
 if TYPE_CHECKING:
     import dp_accounting
@@ -74,7 +74,16 @@ MODES = ("none", "central", "bandmf", "local", "dpsgd")
 SERVER_NOISE = ("central", "bandmf")  # client-level DP noised on the server's sum: the DP-FedAvg estimator
 ACCOUNTANTS = ("pld", "rdp")
 SAMPLINGS = ("poisson", "fixed")
-NUMERIC_FIELDS = ("noise_multiplier", "clip_norm", "target_quantile", "clip_lr", "clipped_count_stddev")
+
+
+class PrivacyHParams(NamedTuple):
+    """The ``privacy`` section's numeric settings (traced: sweeping them never recompiles)."""
+
+    noise_multiplier: Any  # sigma: noise std / clip norm
+    clip_norm: Any  # S (client level) or C (per example); the initial S when adaptive
+    target_quantile: Any  # adaptive clipping: share of updates meant to fall under S
+    clip_lr: Any  # geometric step of the adaptive clip norm
+    clipped_count_stddev: Any  # noise std on the clipped count
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -398,14 +407,22 @@ def dpsgd_gradient(noise_multiplier: jax.Array, clip_norm: jax.Array) -> Callabl
     return grad_fn
 
 
-def build_client_privatizer(cfg: Any, knobs: Knobs) -> Callable[[Any, PRNGKey], Any] | None:
-    """``(update, key) -> update`` applied per client before upload (local DP), or None."""
+def _hparams(cfg: Any, hparams: PrivacyHParams | None) -> PrivacyHParams:
+    return hparams_of(PrivacyHParams, cfg) if hparams is None else hparams
+
+
+def build_client_privatizer(cfg: Any, hparams: PrivacyHParams | None = None) -> Callable[[Any, PRNGKey], Any] | None:
+    """``(update, key) -> update`` applied per client before upload (local DP), or None.
+
+    ``hparams``: traced inside the engine; the config's values when None (as for every builder below).
+    """
     if cfg.mode != "local":
         return None
-    return local_privatizer(knobs["privacy.noise_multiplier"], knobs["privacy.clip_norm"])
+    hp = _hparams(cfg, hparams)
+    return local_privatizer(hp.noise_multiplier, hp.clip_norm)
 
 
-def build_central_aggregator(cfg: Any, knobs: Knobs, context: Any) -> Aggregator | None:
+def build_central_aggregator(cfg: Any, hparams: PrivacyHParams | None, context: Any) -> Aggregator | None:
     """The DP-FedAvg (or banded-MF) `Aggregator` replacing the configured one under central DP, or None.
 
     The fixed denominator is ``context.expected_cohort``, the expected number
@@ -415,22 +432,18 @@ def build_central_aggregator(cfg: Any, knobs: Knobs, context: Any) -> Aggregator
         return None
     if context.expected_cohort <= 0:
         raise ValueError(f"central DP needs the expected cohort size; got {context.expected_cohort}.")
-    adaptive = None
-    if cfg.adaptive_clipping:
-        adaptive = AdaptiveClip(
-            knobs["privacy.target_quantile"], knobs["privacy.clip_lr"], knobs["privacy.clipped_count_stddev"]
-        )
+    hp = _hparams(cfg, hparams)
+    adaptive = AdaptiveClip(hp.target_quantile, hp.clip_lr, hp.clipped_count_stddev) if cfg.adaptive_clipping else None
     bands = cfg.bands if cfg.mode == "bandmf" else 1
-    return dp_fedavg(
-        knobs["privacy.noise_multiplier"], knobs["privacy.clip_norm"], context.expected_cohort, adaptive, bands
-    )
+    return dp_fedavg(hp.noise_multiplier, hp.clip_norm, context.expected_cohort, adaptive, bands)
 
 
-def build_gradient_fn(cfg: Any, knobs: Knobs) -> Callable[..., tuple[jax.Array, Any]] | None:
+def build_gradient_fn(cfg: Any, hparams: PrivacyHParams | None = None) -> Callable[..., tuple[jax.Array, Any]] | None:
     """The per-batch DP-SGD gradient function (see `dpsgd_gradient`), or None."""
     if cfg.mode != "dpsgd":
         return None
-    return dpsgd_gradient(knobs["privacy.noise_multiplier"], knobs["privacy.clip_norm"])
+    hp = _hparams(cfg, hparams)
+    return dpsgd_gradient(hp.noise_multiplier, hp.clip_norm)
 
 
 # --------------------------------------------------------------------------- accounting (host)

@@ -472,7 +472,7 @@ class PreparedProgram:
     client_names: tuple[str, ...]
     rounds: tuple[int, ...]  # the round of each evaluation
     seeds: np.ndarray  # [n] uint32
-    knobs: dict[str, np.ndarray]  # path -> [n] float32
+    hparams: config_lib.HParams  # leaves [n] float32, one per cell
     epsilon: tuple[dict[str, tuple[float, ...]] | None, ...]  # per cell: `PRIVACY_COLUMNS` (and DP-SGD's
     # per-client epsilon[<client>]) -> the value after each evaluation; None without DP
     privacy_note: str  # how epsilon is accounted (unit, delta, accountant); '' without DP
@@ -542,7 +542,7 @@ def prepare_program(cfg: Any, plan: Plan, spec: ProgramSpec, datasets: dict, run
         raise ValueError(f"sweep program {spec.label()}: {e}") from None
     engine, view, _ = runner.engine_for(method, prepared, plan.switches, run_on.program_mesh())
     rounds = runner.eval_rounds(struct_cfg.rounds, struct_cfg.eval_every)
-    seeds, knobs, epsilons, notes, splits, cell_split = [], [], [], [], [], []
+    seeds, hparams, epsilons, notes, splits, cell_split = [], [], [], [], [], []
     for index in spec.cells:
         cell = plan.cells[index]
         cell_cfg = with_overrides(cfg, cell.values)
@@ -560,7 +560,7 @@ def prepare_program(cfg: Any, plan: Plan, spec: ProgramSpec, datasets: dict, run
         cell_split.append(next(i for i, d in enumerate(splits) if d is dataset))
         seeds.append(cell_cfg.seed)
         knob_cfg = baselines.pooled_config(cell_cfg) if method == "pooled" else cell_cfg
-        knobs.append({k: float(config_lib.get_path(knob_cfg, k)) for k in config_lib.numeric_fields()})
+        hparams.append(config_lib.split(knob_cfg).hparams)
     if len(splits) == 1:
         (train, test), split_index = place_program_data(run_on, engine, view), None
     else:  # host arrays [S, ...]: `run_chunk` gathers each chunk's splits and the program places them
@@ -575,7 +575,7 @@ def prepare_program(cfg: Any, plan: Plan, spec: ProgramSpec, datasets: dict, run
         client_names=tuple(prepared.dataset.client_names),
         rounds=rounds,
         seeds=np.asarray(seeds, np.uint32),
-        knobs={k: np.asarray([kn[k] for kn in knobs], np.float32) for k in config_lib.numeric_fields()},
+        hparams=jax.tree.map(lambda *cells: np.asarray(cells, np.float32), *hparams),
         epsilon=tuple(epsilons),
         privacy_note="; ".join(notes),
         switch_index={knob: choices.index(spec.structural[knob]) for knob, choices in plan.switches},
@@ -604,15 +604,12 @@ def effective_chunk_size(plan: Plan, devices: int = 1) -> int:
 
 
 @functools.lru_cache(maxsize=64)
-def _vmapped(
-    program: Callable, switched: tuple[str, ...], cells: jax.sharding.Mesh | None = None, own_splits: bool = False
-) -> Callable:
-    """The program vmapped over cells: seeds and numeric knobs batched, switch indices shared, data shared (or
+def _vmapped(program: Callable, cells: jax.sharding.Mesh | None = None, own_splits: bool = False) -> Callable:
+    """The program vmapped over cells: seeds and hparams batched, switch indices shared, data shared (or
     batched too: ``own_splits``, each cell its own split); with a ``cells`` mesh, the cells split over its
     devices (`medfed_jax.mesh.over_cells`)."""
-    knob_axes = {**{k: 0 for k in config_lib.numeric_fields()}, **{k: None for k in switched}}
     data = 0 if own_splits else None
-    in_axes = (0, data, data, knob_axes)
+    in_axes = (0, data, data, 0, None)
     batched = jax.vmap(program, in_axes=in_axes)
     return jax.jit(batched) if cells is None else mesh_lib.over_cells(batched, cells, in_axes)
 
@@ -645,27 +642,27 @@ def compile_batched(
     if key in _COMPILED:
         return _COMPILED[key], False
     seeds = jax.ShapeDtypeStruct((batch,), jnp.uint32)
-    knobs = {k: jax.ShapeDtypeStruct((batch,), jnp.float32) for k in config_lib.numeric_fields()}
-    knobs.update({k: jax.ShapeDtypeStruct((), jnp.int32) for k in switched})
+    hparams = config_lib.filled_hparams(jax.ShapeDtypeStruct((batch,), jnp.float32))
+    choices = config_lib.Choices(*(jax.ShapeDtypeStruct((), jnp.int32) for _ in config_lib.Choices._fields))
     if own_splits:
         train_spec, test_spec = (
             jax.tree.map(lambda a: jax.ShapeDtypeStruct((batch, *a.shape[1:]), a.dtype), spec)
             for spec in (train_spec, test_spec)
         )
-    program = _vmapped(engine.program, switched, cells, own_splits)
-    _COMPILED[key] = program.lower(seeds, train_spec, test_spec, knobs).compile()
+    program = _vmapped(engine.program, cells, own_splits)
+    _COMPILED[key] = program.lower(seeds, train_spec, test_spec, hparams, choices).compile()
     return _COMPILED[key], True
 
 
 def run_chunk(program: PreparedProgram, start: int, stop: int, batch: int, compiled: Any) -> dict[str, np.ndarray]:
     """Histories of the program's cells ``[start, stop)``, padded to ``batch`` with the last cell (dropped)."""
     take = np.minimum(np.arange(start, start + batch), stop - 1)
-    knobs = {k: v[take] for k, v in program.knobs.items()}
-    knobs.update({k: np.int32(i) for k, i in program.switch_index.items()})
+    hparams = jax.tree.map(lambda v: v[take], program.hparams)
+    choices = config_lib.Choices.of(program.switch_index)
     train, test = program.train, program.test
     if program.split_index is not None:  # each cell's own split, gathered from the host stacks
         train, test = (type(d)(*(np.asarray(a)[program.split_index[take]] for a in d)) for d in (train, test))
-    history = jax.device_get(compiled(program.seeds[take], train, test, knobs))
+    history = jax.device_get(compiled(program.seeds[take], train, test, hparams, choices))
     return {k: np.asarray(v)[: stop - start] for k, v in history.items()}
 
 
