@@ -58,6 +58,7 @@ from medfed_jax.types import Array, ClientData, Model, Params, hparams_of
 
 METHODS = ("none", "finetune", "ditto", "fedper", "apfl")
 PERSONAL_METHODS = METHODS[1:]
+LOCAL_ONLY = "local_only"  # the local-only baseline (`medfed_jax.baselines`): built here, not a user choice
 
 
 class PersonalizationHParams(NamedTuple):
@@ -230,6 +231,22 @@ def _federated(local_update: Callable, personal_params: Callable | None = None) 
     return _whole_model(lambda params, num_clients: (), client_update, personal_params)
 
 
+def _local_only(local_update: Callable) -> Personalizer:
+    """Local-only training: every client's own model, trained alone; nothing is shared (an empty tree)."""
+
+    def client_update(params, personal, data, key, hparams):
+        delta, metrics = local_update(personal, data, key, hparams)
+        return {}, _add(personal, delta), metrics
+
+    return Personalizer(
+        init=stack_clients,
+        shared=lambda params: {},
+        merge=lambda params, shared: params,
+        client_update=client_update,
+        personal_params=lambda params, clients, train, key, hparams: clients,
+    )
+
+
 def _finetune(cfg: Any, model: Model, spec: LocalSpec, parallelism: str, chunk: int) -> Callable[..., Params]:
     """``personal_params``: every client fine-tunes the global model for ``finetune_steps`` steps."""
     if cfg.finetune_steps == 0:
@@ -350,7 +367,7 @@ def build_personalizer(
     local gradient (DP-SGD's, or None for the exact one) used for everything
     that leaves the client.
     """
-    if cfg.method not in METHODS:
+    if cfg.method not in (*METHODS, LOCAL_ONLY):
         raise ValueError(f"personalization.method={cfg.method!r} is unknown; choose one of {METHODS}.")
     hp = hparams_of(PersonalizationHParams, cfg) if hparams is None else hparams
     if cfg.method == "fedper":
@@ -358,6 +375,8 @@ def build_personalizer(
     if cfg.method == "apfl":
         return _apfl(cfg, hp.alpha, model, spec, gradient_fn)
     local_update = make_local_update(model, spec, gradient_fn)
+    if cfg.method == LOCAL_ONLY:
+        return _local_only(local_update)
     if cfg.method == "ditto":
         return _ditto(hp.ditto_lambda, model, spec, local_update)
     finetune = _finetune(cfg, model, spec, parallelism, chunk) if cfg.method == "finetune" else None

@@ -58,7 +58,7 @@ class Prepared:
     cfg: Any
     dataset: FederatedDataset
     context: config_lib.BuildContext
-    hparams: config_lib.HParams  # the numeric settings, traced (`medfed_jax.config.split`)
+    hparams: config_lib.HParams  # the numeric settings of ``cfg``, traced (`medfed_jax.config.split`)
     accounting: privacy.Accounting  # the (epsilon, delta) bookkeeping of the run's DP settings
     split_follows_seed: bool = False  # each seed draws its own split (data.seed None, data loaded here)
 
@@ -143,32 +143,38 @@ def method_view(method: str, dataset: FederatedDataset) -> FederatedDataset:
     return baselines.pooled_training_view(dataset) if method == "pooled" else dataset
 
 
-def engine_for(
-    method: str, prepared: Prepared, switches: Switches = (), mesh: jax.sharding.Mesh | None = None
-) -> tuple[Engine, FederatedDataset, Any]:
-    """The engine, data view and config of one method of a prepared run.
-
-    ``switches`` (`medfed_jax.server.build_engine`): structural choices the
-    program picks at run time from its ``choices`` argument; pooled training ignores them (it
-    has no attack and a plain mean), local-only training has no use for them.
-    ``mesh``: the devices the cohort is split over (`build_engine`'s default: every device).
-    """
-    cfg, dataset = prepared.cfg, prepared.dataset
-    static = lambda cfg, switches: config_lib.split(cfg, switches).static  # noqa: E731
+def method_config(method: str, cfg: Any) -> Any:
+    """The config a method runs: ``cfg`` (federated), the baselines' (`medfed_jax.baselines`), or ``cfg``
+    with ``personalization.method`` set (the personalised methods)."""
     if method == "federated":
-        return build_engine(static(cfg, switches), prepared.context, switches, mesh), dataset, cfg
+        return cfg
     if method == "local_only":
-        return baselines.build_local_only(static(cfg, switches), prepared.context), dataset, cfg
+        return baselines.local_only_config(cfg)
     if method == "pooled":
-        pooled_cfg = baselines.pooled_config(cfg)
-        view = method_view(method, dataset)
-        return build_engine(static(pooled_cfg, ()), build_context(pooled_cfg, view), (), mesh), view, pooled_cfg
+        return baselines.pooled_config(cfg)
     if method in personalize.PERSONAL_METHODS:
         personal_cfg = cfg.copy_and_resolve_references()
         personal_cfg.personalization.method = method
-        engine = build_engine(static(personal_cfg, switches), prepared.context, switches, mesh)
-        return engine, dataset, personal_cfg
+        return personal_cfg
     raise ValueError(f"unknown method {method!r}; choose one of {METHODS}.")
+
+
+def engine_for(
+    method: str, prepared: Prepared, switches: Switches = (), mesh: jax.sharding.Mesh | None = None
+) -> tuple[Engine, FederatedDataset, Any]:
+    """The engine, data view and config (`method_config`) of one method of a prepared run.
+
+    ``switches`` (`medfed_jax.server.build_engine`): structural choices the
+    program picks at run time from its ``choices`` argument; the baselines
+    ignore them (no attack, a plain mean). ``mesh``: the devices the cohort is
+    split over (`build_engine`'s default: every device; local-only: one).
+    """
+    cfg, view = method_config(method, prepared.cfg), method_view(method, prepared.dataset)
+    if method == "local_only":
+        return baselines.build_local_only(config_lib.split(cfg).static, build_context(cfg, view)), view, cfg
+    if method == "pooled":
+        return build_engine(config_lib.split(cfg).static, build_context(cfg, view), (), mesh), view, cfg
+    return build_engine(config_lib.split(cfg, switches).static, prepared.context, switches, mesh), view, cfg
 
 
 TEMPORARY = re.compile(r"^(?P<target>.+)\.tmp(?P<pid>[0-9]+)$")  # `_write_atomic`'s file before its rename
@@ -369,6 +375,7 @@ def train_evaluations(
     after each. ``seed_axis``: vmap over ``seeds`` (else exactly one seed, plain).
     """
     engine, _, cfg = engine_for(method, prepared)
+    hparams = config_lib.split(cfg).hparams
     if not seed_axis and len(seeds) != 1:
         raise ValueError(f"train_evaluations: without a seed axis give exactly one seed, got {list(seeds)}.")
     seed = np.asarray(seeds, np.uint32) if seed_axis else np.uint32(seeds[0])
@@ -380,15 +387,15 @@ def train_evaluations(
         train, test = place_data(engine, method_view(method, datasets[0]))
     start = time.perf_counter()
     loop = device_loop(engine, seed_axis, split_axis)
-    init, chunk, compile_s = compile_loop(loop, seed, train, test, prepared.hparams)
+    init, chunk, compile_s = compile_loop(loop, seed, train, test, hparams)
     if log:
         log(f"[{method}] compiled in {compile_s:.1f}s" + (f" ({len(seeds)} seeds vmapped)" if seed_axis else ""))
-    state, evaluations = _resume(method, checkpoint, init(seed, train, prepared.hparams), log)
+    state, evaluations = _resume(method, checkpoint, init(seed, train, hparams), log)
     done = evaluations[-1].round if evaluations else 0
     before = evaluations[-1].elapsed_s if evaluations else 0.0
     run_start, first = time.perf_counter(), done
     for num_rounds in chunk_lengths(cfg.rounds, cfg.eval_every, done):
-        state, metrics = chunk(state, train, test, prepared.hparams, np.int32(num_rounds))
+        state, metrics = chunk(state, train, test, hparams, np.int32(num_rounds))
         metrics = {k: np.asarray(v) if seed_axis else np.asarray(v)[None] for k, v in jax.device_get(metrics).items()}
         done += num_rounds
         now = time.perf_counter()

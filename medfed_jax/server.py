@@ -40,7 +40,7 @@ from medfed_jax import mesh as mesh_lib
 from medfed_jax.client import LocalHParams, LocalSpec, example_loss_fn, map_clients
 from medfed_jax.config import NO_CHOICES, Choices, HParams
 from medfed_jax.data import population
-from medfed_jax.eval import make_evaluate, make_evaluate_personal
+from medfed_jax.eval import make_evaluate, make_evaluate_per_client_models, make_evaluate_personal
 from medfed_jax.models import make_model
 from medfed_jax.program import global_params, jit_on, make_program
 from medfed_jax.server_optimizer import make_server_optimizer
@@ -145,6 +145,7 @@ class RoundSpec(NamedTuple):
     chunk: int  # clients per vmapped chunk under 'map'
     mesh: jax.sharding.Mesh | None  # the 'clients' mesh local training is split over; None: one device
     by_coordinate: bool  # re-split updates over coordinates before aggregating (`mesh.spread_coordinates`)
+    own_keys: bool = False  # local-only: client i trains with fold_in(round key, i), its key stream (no purpose)
 
     @property
     def poisson(self) -> bool:
@@ -211,7 +212,8 @@ def round_step(
         malicious = malicious & taking
     cohort_clients = jax.tree.map(lambda s: s[index], state.clients) if spec.indexed else state.clients
     labels = parts.attack.poison_labels(data.y, malicious, spec.context.num_classes)
-    client_keys = jax.vmap(lambda i: jax.random.fold_in(key_for(_LOCAL), i))(index)
+    local_key = round_key if spec.own_keys else key_for(_LOCAL)
+    client_keys = jax.vmap(lambda i: jax.random.fold_in(local_key, i))(index)
     deltas, cohort_clients, local_metrics = map_clients(
         parts.personalizer.client_update,
         (state.params, cohort_clients, (data.x, labels, data.count), client_keys, hparams),
@@ -224,13 +226,17 @@ def round_step(
     if spec.indexed:  # clients outside the cohort (and in slots not taking part) keep their personal state
         kept = index if taking is None else jnp.where(taking, index, spec.context.num_clients)
         clients = jax.tree.map(lambda s, new: s.at[kept].set(new, mode="drop"), state.clients, cohort_clients)
+    weights, mask = data.count, data.count > 0
+    loss_weight = jnp.where(mask & ~malicious, weights, 0).astype(jnp.float32)  # honest clients taking part
+    train_loss = jnp.sum(loss_weight * local_metrics["train_loss"]) / jnp.maximum(jnp.sum(loss_weight), 1)
+    shared = parts.personalizer.shared(state.params)
+    if not jax.tree.leaves(shared):  # nothing leaves a client (local-only training): no server side
+        return state._replace(round=state.round + 1, clients=clients), {"train_loss": train_loss}
     if spec.by_coordinate:
         deltas = mesh_lib.spread_coordinates(deltas, spec.mesh)
     if parts.privatizer is not None:
         deltas = jax.vmap(parts.privatizer)(deltas, jax.random.split(key_for(_PRIVACY), index.shape[0]))
-    weights, mask = data.count, data.count > 0
     aggregate = lambda u: parts.aggregator.aggregate(u, weights, mask, state.agg_state, key_for(_AGGREGATE))  # noqa: E731
-    shared = parts.personalizer.shared(state.params)
 
     def server_step(update):  # the gathered (whole) update -> (params, server optimizer state)
         pseudo_gradient = jax.tree.map(jnp.negative, update)
@@ -254,9 +260,8 @@ def round_step(
     new_state = state._replace(
         params=params, server_opt_state=opt_state, agg_state=agg_state, round=state.round + 1, clients=clients
     )
-    loss_weight = jnp.where(mask & ~malicious, weights, 0).astype(jnp.float32)  # honest clients taking part
     metrics = {
-        "train_loss": jnp.sum(loss_weight * local_metrics["train_loss"]) / jnp.maximum(jnp.sum(loss_weight), 1),
+        "train_loss": train_loss,
         "update_norm": optax.global_norm(update),
         **_scalar_metrics(diagnostics),
     }
@@ -384,7 +389,8 @@ def round_spec(cfg: Any, context: config_lib.BuildContext, switches: Switches, m
     model = make_model(cfg.model.name, context.num_classes, tuple(cfg.model.widths))
     rules = dict(switches).get("aggregator.name") or (cfg.aggregator.name,)
     by_coordinate = cfg.privacy.mode not in privacy.SERVER_NOISE and not set(rules) <= MEANS  # see spread_coordinates
-    return RoundSpec(context, model, *default_parallelism(cfg), mesh, by_coordinate)
+    own_keys = cfg.personalization.method == personalize.LOCAL_ONLY
+    return RoundSpec(context, model, *default_parallelism(cfg), mesh, by_coordinate, own_keys)
 
 
 @functools.lru_cache(maxsize=32)
@@ -400,7 +406,12 @@ def _round_functions(
         raise ValueError(f"build_engine: {unknown} cannot be switched at run time; switchable: {SWITCHABLE}.")
     spec = round_spec(cfg, context, switches, mesh)
     step = functools.partial(_engine_round, cfg, switches, spec)
-    if cfg.personalization.method in personalize.PERSONAL_METHODS:
+    if spec.own_keys:  # local-only: each client's model on its own test split and on every client's
+        evaluate, eval_params = (
+            make_evaluate_per_client_models(spec.model),
+            functools.partial(_personal_params, cfg, spec),
+        )
+    elif cfg.personalization.method in personalize.PERSONAL_METHODS:
         evaluate = make_evaluate_personal(spec.model, spec.parallelism, spec.chunk)
         eval_params = functools.partial(_personal_params, cfg, spec)
     else:

@@ -119,10 +119,10 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from medfed_jax import baselines, privacy, runner
 from medfed_jax import config as config_lib
 from medfed_jax import data as data_lib
 from medfed_jax import mesh as mesh_lib
+from medfed_jax import privacy, runner
 from medfed_jax.data import base as data_base
 from medfed_jax.server import SWITCHABLE, Engine, Switches
 from medfed_jax.types import ClientData, FederatedDataset
@@ -559,8 +559,7 @@ def prepare_program(cfg: Any, plan: Plan, spec: ProgramSpec, datasets: dict, run
         splits.extend([dataset] if all(d is not dataset for d in splits) else [])
         cell_split.append(next(i for i, d in enumerate(splits) if d is dataset))
         seeds.append(cell_cfg.seed)
-        knob_cfg = baselines.pooled_config(cell_cfg) if method == "pooled" else cell_cfg
-        hparams.append(config_lib.split(knob_cfg).hparams)
+        hparams.append(config_lib.split(runner.method_config(method, cell_cfg)).hparams)
     if len(splits) == 1:
         (train, test), split_index = place_program_data(run_on, engine, view), None
     else:  # host arrays [S, ...]: `run_chunk` gathers each chunk's splits and the program places them
