@@ -21,7 +21,7 @@ only the files medfed_jax writes there (`WORKDIR_FILES`).
 
 Every method
 trains exactly ``rounds`` rounds, evaluated every ``eval_every`` rounds and at
-the last (`medfed_jax.server.eval_rounds`), in chunks: a line for the compile,
+the last (`medfed_jax.program.eval_rounds`), in chunks: a line for the compile,
 then a progress line per evaluation (rounds/s after compiling, ETA). With
 ``--seeds=N`` every method runs N seeds vmapped, chunk by chunk the same way,
 and the run ends with a mean +- sample std table (over the seeds whose model
