@@ -308,7 +308,7 @@ def build_components(
     )
 
 
-def init_state(
+def init(
     cfg: Any,
     switches: Switches,
     spec: RoundSpec,
@@ -418,7 +418,7 @@ def _round_functions(
         evaluate, eval_params = make_evaluate(spec.model, spec.parallelism, spec.chunk), global_params
     jit = jit_on(mesh)
     return Engine(
-        init=jit(functools.partial(init_state, cfg, switches, spec)),
+        init=jit(functools.partial(init, cfg, switches, spec)),
         round_step=jit(step),
         run_rounds=jit(functools.partial(_run_rounds, step), static_argnums=3),
         evaluate=jit(evaluate),

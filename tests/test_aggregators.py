@@ -508,7 +508,7 @@ def test_every_name_builds_from_config():
     specific = {"krum": {"selected", "selected_client"}, "multi_krum": {"selected"}, "bulyan": {"selected"}}
     specific |= {"geometric_median": {"gm_objective"}, "centered_clipping": {"clipped"}}
     for name in agg.AGGREGATOR_NAMES:
-        a = agg.build_aggregator(section(name=name, pre=("norm_clip",)), {})
+        a = agg.build_aggregator(section(name=name, pre=("norm_clip",)))
         args = (tree, jnp.ones(9), jnp.ones(9, bool), a.init({"x": jnp.ones(3)}), jax.random.PRNGKey(0))
         out, _, diag = jax.eval_shape(a.aggregate, *args)  # traces (wiring, shapes) without compiling
         assert out["x"].shape == (3,)

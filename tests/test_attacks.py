@@ -213,7 +213,7 @@ def test_every_name_builds():
         loss=lambda params, clients: sum(jnp.sum(jnp.square(p)) for p in jax.tree.leaves(params)),
     )
     for name in attacks.ATTACK_NAMES:
-        a = attacks.build_attack(section(name=name), {})
+        a = attacks.build_attack(section(name=name))
         out = jax.eval_shape(
             lambda *args, a=a: a.apply(*args, context), to_tree(u), jnp.asarray(mal), jax.random.PRNGKey(0)
         )

@@ -142,7 +142,7 @@ def test_finetune_with_zero_steps_is_the_global_model():
     section.method, section.finetune_steps = "finetune", 0
     model = make_model("mlp", NUM_CLASSES, (6,))
     spec = LocalSpec(1, 0, 64, "sgd", "shuffle", dataset.train.max_count)
-    personal = personalize.build_personalizer(section, {}, model, spec)
+    personal = personalize.build_personalizer(section, None, model, spec)
     params = jax.jit(model.init)(jax.random.PRNGKey(0), jnp.zeros((1, 4)))
     hparams = LocalHParams(jnp.float32(LR), jnp.float32(0.0), jnp.float32(0.0))
     tuned = personal.personal_params(params, (), dataset.train, jax.random.PRNGKey(1), hparams)
