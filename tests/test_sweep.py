@@ -220,8 +220,8 @@ def test_eta_counts_the_cells_not_yet_recorded_at_the_measured_chunk_rate():
         rounds=(5, 10),
         spec=sweep.ProgramSpec({}, tuple(range(100))),
     )
-    chunks = [sweep._Chunk(program, lo, lo + 10, 10, None) for lo in range(0, 100, 10)]
-    progress = sweep._Progress(chunks, start=0.0, workers=2)
+    chunks = [sweep.Chunk(program, lo, lo + 10, 10, None) for lo in range(0, 100, 10)]
+    progress = sweep.Progress(chunks, start=0.0, workers=2)
     for chunk in chunks[:3]:
         progress.ran(chunk, 2.0)  # 100 cell-rounds in 2 s: 0.02 s per cell-round
     progress.recorded(chunks[0])
@@ -237,16 +237,16 @@ def test_eta_counts_the_cells_not_yet_recorded_at_the_measured_chunk_rate():
 
 
 def test_large_sweeps_are_refused_before_loading_data_unless_allowed(monkeypatch):
-    monkeypatch.setattr(sweep, "MAX_CELLS", 15)  # tiny_sweep has 16 cells
+    monkeypatch.setattr(sweep.progress, "MAX_CELLS", 15)  # tiny_sweep has 16 cells
 
     def no_data(*args):
         raise AssertionError("data loaded before the size check")
 
-    monkeypatch.setattr(sweep.data_lib, "load_dataset", no_data)
+    monkeypatch.setattr(sweep.prepare.data_lib, "load_dataset", no_data)
     with pytest.raises(ValueError, match=r"^the sweep is large: 16 cells.*limits are 15 cells.*--allow_large_sweep"):
         sweep.prepare_sweep(tiny_sweep())
     monkeypatch.undo()
-    monkeypatch.setattr(sweep, "MAX_PROGRAMS", 0)
+    monkeypatch.setattr(sweep.progress, "MAX_PROGRAMS", 0)
     with pytest.raises(ValueError, match=r"1 compiled program\(s\).*limits are .* 0 compiled programs"):
         sweep.prepare_sweep(tiny_sweep())
     assert len(sweep.prepare_sweep(tiny_sweep(), allow_large=True).plan.cells) == 16
