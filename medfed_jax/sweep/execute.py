@@ -262,9 +262,7 @@ def _compile_job(chunk: Chunk, run_on: Execution, cache: ProgramCache) -> tuple[
     """(compiled program, seconds, whether it was compiled now rather than found)."""
     start = time.perf_counter()
     engine, batch, train, test, switched, own_splits = chunk.compile_key
-    compiled, fresh = cache.compile(
-        engine, run_on.padded(batch), train, test, switched, run_on.cell_mesh(), own_splits
-    )
+    compiled, fresh = cache.compile(engine, run_on.padded(batch), train, test, switched, run_on.cell_mesh(), own_splits)
     return compiled, time.perf_counter() - start, fresh
 
 
