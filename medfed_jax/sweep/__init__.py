@@ -76,18 +76,20 @@ partition and train/test split: cells of one program that differ in seed get
 their own splits, stacked on the experiment axis (`PreparedProgram`), still
 one compile. Summaries over seeds are then over splits x training seeds.
 
-Results (workdir): ``results.csv``, one row per cell x evaluation (every knob
-a column, then ``round``, for private runs ``epsilon`` (the run's relation,
-named in ``sweep.json``'s privacy note), ``epsilon_replace_one`` and under
-DP-SGD ``epsilon[<client>]``, then the metrics and per-client metrics
-``<metric>[<client>]``); ``summary.csv``, the same over seeds (mean, sample
-std (ddof 1), t-based 95% confidence half-width, n). While the
-sweep runs, each chunk's rows are appended to ``results.csv`` and
-``summary.csv`` is refreshed every `SUMMARY_EVERY_S` seconds; at the end both
-are written atomically in cell order (`TableFiles`). Each chunk's histories
-are kept in ``chunks/<hash>.json`` (a hash of the chunk's cells), so a sweep
-killed at any point and started again recomputes only the missing chunks and
-ends with byte-identical CSVs.
+Results (workdir), tidy (`medfed_jax.sweep.tables`): ``results.csv``, one row
+per cell x evaluation (every knob a column, then ``round``, for private runs
+``epsilon`` (the run's relation, named in ``sweep.json``'s privacy note) and
+``epsilon_replace_one``, then the scalar metrics); ``clients.csv``, one row per
+cell x evaluation x client x per-client metric (``cell``, the knobs,
+``round``, ``client``, ``metric``, ``value``; under DP-SGD each client's own
+``epsilon`` too); ``summary.csv`` and ``clients_summary.csv``, the same over
+seeds (mean, sample std (ddof 1), t-based 95% confidence half-width, n). While
+the sweep runs, each chunk's rows are appended to ``results.csv`` and
+``clients.csv`` and the summaries are refreshed every `SUMMARY_EVERY_S`
+seconds; at the end all four are written atomically in cell order
+(`TableFiles`). Each chunk's histories are kept in ``chunks/<hash>.json`` (a
+hash of the chunk's cells), so a sweep killed at any point and started again
+recomputes only the missing chunks and ends with byte-identical CSVs.
 
 Before compiling, a sweep logs its cells, compiled programs, cell-rounds and
 an estimated cost (`SweepCost`, from nominal rates); a sweep above
@@ -162,12 +164,18 @@ from medfed_jax.sweep.progress import (
     sweep_cost,
 )
 from medfed_jax.sweep.tables import (
+    CLIENT_COLUMNS,
+    FILES,
     SUMMARY_EVERY_S,
     TableFiles,
     Tables,
     cell_rows,
+    client_rows,
+    client_summary_over_seeds,
+    client_summary_rows,
     format_float,
     mean_std_ci,
+    parse_client_values,
     parse_metrics,
     result_rows,
     summary_keys,
@@ -179,10 +187,12 @@ __all__ = [
     "AUTO_CHUNK",
     "AUTO_CHUNK_DEFAULT",
     "CHUNK_DIR",
+    "CLIENT_COLUMNS",
     "CPU_DEFAULT",
     "Cell",
     "Chunk",
     "Execution",
+    "FILES",
     "MAX_CELLS",
     "MAX_CPU_WORKERS",
     "MAX_PROGRAMS",
@@ -209,6 +219,9 @@ __all__ = [
     "check_size",
     "chunk_bounds",
     "chunk_key",
+    "client_summary_over_seeds",
+    "client_rows",
+    "client_summary_rows",
     "default_sweep_devices",
     "effective_chunk_size",
     "execution",
@@ -220,6 +233,7 @@ __all__ = [
     "load_chunk",
     "mean_std_ci",
     "numeric_knobs",
+    "parse_client_values",
     "parse_metrics",
     "place_program_data",
     "plan_sweep",

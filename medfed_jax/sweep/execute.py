@@ -175,12 +175,14 @@ def load_chunk(path: str) -> tuple[list[int], dict[str, np.ndarray]]:
 
 @dataclasses.dataclass
 class SweepResult:
-    """What a sweep produced: the plan, per-cell histories and the two tables."""
+    """What a sweep produced: the plan, per-cell histories and the four tables (`medfed_jax.sweep.tables`)."""
 
     plan: Plan
     histories: dict[int, dict[str, np.ndarray]]
-    rows: list[dict]
-    summary: list[dict]
+    rows: list[dict]  # results.csv
+    summary: list[dict]  # summary.csv
+    client_rows: list[dict]  # clients.csv
+    client_summary: list[dict]  # clients_summary.csv
     programs_compiled: int
     compile_seconds: float
     run_seconds: float
@@ -357,11 +359,11 @@ def run_prepared(
                 chunk, history = runs[future], future.result()
                 new = {i: {key: v[j] for key, v in history.items()} for j, i in enumerate(chunk.cells)}
                 histories.update(new)
-                rows = tables.add(new)
+                rows, client_rows = tables.add(new)
                 if chunk.path:
                     save_chunk(chunk.path, chunk.cells, history)
                 if files:
-                    files.append(rows)
+                    files.append(rows, client_rows)
                 progress.recorded(chunk)
                 if log:
                     log(progress.line(chunk, len(histories), len(plan.cells)))
@@ -382,7 +384,16 @@ def run_prepared(
             f"of chunk time ({run_on.describe()}); wall {seconds:.1f}s"
         )
     return SweepResult(
-        plan, histories, tables.rows(), tables.summary(), stats["compiled"], stats["compile_s"], stats["run_s"], seconds
+        plan,
+        histories,
+        tables.rows(),
+        tables.summary(),
+        tables.client_rows(),
+        tables.client_summary(),
+        stats["compiled"],
+        stats["compile_s"],
+        stats["run_s"],
+        seconds,
     )
 
 

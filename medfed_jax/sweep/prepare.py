@@ -45,11 +45,13 @@ class PreparedProgram:
     rounds: tuple[int, ...]  # the round of each evaluation
     seeds: np.ndarray  # [n] uint32
     knobs: dict[str, np.ndarray]  # path -> [n] float32
-    epsilon: tuple[dict[str, tuple[float, ...]] | None, ...]  # per cell: `PRIVACY_COLUMNS` (and DP-SGD's
-    # per-client epsilon[<client>]) -> the value after each evaluation; None without DP
+    epsilon: tuple[dict[str, tuple[float, ...]] | None, ...]  # per cell: `PRIVACY_COLUMNS` -> the value after
+    # each evaluation; None without DP
     privacy_note: str  # how epsilon is accounted (unit, delta, accountant); '' without DP
     switch_index: dict[str, int] = dataclasses.field(default_factory=dict)  # switched knob -> choice index
     split_index: np.ndarray | None = None  # [n] int32: each cell's split in train/test, None = one shared
+    client_epsilon: tuple[np.ndarray | None, ...] = ()  # per cell under DP-SGD: [evaluations, clients], each
+    # client's own record-level epsilon (`medfed_jax.privacy.client_record_epsilons`); else None
 
 
 def _dataset(cfg: Any, cache: dict) -> FederatedDataset:
@@ -66,13 +68,14 @@ PRIVACY_COLUMNS = ("epsilon", "epsilon_replace_one")
 
 
 def _cell_epsilon(cfg: Any, method: str, dataset: FederatedDataset, rounds: tuple[int, ...]):
-    """(privacy column -> value after each evaluation round, accounting note), or (None, '') without DP.
+    """(privacy column -> value after each evaluation round, per-client epsilons, accounting note), or
+    (None, None, '') without DP.
 
-    Columns: `PRIVACY_COLUMNS`; with DP-SGD (a record the unit) also
-    ``epsilon[<client>]``, each client's own (`medfed_jax.privacy.client_record_epsilons`).
+    Columns: `PRIVACY_COLUMNS`. Per-client: with DP-SGD (a record the unit), each client's own epsilon after
+    each evaluation round, ``[evaluations, clients]`` (`medfed_jax.privacy.client_record_epsilons`); else None.
     """
     if method != "federated" or cfg.privacy.mode == "none":
-        return None, ""
+        return None, None, ""
     sizes = [int(n) for n in np.asarray(dataset.train.count)]
     privacy.validate_with_run(cfg, sizes)
     accounting = privacy.accounting_for_run(cfg, dataset.num_clients, sizes)
@@ -81,10 +84,10 @@ def _cell_epsilon(cfg: Any, method: str, dataset: FederatedDataset, rounds: tupl
         "epsilon": tuple(accounting.epsilon_after(r) for r in rounds),
         "epsilon_replace_one": tuple(accounting.replace_one_epsilon_after(r) for r in rounds),
     }
+    per_client = None
     if accounting.unit == "record":
-        per_client = [privacy.client_record_epsilons(cfg, sizes, r) for r in rounds]
-        columns.update({f"epsilon[{c}]": tuple(e[i] for e in per_client) for i, c in enumerate(dataset.client_names)})
-    return columns, note
+        per_client = np.asarray([privacy.client_record_epsilons(cfg, sizes, r) for r in rounds], np.float64)
+    return columns, per_client, note
 
 
 def _check_same_clients(first: runner.Prepared, dataset: FederatedDataset, seed: int) -> None:
@@ -114,7 +117,7 @@ def prepare_program(cfg: Any, plan: Plan, spec: ProgramSpec, datasets: dict, run
         raise ValueError(f"sweep program {spec.label()}: {e}") from None
     engine, view, _ = runner.engine_for(method, prepared, plan.switches, run_on.program_mesh())
     rounds = runner.eval_rounds(struct_cfg.rounds, struct_cfg.eval_every)
-    seeds, knobs, epsilons, notes, splits, cell_split = [], [], [], [], [], []
+    seeds, knobs, epsilons, client_epsilons, notes, splits, cell_split = [], [], [], [], [], [], []
     for index in spec.cells:
         cell = plan.cells[index]
         cell_cfg = with_overrides(cfg, cell.values)
@@ -123,10 +126,11 @@ def prepare_program(cfg: Any, plan: Plan, spec: ProgramSpec, datasets: dict, run
             if dataset is not prepared.dataset:
                 _check_same_clients(prepared, dataset, cell_cfg.seed)
             config_lib.validate(cell_cfg, prepared.context)
-            epsilon, note = _cell_epsilon(cell_cfg, method, dataset, rounds)
+            epsilon, client_epsilon, note = _cell_epsilon(cell_cfg, method, dataset, rounds)
         except ValueError as e:
             raise ValueError(f"sweep cell {index} ({_describe(cell.values)}): {e}") from None
         epsilons.append(epsilon)
+        client_epsilons.append(client_epsilon)
         notes.extend([note] if note and note not in notes else [])
         splits.extend([dataset] if all(d is not dataset for d in splits) else [])
         cell_split.append(next(i for i, d in enumerate(splits) if d is dataset))
@@ -152,6 +156,7 @@ def prepare_program(cfg: Any, plan: Plan, spec: ProgramSpec, datasets: dict, run
         privacy_note="; ".join(notes),
         switch_index={knob: choices.index(spec.structural[knob]) for knob, choices in plan.switches},
         split_index=split_index,
+        client_epsilon=tuple(client_epsilons),
     )
 
 
