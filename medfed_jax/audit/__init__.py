@@ -33,7 +33,7 @@ The package, by attack: `inversion`, `membership` (both on the digits of
 command line. The names below are re-exported here.
 """
 
-from medfed_jax.audit.cli import federated_main, main, write_csv
+from medfed_jax.audit.cli import federated_main, main
 from medfed_jax.audit.digits import DIGITS_SHAPE, batch_gradient, example_losses, load_digits_images
 from medfed_jax.audit.federated import (
     MAX_CLIENT_COLUMNS,
@@ -91,5 +91,4 @@ __all__ = [
     "simulated_upload",
     "table_from_dir",
     "train_dpsgd",
-    "write_csv",
 ]

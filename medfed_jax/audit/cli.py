@@ -3,25 +3,16 @@
 from __future__ import annotations
 
 import argparse
-import csv
 import logging
 import os
 import sys
 from collections.abc import Sequence
 from typing import Any
 
-from medfed_jax import privacy
+from medfed_jax import privacy, tabular
 from medfed_jax.audit.federated import audit_settings, federated_audit, federated_table
 from medfed_jax.audit.inversion import inversion_experiment, save_inversion_figure
 from medfed_jax.audit.membership import MEMBERSHIP_DELTA, membership_experiment
-
-
-def write_csv(rows: list[dict], path: str) -> None:
-    """Write dict rows (same keys) as a CSV file."""
-    with open(path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
 
 
 def federated_main(args: argparse.Namespace) -> dict[str, Any]:
@@ -45,13 +36,12 @@ def federated_main(args: argparse.Namespace) -> dict[str, Any]:
         report.update({k: overall[k] for k in ("empirical_epsilon_lower_bound", "accounted_record_epsilon")})
         summaries.append({**label, "audit": overall, "privacy": report})
         print(f"{released:>10} {dp:>22}: " + ", ".join(f"{k}={v:.4g}" for k, v in overall.items()))
-    write_csv(rows, os.path.join(args.out, "federated_membership.csv"))
+    tabular.write_csv(os.path.join(args.out, "federated_membership.csv"), rows)
     summary = {"config": args.federated, "shadows": args.shadows, "seed": args.seed, "settings": summaries}
     with open(os.path.join(args.out, "summary.json"), "w") as f:
         json.dump(config_lib.json_safe(summary), f, indent=2)
     table = federated_table(rows, summaries)
-    with open(os.path.join(args.out, "federated_membership.md"), "w") as f:
-        f.write(table + "\n")
+    tabular.write_text_atomic(os.path.join(args.out, "federated_membership.md"), table + "\n")
     print(table)
     return summary
 
@@ -86,7 +76,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     inversion, shown, true = inversion_experiment(
         args.noise, trials=args.trials, steps=args.inversion_steps, seed=args.seed, local_steps=args.local_steps
     )
-    write_csv(inversion, os.path.join(args.out, "inversion.csv"))
+    tabular.write_csv(os.path.join(args.out, "inversion.csv"), inversion)
     save_inversion_figure(true, shown, os.path.join(args.out, "inversion.png"))
     rate, steps = 1.0, args.membership_steps  # full-batch DP gradient descent
     sigmas = [privacy.calibrate_noise(e, MEMBERSHIP_DELTA, rate, steps, tol=0.01) for e in args.epsilons]
@@ -97,7 +87,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         delta=MEMBERSHIP_DELTA,
         seed=args.seed,
     )
-    write_csv(membership, os.path.join(args.out, "membership.csv"))
+    tabular.write_csv(os.path.join(args.out, "membership.csv"), membership)
     for name, rows in (("inversion", inversion), ("membership", membership)):
         print(name)
         for row in rows:

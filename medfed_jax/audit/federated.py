@@ -3,7 +3,6 @@ global and personalised models, with jax-privacy's one-run epsilon lower bound (
 
 from __future__ import annotations
 
-import csv
 import dataclasses
 import math
 import os
@@ -15,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from medfed_jax import privacy
+from medfed_jax import privacy, tabular
 from medfed_jax.models import make_model
 from medfed_jax.types import Array, ClientData, FederatedDataset
 
@@ -197,10 +196,8 @@ def federated_table(rows: Sequence[dict], summaries: Sequence[dict]) -> str:
     clients = [c for c in dict.fromkeys(row["client"] for row in rows) if c != "all"]
     wide = len(clients) <= MAX_CLIENT_COLUMNS
     columns = [*clients, "all"] if wide else ["all", "clients (min–max)"]
-    lines = [
-        "| model | DP | ε accounted (record) | ε lower bound (95%) | attack | " + " | ".join(columns) + " |",
-        "|" + "---|" * (5 + len(columns)),
-    ]
+    header = ["model", "DP", "ε accounted (record)", "ε lower bound (95%)", "attack", *columns]
+    body = []
     for summary in summaries:
         label = (summary["model"], summary["dp"])
         auc = {row["client"]: row for row in rows if (row["model"], row["dp"]) == label}
@@ -211,17 +208,14 @@ def federated_table(rows: Sequence[dict], summaries: Sequence[dict]) -> str:
             cells = [f"{v:.3f}" for v in per_client] if wide else [f"{min(per_client):.3f}–{max(per_client):.3f}"]
             cells = [*cells, f"{float(auc['all'][key]):.3f}"] if wide else [f"{float(auc['all'][key]):.3f}", *cells]
             bound = f"{summary['audit']['empirical_epsilon_lower_bound']:.3g}" if key == "lira_auc" else ""
-            lines.append(
-                f"| {label[0]} | {label[1]} | {accounted} | {bound} | {attack_name} AUC | {' | '.join(cells)} |"
-            )
-    return "\n".join(lines)
+            body.append([*label, accounted, bound, f"{attack_name} AUC", *cells])
+    return tabular.markdown_table(header, body, padded=False)
 
 
 def table_from_dir(out: str) -> str:
     """`federated_table` of a finished ``--federated`` run's ``federated_membership.csv`` and ``summary.json``."""
     import json
 
-    with open(os.path.join(out, "federated_membership.csv")) as f:
-        rows = list(csv.DictReader(f))
+    rows = tabular.read_csv(os.path.join(out, "federated_membership.csv"))
     with open(os.path.join(out, "summary.json")) as f:
         return federated_table(rows, json.load(f)["settings"])

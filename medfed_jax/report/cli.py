@@ -7,7 +7,7 @@ import os
 
 from absl import app, flags
 
-from medfed_jax import runner
+from medfed_jax import tabular
 from medfed_jax.report.pages import results_section, update_readme, write_report
 
 
@@ -41,7 +41,7 @@ def main(argv: list[str]) -> None:
                 print(f"updated the Results section of {args.readme} (figures under {args.assets})")
             else:
                 os.makedirs(os.path.dirname(os.path.abspath(args.section)), exist_ok=True)
-                runner.write_text_atomic(args.section, section + "\n")
+                tabular.write_text_atomic(args.section, section + "\n")
                 print(f"wrote the Results section to {args.section} (figures under {args.assets}); README.md unchanged")
         else:
             for workdir in args.workdir:

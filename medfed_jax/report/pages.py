@@ -9,7 +9,7 @@ import re
 import shutil
 from collections.abc import Sequence
 
-from medfed_jax import runner, sweep
+from medfed_jax import tabular
 from medfed_jax.report.figures import EXPERIMENT_FIGURES, FIGURES
 from medfed_jax.report.plotting import save_figure
 from medfed_jax.report.rows import SweepTables, load
@@ -58,7 +58,7 @@ def _worst_case_section(tables: SweepTables) -> list[str]:
 def write_report(workdir: str) -> tuple[str, list[str]]:
     """Write ``final.csv``, the figures that apply and ``report.md``; returns (report path, figure paths)."""
     tables = load(workdir)
-    runner.write_text_atomic(os.path.join(workdir, "final.csv"), sweep.to_csv(tables.final))
+    tabular.write_csv(os.path.join(workdir, "final.csv"), tables.final)
     figures, notes, lines = [], [], []
     for name, draw, title in FIGURES:
         fig = draw(tables)
@@ -89,7 +89,7 @@ def write_report(workdir: str) -> tuple[str, list[str]]:
         ]
     )
     path = os.path.join(workdir, "report.md")
-    runner.write_text_atomic(path, text)
+    tabular.write_text_atomic(path, text)
     return path, figures
 
 
@@ -144,4 +144,4 @@ def update_readme(path: str, section: str) -> None:
         text = head + section + rest.split(END, 1)[1]
     else:
         text = text.rstrip("\n") + "\n\n" + section + "\n"
-    runner.write_text_atomic(path, text)
+    tabular.write_text_atomic(path, text)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import csv
 import dataclasses
 import json
 import math
@@ -10,6 +9,8 @@ import os
 from collections.abc import Sequence
 
 import numpy as np
+
+from medfed_jax import tabular
 
 METRIC = "test_accuracy"
 NAMES = {
@@ -41,11 +42,6 @@ class SweepTables:
         return final_rows(self.summary, self.meta["knobs"])
 
 
-def read_csv(path: str) -> list[dict]:
-    with open(path, newline="") as f:
-        return list(csv.DictReader(f))
-
-
 def load(workdir: str) -> SweepTables:
     """Read ``sweep.json`` and ``summary.csv``; says what is missing and how to make it."""
     for name in ("sweep.json", "summary.csv"):
@@ -56,7 +52,7 @@ def load(workdir: str) -> SweepTables:
             )
     with open(os.path.join(workdir, "sweep.json")) as f:
         meta = json.load(f)
-    return SweepTables(workdir, meta, read_csv(os.path.join(workdir, "summary.csv")))
+    return SweepTables(workdir, meta, tabular.read_csv(os.path.join(workdir, "summary.csv")))
 
 
 def final_rows(summary: Sequence[dict], knobs: Sequence[str]) -> list[dict]:
@@ -93,7 +89,7 @@ def _pct(row: dict, stat: str, metric: str = METRIC) -> float:
 
 def results(tables: SweepTables) -> list[dict]:
     """The sweep's ``results.csv`` rows (per cell, seed and evaluation)."""
-    return read_csv(os.path.join(tables.workdir, "results.csv"))
+    return tabular.read_csv(os.path.join(tables.workdir, "results.csv"))
 
 
 def client_values(row: dict) -> np.ndarray:

@@ -14,7 +14,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from medfed_jax import sweep
+from medfed_jax import sweep, tabular
 from medfed_jax.report.rows import (
     DIVERGED_TEXT,
     METRIC,
@@ -64,9 +64,7 @@ def final_table(summary: Sequence[dict], knobs: Sequence[str]) -> str:
             + ([_epsilon_text(row)] if private else [])
             + [row["round"], format_mean_std(row), "—" if math.isnan(ci) or diverged(row) else f"{ci:.1f}", row["n"]]
         )
-    widths = [max(len(r[i]) for r in [header, *body]) for i in range(len(header))]
-    line = lambda cells: "| " + " | ".join(c.ljust(w) for c, w in zip(cells, widths)) + " |"  # noqa: E731
-    return "\n".join([line(header), "|" + "|".join("-" * (w + 2) for w in widths) + "|", *map(line, body)])
+    return tabular.markdown_table(header, body)
 
 
 def mean_std_text(values: Sequence[float], scale: float = 100, digits: int = 1) -> str:
@@ -81,12 +79,6 @@ def mean_std_text(values: Sequence[float], scale: float = 100, digits: int = 1) 
     mean, std, _ = sweep.mean_std_ci(np.where(finite, v, 0.0), finite)
     text = f"{scale * mean[0]:.{digits}f}" + (f" ± {scale * std[0]:.{digits}f}" if np.isfinite(std[0]) else "")
     return text + (f" ({v.size - finite.sum()}/{v.size} {DIVERGED_TEXT})" if not finite.all() else "")
-
-
-def markdown_table(header: Sequence[str], body: Sequence[Sequence[str]]) -> str:
-    widths = [max(len(r[i]) for r in [header, *body]) for i in range(len(header))]
-    line = lambda cells: "| " + " | ".join(c.ljust(w) for c, w in zip(cells, widths)) + " |"  # noqa: E731
-    return "\n".join([line(header), "|" + "|".join("-" * (w + 2) for w in widths) + "|", *map(line, body)])
 
 
 def spread_note(sizes: Sequence[int]) -> str:
@@ -122,7 +114,7 @@ def collaboration_table(tables: SweepTables) -> str:
     header = ["dataset", "method", "own clients' test splits: mean of clients", "worst client", "all clients' test set"]
     return (
         f"Test accuracy (%) after {_last_round(rows)} rounds, {_n(groups)}. Local-only: each client's own "
-        "model; on all clients' test set, the mean over those models.\n\n" + markdown_table(header, body)
+        "model; on all clients' test set, the mean over those models.\n\n" + tabular.markdown_table(header, body)
     )
 
 
@@ -146,7 +138,7 @@ def security_table(tables: SweepTables) -> str:
         body = [[p, a, *(mean_std_text(cells.get((p, a, g), [])) for g in aggregators)] for p, a in settings]
         parts.append(
             f"After {budget} rounds: test accuracy (%), {spread_note([len(v) for v in cells.values()])}.\n\n"
-            + markdown_table(["partition", "attack (25% of clients)", *aggregators], body)
+            + tabular.markdown_table(["partition", "attack (25% of clients)", *aggregators], body)
         )
         for partition in dict.fromkeys(p for p, _ in settings):
             attacked = [a for p, a in settings if p == partition and a != "none"]
@@ -193,7 +185,7 @@ def privacy_table(tables: SweepTables) -> str:
     return (
         f"Unit: one client (hospital); every client in every round, {last} rounds, δ = "
         f"{_delta(tables)}. Test accuracy (%) on all clients' test set, {_n(groups)}.\n\n"
-        + markdown_table(header, body)
+        + tabular.markdown_table(header, body)
     )
 
 
@@ -224,7 +216,7 @@ def record_dp_table(tables: SweepTables) -> str:
     return (
         f"Unit: one patient, within each hospital (DP-SGD); δ = {_delta(tables)}, {last} rounds. Each "
         f"hospital's ε from its own Poisson sampling rate. Accuracy (%), {_n(groups)}.\n\n"
-        + markdown_table(header, body)
+        + tabular.markdown_table(header, body)
     )
 
 
@@ -269,7 +261,7 @@ def personalization_table(tables: SweepTables) -> str:
     return (
         f"Accuracy (%) on each hospital's own test split after {_last_round(rows)} rounds, {_n(groups)}; the "
         f"last columns count the splits on which the setting beats {_setting(groups[reference][0], knobs)} on "
-        "that split.\n\n" + markdown_table(header, body)
+        "that split.\n\n" + tabular.markdown_table(header, body)
     )
 
 
@@ -337,13 +329,7 @@ def worst_case_table(tables: SweepTables) -> str:
             row = by.get((name, f))
             cells.append("—" if row is None else f"{format_mean_std(row)} ({row['attack.name']})")
         body.append([name, *cells])
-    return _markdown(header, body)
-
-
-def _markdown(header: list[str], body: list[list[str]]) -> str:
-    widths = [max(len(r[i]) for r in [header, *body]) for i in range(len(header))]
-    line = lambda cells: "| " + " | ".join(c.ljust(w) for c, w in zip(cells, widths)) + " |"  # noqa: E731
-    return "\n".join([line(header), "|" + "|".join("-" * (w + 2) for w in widths) + "|", *map(line, body)])
+    return tabular.markdown_table(header, body)
 
 
 def adaptive_vs_fixed_table(tables: SweepTables) -> str | None:
@@ -369,4 +355,4 @@ def adaptive_vs_fixed_table(tables: SweepTables) -> str | None:
         gap = "—" if diverged(row) or diverged(other) else f"{_pct(row, 'mean') - _pct(other, 'mean'):+.1f}"
         cells = [f"{format_mean_std(r)} ({r['attack.name']})" for r in (other, row)]
         body.append([row["aggregator.name"], f"{100 * float(row['attack.fraction']):g}%", *cells, gap])
-    return _markdown(header, body)
+    return tabular.markdown_table(header, body)
