@@ -13,10 +13,12 @@ client_update, server_update)`, the three places a round changes:
    optimizer steps and ``sent`` whether the server received it (a client that
    did not send keeps its state).
 3. **Server** (once per round): ``server_update(server, cohort, aggregate) ->
-   (update, server)`` with the round's `Cohort`; ``aggregate(deltas) ->
-   update`` is the round's aggregator (weights, mask, state and key bound), so
-   the robust rules compose. The server optimizer then applies ``update``
-   (plain SGD with learning rate 1 is each paper's server step).
+   ((update, *rest), server)`` with the round's `Cohort`; ``aggregate(deltas)
+   -> (update, *rest)`` is the round's aggregator with weights, mask, state and
+   key bound (`Aggregator.aggregate`'s ``(update, agg_state, diagnostics)``
+   passes through with ``update`` corrected), so the robust rules compose. The
+   server optimizer then applies ``update`` (plain SGD with learning rate 1 is
+   each paper's server step).
 
 ``init(params, num_clients) -> DriftState(server, clients)``: ``clients`` has
 a leading client axis over the whole population, like personalisation's
@@ -111,7 +113,7 @@ class Drift(NamedTuple):
     init: Callable[[Params, int], DriftState]
     local_terms: Callable[[Any, Any], LocalTerms]
     client_update: Callable[[Any, Any, Params, Array, Array], Any]
-    server_update: Callable[[Any, Cohort, Callable[[Updates], Params]], tuple[Params, Any]]
+    server_update: Callable[[Any, Cohort, Callable[[Updates], tuple]], tuple[tuple, Any]]
 
 
 def corrected_gradient(grads: Params, params: Params, start: Params, terms: LocalTerms) -> Params:
@@ -245,7 +247,7 @@ def feddyn(alpha: Array | float) -> Drift:
     def server_update(h, cohort, aggregate):
         total = _masked_sum(cohort.mask, cohort.deltas)
         h = jax.tree.map(lambda hh, t: hh - alpha * t / cohort.num_clients, h, total)
-        update = jax.tree.map(lambda u, hh: u - hh / alpha, aggregate(cohort.deltas), h)
-        return update, h
+        update, *rest = aggregate(cohort.deltas)
+        return (jax.tree.map(lambda u, hh: u - hh / alpha, update, h), *rest), h
 
     return Drift("feddyn", init, local_terms, client_update, server_update)

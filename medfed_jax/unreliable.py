@@ -13,9 +13,9 @@ The round folds a purpose into its round key first (one key per purpose).
   Uniform(0, 1]``, i.e. uniformly one of ``1..tau`` (FedProx's systems
   heterogeneity, Li et al. 2020, "Federated Optimization in Heterogeneous
   Networks", which draws local epochs uniformly from ``1..E``).
-- `compute_budgets`: heterogeneous per-client compute, local epochs drawn
-  once per run uniformly from ``low..high`` (FedNova's experiments, Wang et
-  al. 2020, draw them from 2..5).
+- `compute_budgets`: heterogeneous per-client compute, local epochs uniform
+  on ``low..high``, fixed for a run by the run's key (FedNova's experiments,
+  Wang et al. 2020, draw them from 2..5).
 - FedBuff (Nguyen et al. 2022, "Federated Learning with Buffered Asynchronous
   Aggregation"), simulated in virtual time with no threads: ``M`` clients
   train concurrently, each on the model of the server version it was
@@ -71,14 +71,15 @@ def straggler_steps(key: PRNGKey, clients: Array, steps: Array, rate: Array | fl
     return jnp.where(straggles, jnp.clip(done, jnp.minimum(steps, 1), steps), steps)
 
 
-def compute_budgets(key: PRNGKey, num_clients: int, low: int, high: int) -> Array:
-    """``[num_clients]`` int32 local epochs, each uniform on ``low..high`` (drawn once per run)."""
+def compute_budgets(key: PRNGKey, clients: Array, low: int, high: int) -> Array:
+    """``[C]`` int32 local epochs of ``clients``, each uniform on ``low..high``; a run's key gives each client
+    one budget for the whole run (no state: recomputed for each cohort)."""
     if not (isinstance(low, int) and isinstance(high, int) and 1 <= low <= high):
         raise ValueError(
             f"compute_budgets: low={low!r}, high={high!r} must be integers with 1 <= low <= high "
             "(the fewest and most local epochs a client can afford)."
         )
-    return _per_client(key, jnp.arange(num_clients), lambda k: jax.random.randint(k, (), low, high + 1))
+    return _per_client(key, clients, lambda k: jax.random.randint(k, (), low, high + 1))
 
 
 def latency(key: PRNGKey, clients: Array, mean_latency: Array | float, spread: Array | float) -> Array:

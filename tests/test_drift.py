@@ -66,7 +66,7 @@ def jax_rounds(method, rule, steps, momentum=0.0, mask=MASK, rounds=ROUNDS):
             state.clients, deltas, steps, mask
         )
         cohort = drift.Cohort(deltas, steps, weights, mask, state.clients, after, N)
-        update, server = method.server_update(state.server, cohort, lambda u: rule.aggregate(u, weights, mask)[0])
+        (update, _, _), server = method.server_update(state.server, cohort, lambda u: rule.aggregate(u, weights, mask))
         return jax.tree.map(jnp.add, params, update), drift.DriftState(server, after)
 
     step = jax.jit(one_round)

@@ -79,7 +79,7 @@ def test_straggler_steps_stay_within_one_and_the_clients_own_steps():
 
 
 def test_compute_budgets_are_uniform_on_low_to_high():
-    epochs = np.asarray(unreliable.compute_budgets(KEY, 3000, 2, 5))
+    epochs = np.asarray(unreliable.compute_budgets(KEY, jnp.arange(3000), 2, 5))
     assert epochs.min() >= 2 and epochs.max() <= 5
     assert_chi_square(np.bincount(epochs, minlength=6)[2:], np.full(4, 0.25), "local epochs")
 
@@ -161,7 +161,10 @@ def test_fedbuff_matches_an_event_driven_simulation():
     [
         (lambda: unreliable.dropout_mask(KEY, jnp.arange(3), 1.5), r"dropout_mask: rate=1.5 must lie in \[0, 1\]"),
         (lambda: unreliable.straggler_steps(KEY, jnp.arange(3), jnp.ones(3), -0.1), r"straggler_steps: rate=-0.1"),
-        (lambda: unreliable.compute_budgets(KEY, 3, 3, 2), r"low=3, high=2 must be integers with 1 <= low <= high"),
+        (
+            lambda: unreliable.compute_budgets(KEY, jnp.arange(3), 3, 2),
+            r"low=3, high=2 must be integers with 1 <= low <= high",
+        ),
         (lambda: unreliable.fedbuff_init(KEY, 4, 5, 1.0, 0.0), r"concurrency=5, num_clients=4 need"),
         (
             lambda: unreliable.fedbuff_step(unreliable.fedbuff_init(KEY, 6, 3, 1.0, 0.0), KEY, 6, 4, 1.0, 0.0),
