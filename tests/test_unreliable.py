@@ -21,6 +21,7 @@ from scipy import stats
 from medfed_jax import unreliable
 
 Z = 5.3
+EPS32 = float(np.finfo(np.float32).eps)
 KEY = jax.random.key(0)
 
 
@@ -113,6 +114,39 @@ def test_fedbuff_with_buffer_equal_to_concurrency_is_synchronous(spread):
         assert len(in_flight) == m and int(state.server_version) == t + 1
 
 
+def test_fedbuff_rounds_with_buffer_equal_to_concurrency_are_synchronous_fedavg():
+    """FedBuff's loop (train at dispatch, hold the update in its slot, apply sum_k weights_k delta_k) with K = M and
+    zero latency spread trains the same model as synchronous FedAvg on the same cohorts (to float32 rounding)."""
+    num_clients, m, lr = 8, 3, 0.5
+    targets = jnp.linspace(-2.0, 2.0, num_clients)[:, None] * jnp.array([1.0, -0.5])  # client c's optimum
+
+    def local(params, clients):  # one gradient step of 0.5 ||w - t_c||^2 per client: [K, 2]
+        return lr * (targets[clients] - params)
+
+    state = unreliable.fedbuff_init(KEY, num_clients, m, 1.0, 0.0)
+    params = synchronous = jnp.zeros(2)
+    pending = local(params, state.client)
+    for t in range(5):
+        buffer, state = unreliable.fedbuff_step(state, jax.random.key(t + 1), num_clients, m, 1.0, 0.0)
+        params = params + jnp.sum(buffer.weights[:, None] * pending[buffer.slots], axis=0)
+        pending = pending.at[buffer.slots].set(local(params, buffer.dispatched))
+        synchronous = synchronous + jnp.mean(local(synchronous, buffer.clients), axis=0)
+        assert float(state.clock) == t + 1  # every round takes the one latency
+    bound = 5 * 4 * EPS32 * float(jnp.max(jnp.abs(targets)))  # 5 rounds of a 3-term sum of values below max|t|
+    np.testing.assert_allclose(params, synchronous, rtol=0, atol=bound)
+
+
+def test_fedbuff_dispatch_is_uniform_over_idle_clients():
+    """Each of N clients is in the first M-subset with probability M / N (binomial over 2000 independent draws)."""
+    num_clients, m, draws = 10, 4, 2000
+    keys = jax.random.split(KEY, draws)
+    clients = jax.vmap(lambda k: unreliable.fedbuff_init(k, num_clients, m, 1.0, 0.0).client)(keys)
+    assert all(len(set(row)) == m for row in np.asarray(clients).tolist())
+    counts = np.bincount(np.asarray(clients).reshape(-1), minlength=num_clients)
+    for c in range(num_clients):
+        assert_binomial(int(counts[c]), draws, m / num_clients, f"client {c} dispatched")
+
+
 def numpy_fedbuff(initial: list[int], dispatches: list[list[int]], mean: np.ndarray, k: int, exponent: float):
     """Event-driven FedBuff with a heap of (finish, slot): the arrivals, staleness, weights and clock of each step.
 
@@ -151,7 +185,7 @@ def test_fedbuff_matches_an_event_driven_simulation():
         np.testing.assert_array_equal(buffer.slots, slots)
         np.testing.assert_array_equal(buffer.clients, clients)
         np.testing.assert_array_equal(buffer.staleness, staleness)
-        np.testing.assert_allclose(buffer.weights, weights, rtol=4 * float(np.finfo(np.float32).eps))
+        np.testing.assert_allclose(buffer.weights, weights, rtol=4 * EPS32)
         assert clock == want_clock
     assert max(max(s) for _, _, s, _, _ in want) >= 2  # slow clients did arrive stale
 
