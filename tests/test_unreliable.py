@@ -123,14 +123,19 @@ def test_fedbuff_rounds_with_buffer_equal_to_concurrency_are_synchronous_fedavg(
     def local(params, clients):  # one gradient step of 0.5 ||w - t_c||^2 per client: [K, 2]
         return lr * (targets[clients] - params)
 
+    @jax.jit
+    def both_rounds(state, params, pending, synchronous, key):
+        buffer, state = unreliable.fedbuff_step(state, key, num_clients, m, 1.0, 0.0)
+        params = params + jnp.sum(buffer.weights[:, None] * pending[buffer.slots], axis=0)
+        pending = pending.at[buffer.slots].set(local(params, buffer.dispatched))
+        synchronous = synchronous + jnp.mean(local(synchronous, buffer.clients), axis=0)
+        return state, params, pending, synchronous
+
     state = unreliable.fedbuff_init(KEY, num_clients, m, 1.0, 0.0)
     params = synchronous = jnp.zeros(2)
     pending = local(params, state.client)
     for t in range(5):
-        buffer, state = unreliable.fedbuff_step(state, jax.random.key(t + 1), num_clients, m, 1.0, 0.0)
-        params = params + jnp.sum(buffer.weights[:, None] * pending[buffer.slots], axis=0)
-        pending = pending.at[buffer.slots].set(local(params, buffer.dispatched))
-        synchronous = synchronous + jnp.mean(local(synchronous, buffer.clients), axis=0)
+        state, params, pending, synchronous = both_rounds(state, params, pending, synchronous, jax.random.key(t + 1))
         assert float(state.clock) == t + 1  # every round takes the one latency
     bound = 5 * 4 * EPS32 * float(jnp.max(jnp.abs(targets)))  # 5 rounds of a 3-term sum of values below max|t|
     np.testing.assert_allclose(params, synchronous, rtol=0, atol=bound)
@@ -140,7 +145,7 @@ def test_fedbuff_dispatch_is_uniform_over_idle_clients():
     """Each of N clients is in the first M-subset with probability M / N (binomial over 2000 independent draws)."""
     num_clients, m, draws = 10, 4, 2000
     keys = jax.random.split(KEY, draws)
-    clients = jax.vmap(lambda k: unreliable.fedbuff_init(k, num_clients, m, 1.0, 0.0).client)(keys)
+    clients = jax.jit(jax.vmap(lambda k: unreliable.fedbuff_init(k, num_clients, m, 1.0, 0.0).client))(keys)
     assert all(len(set(row)) == m for row in np.asarray(clients).tolist())
     counts = np.bincount(np.asarray(clients).reshape(-1), minlength=num_clients)
     for c in range(num_clients):
