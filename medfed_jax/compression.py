@@ -132,7 +132,7 @@ def stochastic_quantization(bits: int, per_tensor: bool = True, norm: str = "l2"
 
     ``per_tensor``: one scale per leaf (True) or one for the client's whole
     update. ``norm``: ``'l2'`` (the paper's scale) or ``'max'`` (the largest
-    magnitude: lower variance at few bits, as the paper's experiments use).
+    magnitude: a common variant with lower variance at few bits).
     """
     _check_bits(bits)
     if norm not in NORMS:

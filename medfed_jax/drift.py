@@ -31,8 +31,9 @@ Methods (definitions checked against the papers and the authors' code):
   Averaging for Federated Learning", Algorithm 1 with option II): local
   gradient ``g - c_i + c``; ``c_i+ = c_i - c + (x - y_i) / (K lr)`` with ``K``
   the client's own step count (``steps``; the paper's equal ``K`` is the
-  special case); server ``c <- c + (|S| / N) mean_S (c_i+ - c_i)``. Option II
-  assumes local SGD at learning rate ``lr``.
+  special case, pfl-research's ``pfl/algorithm/scaffold.py`` uses each
+  client's own ``K`` too); server ``c <- c + (|S| / N) mean_S (c_i+ - c_i)``.
+  Option II assumes local SGD at learning rate ``lr``.
 - ``fednova(momentum)`` (Wang et al. 2020, "Tackling the Objective
   Inconsistency Problem in Heterogeneous Federated Optimization", eq. 6-7;
   JYWa/FedNova, Flower's fednova baseline): client ``i`` sends
