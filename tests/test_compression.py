@@ -150,7 +150,8 @@ def test_error_feedback_around_quantisation_keeps_what_was_not_sent():
 
 @pytest.mark.parametrize("bits, per_tensor, norm", [(3, True, "l2"), (3, False, "max"), (2, True, "max")])
 def test_stochastic_quantization_is_unbiased_and_on_its_grid(bits, per_tensor, norm):
-    """The mean of M draws is within a Hoeffding bound of the input; each draw is one of the two levels around it.
+    """Each draw is one of the two levels around its input, the upper one with probability frac, and the mean of M
+    draws is within a Hoeffding bound of the input.
 
     A draw of coordinate i lies in an interval of width w = m / s (two adjacent
     levels), so P(|mean - v_i| >= t) <= 2 exp(-2 M t^2 / w^2); with t = w
@@ -184,6 +185,11 @@ def test_stochastic_quantization_is_unbiased_and_on_its_grid(bits, per_tensor, n
         t = width * math.sqrt(math.log(2 * num_coordinates / 1e-6) / (2 * draws))
         bias = np.abs(draws_of.mean(axis=0) - v)
         assert np.all(bias <= t + 4 * EPS32 * np.abs(v)), f"{name}: bias {bias.max():.3g} > Hoeffding bound {t:.3g}"
+        # the upper level comes with probability frac = |v| / w - low: a binomial count per coordinate, within
+        # 6 standard deviations (each coordinate fails with probability < 2e-9); that is the variance of the docstring
+        upper = np.isclose(draws_of, grid[1][None], rtol=4 * EPS32, atol=0).sum(axis=0)
+        frac = np.abs(v) / width - low
+        assert np.all(np.abs(upper - draws * frac) <= 6 * np.sqrt(draws * frac * (1 - frac)) + 1), name
 
 
 def test_quantising_zero_sends_zero():
