@@ -32,7 +32,6 @@ federated training instead (``federated_membership.csv``, ``summary.json``).
 from __future__ import annotations
 
 import argparse
-import csv
 import dataclasses
 import logging
 import math
@@ -46,7 +45,7 @@ import numpy as np
 import optax
 from jax.flatten_util import ravel_pytree
 
-from medfed_jax import host_devices, privacy
+from medfed_jax import host_devices, privacy, tabular
 from medfed_jax.models import make_model
 from medfed_jax.types import Array, ClientData, FederatedDataset, Params, PRNGKey
 
@@ -582,14 +581,6 @@ def federated_audit(
     return rows, overall
 
 
-def write_csv(rows: list[dict], path: str) -> None:
-    """Write dict rows (same keys) as a CSV file."""
-    with open(path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-
-
 def audit_settings(cfg: Any, noise_multiplier: float, personalization: str) -> list[tuple[str, str, Any]]:
     """``(model, DP, config)``: the global and ``personalization`` models, without DP and with DP-FedAvg."""
     settings = []
@@ -612,10 +603,8 @@ def federated_table(rows: Sequence[dict], summaries: Sequence[dict]) -> str:
     clients = [c for c in dict.fromkeys(row["client"] for row in rows) if c != "all"]
     wide = len(clients) <= MAX_CLIENT_COLUMNS
     columns = [*clients, "all"] if wide else ["all", "clients (min–max)"]
-    lines = [
-        "| model | DP | ε accounted (record) | ε lower bound (95%) | attack | " + " | ".join(columns) + " |",
-        "|" + "---|" * (5 + len(columns)),
-    ]
+    header = ["model", "DP", "ε accounted (record)", "ε lower bound (95%)", "attack", *columns]
+    body = []
     for summary in summaries:
         label = (summary["model"], summary["dp"])
         auc = {row["client"]: row for row in rows if (row["model"], row["dp"]) == label}
@@ -626,18 +615,15 @@ def federated_table(rows: Sequence[dict], summaries: Sequence[dict]) -> str:
             cells = [f"{v:.3f}" for v in per_client] if wide else [f"{min(per_client):.3f}–{max(per_client):.3f}"]
             cells = [*cells, f"{float(auc['all'][key]):.3f}"] if wide else [f"{float(auc['all'][key]):.3f}", *cells]
             bound = f"{summary['audit']['empirical_epsilon_lower_bound']:.3g}" if key == "lira_auc" else ""
-            lines.append(
-                f"| {label[0]} | {label[1]} | {accounted} | {bound} | {attack_name} AUC | {' | '.join(cells)} |"
-            )
-    return "\n".join(lines)
+            body.append([*label, accounted, bound, f"{attack_name} AUC", *cells])
+    return tabular.markdown_table(header, body, padded=False)
 
 
 def table_from_dir(out: str) -> str:
     """`federated_table` of a finished ``--federated`` run's ``federated_membership.csv`` and ``summary.json``."""
     import json
 
-    with open(os.path.join(out, "federated_membership.csv")) as f:
-        rows = list(csv.DictReader(f))
+    rows = tabular.read_csv(os.path.join(out, "federated_membership.csv"))
     with open(os.path.join(out, "summary.json")) as f:
         return federated_table(rows, json.load(f)["settings"])
 
@@ -663,13 +649,12 @@ def federated_main(args: argparse.Namespace) -> dict[str, Any]:
         report.update({k: overall[k] for k in ("empirical_epsilon_lower_bound", "accounted_record_epsilon")})
         summaries.append({**label, "audit": overall, "privacy": report})
         print(f"{released:>10} {dp:>22}: " + ", ".join(f"{k}={v:.4g}" for k, v in overall.items()))
-    write_csv(rows, os.path.join(args.out, "federated_membership.csv"))
+    tabular.write_csv(os.path.join(args.out, "federated_membership.csv"), rows)
     summary = {"config": args.federated, "shadows": args.shadows, "seed": args.seed, "settings": summaries}
     with open(os.path.join(args.out, "summary.json"), "w") as f:
         json.dump(config_lib.json_safe(summary), f, indent=2)
     table = federated_table(rows, summaries)
-    with open(os.path.join(args.out, "federated_membership.md"), "w") as f:
-        f.write(table + "\n")
+    tabular.write_text_atomic(os.path.join(args.out, "federated_membership.md"), table + "\n")
     print(table)
     return summary
 
@@ -703,7 +688,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     inversion, shown, true = inversion_experiment(
         args.noise, trials=args.trials, steps=args.inversion_steps, seed=args.seed, local_steps=args.local_steps
     )
-    write_csv(inversion, os.path.join(args.out, "inversion.csv"))
+    tabular.write_csv(os.path.join(args.out, "inversion.csv"), inversion)
     save_inversion_figure(true, shown, os.path.join(args.out, "inversion.png"))
     rate, steps = 1.0, args.membership_steps  # full-batch DP gradient descent
     sigmas = [privacy.calibrate_noise(e, MEMBERSHIP_DELTA, rate, steps, tol=0.01) for e in args.epsilons]
@@ -714,7 +699,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         delta=MEMBERSHIP_DELTA,
         seed=args.seed,
     )
-    write_csv(membership, os.path.join(args.out, "membership.csv"))
+    tabular.write_csv(os.path.join(args.out, "membership.csv"), membership)
     for name, rows in (("inversion", inversion), ("membership", membership)):
         print(name)
         for row in rows:

@@ -28,7 +28,6 @@ hatched heatmap cell, a labelled cross in line plots, ``diverged (k/n)`` in tabl
 
 from __future__ import annotations
 
-import csv
 import dataclasses
 import datetime
 import json
@@ -44,7 +43,7 @@ from typing import Any
 import numpy as np
 from absl import app, flags
 
-from medfed_jax import host_devices, runner, sweep
+from medfed_jax import host_devices, sweep, tabular
 
 START, END = "<!-- results:start -->", "<!-- results:end -->"
 METRIC = "test_accuracy"
@@ -78,11 +77,6 @@ class SweepTables:
         return final_rows(self.summary, self.meta["knobs"])
 
 
-def read_csv(path: str) -> list[dict]:
-    with open(path, newline="") as f:
-        return list(csv.DictReader(f))
-
-
 def load(workdir: str) -> SweepTables:
     """Read ``sweep.json`` and ``summary.csv``; says what is missing and how to make it."""
     for name in ("sweep.json", "summary.csv"):
@@ -93,7 +87,7 @@ def load(workdir: str) -> SweepTables:
             )
     with open(os.path.join(workdir, "sweep.json")) as f:
         meta = json.load(f)
-    return SweepTables(workdir, meta, read_csv(os.path.join(workdir, "summary.csv")))
+    return SweepTables(workdir, meta, tabular.read_csv(os.path.join(workdir, "summary.csv")))
 
 
 def final_rows(summary: Sequence[dict], knobs: Sequence[str]) -> list[dict]:
@@ -170,9 +164,7 @@ def final_table(summary: Sequence[dict], knobs: Sequence[str]) -> str:
             + ([_epsilon_text(row)] if private else [])
             + [row["round"], format_mean_std(row), "—" if math.isnan(ci) or diverged(row) else f"{ci:.1f}", row["n"]]
         )
-    widths = [max(len(r[i]) for r in [header, *body]) for i in range(len(header))]
-    line = lambda cells: "| " + " | ".join(c.ljust(w) for c, w in zip(cells, widths)) + " |"  # noqa: E731
-    return "\n".join([line(header), "|" + "|".join("-" * (w + 2) for w in widths) + "|", *map(line, body)])
+    return tabular.markdown_table(header, body)
 
 
 # --------------------------------------------------------------------------- the README's experiment tables
@@ -182,7 +174,7 @@ def final_table(summary: Sequence[dict], knobs: Sequence[str]) -> str:
 
 def results(tables: SweepTables) -> list[dict]:
     """The sweep's ``results.csv`` rows (per cell, seed and evaluation)."""
-    return read_csv(os.path.join(tables.workdir, "results.csv"))
+    return tabular.read_csv(os.path.join(tables.workdir, "results.csv"))
 
 
 def client_values(row: dict) -> np.ndarray:
@@ -202,12 +194,6 @@ def mean_std_text(values: Sequence[float], scale: float = 100, digits: int = 1) 
     mean, std, _ = sweep.mean_std_ci(np.where(finite, v, 0.0), finite)
     text = f"{scale * mean[0]:.{digits}f}" + (f" ± {scale * std[0]:.{digits}f}" if np.isfinite(std[0]) else "")
     return text + (f" ({v.size - finite.sum()}/{v.size} {DIVERGED_TEXT})" if not finite.all() else "")
-
-
-def markdown_table(header: Sequence[str], body: Sequence[Sequence[str]]) -> str:
-    widths = [max(len(r[i]) for r in [header, *body]) for i in range(len(header))]
-    line = lambda cells: "| " + " | ".join(c.ljust(w) for c, w in zip(cells, widths)) + " |"  # noqa: E731
-    return "\n".join([line(header), "|" + "|".join("-" * (w + 2) for w in widths) + "|", *map(line, body)])
 
 
 def seed_groups(rows: Sequence[dict], knobs: Sequence[str], round_done: int) -> dict[tuple, list[dict]]:
@@ -252,7 +238,7 @@ def collaboration_table(tables: SweepTables) -> str:
     header = ["dataset", "method", "own clients' test splits: mean of clients", "worst client", "all clients' test set"]
     return (
         f"Test accuracy (%) after {_last_round(rows)} rounds, {_n(groups)}. Local-only: each client's own "
-        "model; on all clients' test set, the mean over those models.\n\n" + markdown_table(header, body)
+        "model; on all clients' test set, the mean over those models.\n\n" + tabular.markdown_table(header, body)
     )
 
 
@@ -276,7 +262,7 @@ def security_table(tables: SweepTables) -> str:
         body = [[p, a, *(mean_std_text(cells.get((p, a, g), [])) for g in aggregators)] for p, a in settings]
         parts.append(
             f"After {budget} rounds: test accuracy (%), {spread_note([len(v) for v in cells.values()])}.\n\n"
-            + markdown_table(["partition", "attack (25% of clients)", *aggregators], body)
+            + tabular.markdown_table(["partition", "attack (25% of clients)", *aggregators], body)
         )
         for partition in dict.fromkeys(p for p, _ in settings):
             attacked = [a for p, a in settings if p == partition and a != "none"]
@@ -323,7 +309,7 @@ def privacy_table(tables: SweepTables) -> str:
     return (
         f"Unit: one client (hospital); every client in every round, {last} rounds, δ = "
         f"{_delta(tables)}. Test accuracy (%) on all clients' test set, {_n(groups)}.\n\n"
-        + markdown_table(header, body)
+        + tabular.markdown_table(header, body)
     )
 
 
@@ -354,7 +340,7 @@ def record_dp_table(tables: SweepTables) -> str:
     return (
         f"Unit: one patient, within each hospital (DP-SGD); δ = {_delta(tables)}, {last} rounds. Each "
         f"hospital's ε from its own Poisson sampling rate. Accuracy (%), {_n(groups)}.\n\n"
-        + markdown_table(header, body)
+        + tabular.markdown_table(header, body)
     )
 
 
@@ -399,7 +385,7 @@ def personalization_table(tables: SweepTables) -> str:
     return (
         f"Accuracy (%) on each hospital's own test split after {_last_round(rows)} rounds, {_n(groups)}; the "
         f"last columns count the splits on which the setting beats {_setting(groups[reference][0], knobs)} on "
-        "that split.\n\n" + markdown_table(header, body)
+        "that split.\n\n" + tabular.markdown_table(header, body)
     )
 
 
@@ -719,13 +705,7 @@ def worst_case_table(tables: SweepTables) -> str:
             row = by.get((name, f))
             cells.append("—" if row is None else f"{format_mean_std(row)} ({row['attack.name']})")
         body.append([name, *cells])
-    return _markdown(header, body)
-
-
-def _markdown(header: list[str], body: list[list[str]]) -> str:
-    widths = [max(len(r[i]) for r in [header, *body]) for i in range(len(header))]
-    line = lambda cells: "| " + " | ".join(c.ljust(w) for c, w in zip(cells, widths)) + " |"  # noqa: E731
-    return "\n".join([line(header), "|" + "|".join("-" * (w + 2) for w in widths) + "|", *map(line, body)])
+    return tabular.markdown_table(header, body)
 
 
 def adaptive_vs_fixed_table(tables: SweepTables) -> str | None:
@@ -751,7 +731,7 @@ def adaptive_vs_fixed_table(tables: SweepTables) -> str | None:
         gap = "—" if diverged(row) or diverged(other) else f"{_pct(row, 'mean') - _pct(other, 'mean'):+.1f}"
         cells = [f"{format_mean_std(r)} ({r['attack.name']})" for r in (other, row)]
         body.append([row["aggregator.name"], f"{100 * float(row['attack.fraction']):g}%", *cells, gap])
-    return _markdown(header, body)
+    return tabular.markdown_table(header, body)
 
 
 def draw_worst_case(tables: SweepTables):
@@ -944,7 +924,7 @@ def _worst_case_section(tables: SweepTables) -> list[str]:
 def write_report(workdir: str) -> tuple[str, list[str]]:
     """Write ``final.csv``, the figures that apply and ``report.md``; returns (report path, figure paths)."""
     tables = load(workdir)
-    runner.write_text_atomic(os.path.join(workdir, "final.csv"), sweep.to_csv(tables.final))
+    tabular.write_csv(os.path.join(workdir, "final.csv"), tables.final)
     figures, notes, lines = [], [], []
     for name, draw, title in FIGURES:
         fig = draw(tables)
@@ -975,7 +955,7 @@ def write_report(workdir: str) -> tuple[str, list[str]]:
         ]
     )
     path = os.path.join(workdir, "report.md")
-    runner.write_text_atomic(path, text)
+    tabular.write_text_atomic(path, text)
     return path, figures
 
 
@@ -1030,7 +1010,7 @@ def update_readme(path: str, section: str) -> None:
         text = head + section + rest.split(END, 1)[1]
     else:
         text = text.rstrip("\n") + "\n\n" + section + "\n"
-    runner.write_text_atomic(path, text)
+    tabular.write_text_atomic(path, text)
 
 
 def define_flags() -> None:
@@ -1063,7 +1043,7 @@ def main(argv: list[str]) -> None:
                 print(f"updated the Results section of {args.readme} (figures under {args.assets})")
             else:
                 os.makedirs(os.path.dirname(os.path.abspath(args.section)), exist_ok=True)
-                runner.write_text_atomic(args.section, section + "\n")
+                tabular.write_text_atomic(args.section, section + "\n")
                 print(f"wrote the Results section to {args.section} (figures under {args.assets}); README.md unchanged")
         else:
             for workdir in args.workdir:

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from test_sweep import tiny_sweep
 
-from medfed_jax import report, sweep
+from medfed_jax import report, sweep, tabular
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -39,7 +39,7 @@ def test_report_on_a_tiny_sweep_writes_its_figures_and_tables(tiny_workdir):
         assert f"]({name})" in text
     assert "Aggregator x attack heatmap: not drawn" in text
     # The final table's numbers are summary.csv's final round, in percent.
-    final = report.read_csv(os.path.join(tiny_workdir, "final.csv"))
+    final = tabular.read_csv(os.path.join(tiny_workdir, "final.csv"))
     assert len(final) == 8 and {r["round"] for r in final} == {"4"}
     first = final[0]
     cell = f"{100 * float(first['test_accuracy_mean']):.1f} ± {100 * float(first['test_accuracy_std']):.1f}"
@@ -79,7 +79,7 @@ def _synthetic_workdir(path: str, diverged: tuple = (), attacks=("sign_flip", "i
     knobs = ("attack.name", "attack.fraction", "aggregator.name", "seed")
     plan = sweep.Plan(knobs, (), (), 0)
     with open(os.path.join(path, "summary.csv"), "w") as f:
-        f.write(sweep.to_csv(sweep.summary_rows(plan, rows)))
+        f.write(tabular.to_csv(sweep.summary_rows(plan, rows)))
     meta = {"name": "synthetic", "knobs": list(knobs), "numeric_knobs": ["attack.fraction", "seed"]}
     meta.update(structural_knobs=["attack.name", "aggregator.name"], cells=20, privacy="", programs=[{}] * 6)
     with open(os.path.join(path, "sweep.json"), "w") as f:
