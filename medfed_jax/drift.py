@@ -148,29 +148,38 @@ def _check_positive(name: str, field: str, value: Any, hint: str) -> None:
         raise ValueError(f"{name}: {field}={value!r} must be > 0 ({hint}).")
 
 
+def _zero_state(params: Params, num_clients: int) -> DriftState:
+    """A server tree and ``[num_clients, ...]`` client trees of zeros shaped like ``params``."""
+    return DriftState(_zeros_like(params), _per_client(params, num_clients))
+
+
+def _stateless_init(params: Params, num_clients: int) -> DriftState:
+    del params, num_clients
+    return DriftState((), ())
+
+
+def _no_terms(server: Any, client: Any) -> LocalTerms:
+    del server, client
+    return LocalTerms(None, 0.0)
+
+
+def _keep_client(server: Any, client: Any, delta: Params, steps: Array, sent: Array) -> Any:
+    del server, delta, steps, sent
+    return client
+
+
 def none() -> Drift:
     """FedAvg: no drift correction (the identity in all three places)."""
-
-    def init(params, num_clients):
-        del params, num_clients
-        return DriftState((), ())
-
-    def client_update(server, client, delta, steps, sent):
-        del server, delta, steps, sent
-        return client
 
     def server_update(server, cohort, aggregate):
         return aggregate(cohort.deltas), server
 
-    return Drift("none", init, lambda server, client: LocalTerms(None, 0.0), client_update, server_update)
+    return Drift("none", _stateless_init, _no_terms, _keep_client, server_update)
 
 
 def scaffold(lr: Array | float) -> Drift:
     """SCAFFOLD with option II control variates (Karimireddy et al. 2020); ``lr`` is the local SGD step size."""
     _check_positive("scaffold", "lr", lr, "the local learning rate of option II's (x - y_i) / (K lr)")
-
-    def init(params, num_clients):
-        return DriftState(_zeros_like(params), _per_client(params, num_clients))
 
     def local_terms(c, c_i):
         return LocalTerms(jax.tree.map(jnp.subtract, c, c_i), 0.0)
@@ -186,7 +195,7 @@ def scaffold(lr: Array | float) -> Drift:
         c = jax.tree.map(lambda cs, t: cs + t / cohort.num_clients, c, total)
         return aggregate(cohort.deltas), c
 
-    return Drift("scaffold", init, local_terms, client_update, server_update)
+    return Drift("scaffold", _zero_state, local_terms, client_update, server_update)
 
 
 def fednova_norm(steps: Array, momentum: Array | float = 0.0) -> Array:
@@ -214,28 +223,17 @@ def fednova(momentum: Array | float = 0.0) -> Drift:
     if isinstance(momentum, (int, float)) and not 0 <= momentum < 1:
         raise ValueError(f"fednova: momentum={momentum!r} must lie in [0, 1) (the local heavy-ball factor rho).")
 
-    def init(params, num_clients):
-        del params, num_clients
-        return DriftState((), ())
-
-    def client_update(server, client, delta, steps, sent):
-        del server, delta, steps, sent
-        return client
-
     def server_update(server, cohort, aggregate):
         scale = fednova_scale(fednova_norm(cohort.steps, momentum), cohort.weights, cohort.mask)
         normalised = jax.tree.map(lambda u: u * broadcast_clients(scale, u), cohort.deltas)
         return aggregate(normalised), server
 
-    return Drift("fednova", init, lambda server, client: LocalTerms(None, 0.0), client_update, server_update)
+    return Drift("fednova", _stateless_init, _no_terms, _keep_client, server_update)
 
 
 def feddyn(alpha: Array | float) -> Drift:
     """FedDyn (Acar et al. 2021): a per-client linear term ``g_k`` and the server's ``h``; ``alpha`` > 0."""
     _check_positive("feddyn", "alpha", alpha, "the dynamic regulariser's strength; the paper uses 0.01 to 0.1")
-
-    def init(params, num_clients):
-        return DriftState(_zeros_like(params), _per_client(params, num_clients))
 
     def local_terms(h, g_k):
         del h
@@ -251,4 +249,4 @@ def feddyn(alpha: Array | float) -> Drift:
         update, *rest = aggregate(cohort.deltas)
         return (jax.tree.map(lambda u, hh: u - hh / alpha, update, h), *rest), h
 
-    return Drift("feddyn", init, local_terms, client_update, server_update)
+    return Drift("feddyn", _zero_state, local_terms, client_update, server_update)
