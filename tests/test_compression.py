@@ -13,10 +13,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from float32_bounds import EPS32
 
 from medfed_jax import compression
 
-EPS32 = float(np.finfo(np.float32).eps)
 SHAPES = {"w": (3, 4), "b": (4,)}  # 16 coordinates in two leaves
 
 

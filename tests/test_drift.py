@@ -15,11 +15,11 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from float32_bounds import EPS32
 
 from medfed_jax import aggregators as agg
 from medfed_jax import drift
 
-EPS32 = float(np.finfo(np.float32).eps)
 N, ROWS, DIM = 4, 6, 3  # clients (the whole population is the cohort), rows per client, features
 LR, ROUNDS = 0.1, 2
 STEPS = np.array([3, 1, 4, 2])  # unequal local step counts

@@ -16,12 +16,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from float32_bounds import EPS32
 from scipy import stats
 
 from medfed_jax import unreliable
 
 Z = 5.3
-EPS32 = float(np.finfo(np.float32).eps)
 KEY = jax.random.key(0)
 
 
