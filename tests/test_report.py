@@ -14,6 +14,8 @@ import pytest
 from test_sweep import tiny_sweep
 
 from medfed_jax import report, sweep, tabular
+from medfed_jax.report import figures as report_figures
+from medfed_jax.report import plotting as report_plotting
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -94,7 +96,7 @@ def _synthetic_workdir(path: str, diverged: tuple = (), attacks=("sign_flip", "i
 def test_heatmap_holds_final_means_with_the_no_attack_row_in_every_panel(tmp_path):
     expected = _synthetic_workdir(str(tmp_path))
     tables = report.load(str(tmp_path))
-    panels = report._panel_rows(tables.final, ["attack.fraction"])
+    panels = report_figures._panel_rows(tables.final, ["attack.fraction"])
     assert list(panels) == [("0.1",), ("0.3",)]
     for (fraction,), rows in panels.items():
         aggregators, attacks, matrix, broken = report.heatmap_matrix(rows)
@@ -159,7 +161,7 @@ def test_every_figure_has_one_legend_outside_its_panels_and_fits_the_readme_widt
             assert all(ax.get_legend() is None for ax in fig.axes), name  # nothing drawn over the data
             assert len(fig.legends) == count, name
             assert _png_size(fig)[0] <= report.MAX_WIDTH_INCHES * report.DPI + 1, name
-            report._pyplot().close(fig)
+            report_plotting._pyplot().close(fig)
 
 
 def test_the_wide_heatmap_is_a_grid_within_the_readme_width(tmp_path):
@@ -184,7 +186,7 @@ def test_fraction_plot_labels_the_zero_point_as_no_attack(tmp_path):
 def test_diverged_settings_show_as_diverged_never_as_a_number(tmp_path):
     _synthetic_workdir(str(tmp_path), diverged=(("mean", "sign_flip"),))
     tables = report.load(str(tmp_path))
-    panel = report._panel_rows(tables.final, ["attack.fraction"])[("0.1",)]
+    panel = report_figures._panel_rows(tables.final, ["attack.fraction"])[("0.1",)]
     aggregators, attacks, matrix, broken = report.heatmap_matrix(panel)
     at = aggregators.index("mean"), attacks.index("sign_flip")
     assert broken[at] and broken.sum() == 1 and math.isnan(matrix[at])
