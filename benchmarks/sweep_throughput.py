@@ -56,7 +56,7 @@ import ml_collections
 import numpy as np
 from absl import app, flags
 
-from medfed_jax import report, runner, sweep
+from medfed_jax import report, runner, sweep, tabular
 from medfed_jax.server import build_engine
 
 AGGREGATORS = ("mean", "coordinate_median", "trimmed_mean", "krum", "geometric_median", "centered_clipping")
@@ -287,7 +287,7 @@ def main(argv):
     del argv
     text = compare_loops() if _COMPARE.value == "loops" else compare_devices()
     name = "sweep_results.md" if _COMPARE.value == "loops" else "sweep_devices.md"
-    runner.write_text_atomic(_OUT.value or os.path.join(ROOT, "benchmarks", name), text + "\n")
+    tabular.write_text_atomic(_OUT.value or os.path.join(ROOT, "benchmarks", name), text + "\n")
     print("\n" + text)
 
 

@@ -1,8 +1,10 @@
 """medfed_jax: federated learning for medical AI as pure JAX functions.
 
 Public API (re-exported names only); see README.md for a tour. The building
-blocks for your own JAX code are the modules ``mf.aggregators``, ``mf.attacks``
-and ``mf.privacy`` (README "Using the pieces in your own JAX code").
+blocks for your own JAX code are the modules ``mf.aggregators``, ``mf.attacks``,
+``mf.privacy``, ``mf.compression`` (compressed uploads), ``mf.drift`` (SCAFFOLD,
+FedNova, FedDyn) and ``mf.unreliable`` (dropout, stragglers, FedBuff) (README
+"Using the pieces in your own JAX code").
 
 Every name loads its module on first use (PEP 562 module ``__getattr__``):
 ``import medfed_jax`` itself loads nothing else, not even JAX; ``mf.run`` loads
@@ -53,7 +55,8 @@ _EXPORTS = {
 }
 
 __all__ = sorted(_EXPORTS)
-LIBRARY_MODULES = ("aggregators", "attacks", "privacy")  # loaded on first access too: ``mf.aggregators.krum``
+# loaded on first access too: ``mf.aggregators.krum``
+LIBRARY_MODULES = ("aggregators", "attacks", "privacy", "compression", "drift", "unreliable")
 
 
 def __getattr__(name: str) -> Any:

@@ -47,7 +47,7 @@ from typing import Any
 import numpy as np
 from absl import app, flags
 
-from medfed_jax import client_results, compilation_cache, config_files, host_devices, report, runner, sweep
+from medfed_jax import client_results, compilation_cache, config_files, host_devices, report, runner, sweep, tabular
 from medfed_jax import config as config_lib
 from medfed_jax import mesh as mesh_lib
 
@@ -204,7 +204,7 @@ def _own(name: str) -> bool:
 def own_files(workdir: str) -> list[str]:
     """Paths (relative to ``workdir``) of the files medfed_jax wrote there, and of their stale temporaries.
 
-    A temporary (``<file>.tmp<pid>``, `runner.TEMPORARY`) of this very process is not stale and is left out.
+    A temporary (``<file>.tmp<pid>``, `tabular.TEMPORARY`) of this very process is not stale and is left out.
     """
     found = []
     for folder in ("", sweep.CHUNK_DIR):
@@ -215,7 +215,7 @@ def own_files(workdir: str) -> list[str]:
             rel = os.path.join(folder, name) if folder else name
             if not os.path.isfile(os.path.join(workdir, rel)):
                 continue
-            temporary = runner.TEMPORARY.match(rel)
+            temporary = tabular.TEMPORARY.match(rel)
             if _own(rel) or (temporary and _own(temporary["target"]) and int(temporary["pid"]) != os.getpid()):
                 found.append(rel)
     return found
@@ -244,20 +244,13 @@ def prepare_workdir(workdir: str, cfg: Any, overwrite: bool, extra: dict | None 
                     "--overwrite to replace them (only the files medfed_jax wrote there are removed)."
                 )
     for rel in own_files(workdir) if os.path.isdir(workdir) else []:
-        if overwrite or runner.TEMPORARY.match(rel):
+        if overwrite or tabular.TEMPORARY.match(rel):
             os.remove(os.path.join(workdir, rel))
     chunks = os.path.join(workdir, sweep.CHUNK_DIR)
     if overwrite and os.path.isdir(chunks) and not os.listdir(chunks):
         os.rmdir(chunks)
     os.makedirs(workdir, exist_ok=True)
-    runner.write_text_atomic(path, text)
-
-
-def format_table(header: list[str], rows: list[list[str]]) -> str:
-    """A markdown table with padded columns."""
-    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
-    line = lambda cells: "| " + " | ".join(c.ljust(w) for c, w in zip(cells, widths)) + " |"  # noqa: E731
-    return "\n".join([line(header), "|" + "|".join("-" * (w + 2) for w in widths) + "|", *map(line, rows)])
+    tabular.write_text_atomic(path, text)
 
 
 def finite_mean_std(values: np.ndarray) -> tuple[float, float]:
@@ -311,7 +304,7 @@ def final_accuracy_table(
                 ]
             )
         header = ["method", *client_columns, "mean of clients", "worst client", "pooled test", "pooled AUC"]
-        return format_table(header, rows)
+        return tabular.markdown_table(header, rows)
 
     every = table({name: (lambda a, c=c: a[:, c]) for c, name in enumerate(client_names)})
     if max(map(len, every.splitlines())) <= max_width:
@@ -390,10 +383,10 @@ def _finish(workdir, prepared, rows, finals, seeds) -> dict:
     }
     if workdir:
         history, per_client = client_results.split(rows)
-        runner.write_text_atomic(os.path.join(workdir, "history.csv"), sweep.to_csv(history))
+        tabular.write_csv(os.path.join(workdir, "history.csv"), history)
         if per_client:
-            runner.write_text_atomic(os.path.join(workdir, "clients.csv"), client_results.long_csv(rows, names))
-        runner.write_text_atomic(
+            tabular.write_csv(os.path.join(workdir, "clients.csv"), client_results.long_rows(rows, names))
+        tabular.write_text_atomic(
             os.path.join(workdir, "summary.json"), json.dumps(config_lib.json_safe(summary), indent=2)
         )
         print(f"\nwrote {workdir}/history.csv, {'clients.csv, ' if per_client else ''}summary.json, config.json")

@@ -5,14 +5,12 @@ column per client (``accuracy[<name>]``) as it always has. Beyond that, the
 row carries quantiles of the client accuracies (``client_accuracy_p0`` (the
 worst), ``_p10``, ``_p50``, ``_p90``, ``_p100``) and keeps every client's
 accuracy and loss under `VALUES`; the CLI writes those to ``clients.csv`` in
-long format (`long_csv`: ``method, [seed,] round, client, metric, value``),
+long format (`long_rows`: ``method, [seed,] round, client, metric, value``),
 one line per value in one pass.
 """
 
 from __future__ import annotations
 
-import csv
-import io
 from collections.abc import Sequence
 
 import numpy as np
@@ -48,14 +46,12 @@ def split(rows: list[dict]) -> tuple[list[dict], bool]:
     return [{k: v for k, v in row.items() if k != VALUES} for row in rows], any(VALUES in row for row in rows)
 
 
-def long_csv(rows: list[dict], names: Sequence[str]) -> str:
-    """``clients.csv``: every `VALUES` entry of ``rows`` as ``method, [seed,] round, client, metric, value``."""
+def long_rows(rows: list[dict], names: Sequence[str]) -> list[dict]:
+    """``clients.csv``'s rows: every `VALUES` entry of ``rows`` as ``method, [seed,] round, client, metric, value``."""
     seeded = any("seed" in row for row in rows)
-    out = io.StringIO()
-    writer = csv.writer(out, lineterminator="\n")
-    writer.writerow(["method", *(["seed"] if seeded else []), "round", "client", "metric", "value"])
+    out = []
     for row in rows:
-        head = [row["method"], *([row.get("seed", "")] if seeded else []), row["round"]]
+        head = {"method": row["method"], **({"seed": row.get("seed", "")} if seeded else {}), "round": row["round"]}
         for metric, values in row.get(VALUES, {}).items():
-            writer.writerows([*head, name, metric, value] for name, value in zip(names, values))
-    return out.getvalue()
+            out.extend({**head, "client": name, "metric": metric, "value": value} for name, value in zip(names, values))
+    return out

@@ -21,7 +21,6 @@ import dataclasses
 import functools
 import json
 import os
-import re
 import time
 import zipfile
 import zlib
@@ -31,7 +30,7 @@ from typing import Any, NamedTuple
 import jax
 import numpy as np
 
-from medfed_jax import baselines, client_results, compilation_cache, personalize, privacy
+from medfed_jax import baselines, client_results, compilation_cache, personalize, privacy, tabular
 from medfed_jax import config as config_lib
 from medfed_jax import data as data_lib
 from medfed_jax import mesh as mesh_lib
@@ -174,36 +173,8 @@ def engine_for(
     raise ValueError(f"unknown method {method!r}; choose one of {METHODS}.")
 
 
-TEMPORARY = re.compile(r"^(?P<target>.+)\.tmp(?P<pid>[0-9]+)$")  # `_write_atomic`'s file before its rename
-
-
 class CorruptFile(ValueError):
     """A file medfed_jax wrote earlier that cannot be read back (truncated, overwritten, not ours)."""
-
-
-def _write_atomic(path: str, write: Callable[[Any], None], mode: str = "w") -> None:
-    if not mesh_lib.is_writer():  # many processes: process 0 writes, the others hold the same values
-        return
-    tmp = f"{path}.tmp{os.getpid()}"
-    try:
-        with open(tmp, mode) as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-
-
-def write_text_atomic(path: str, text: str) -> None:
-    """Write a text file so that a crash leaves either the old or the new file.
-
-    A kill between the write and the rename leaves ``<path>.tmp<pid>``
-    (`TEMPORARY`); the next run removes it (`medfed_jax.cli.prepare_workdir`).
-    """
-    _write_atomic(path, lambda f: f.write(text))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -275,7 +246,7 @@ def save_checkpoint(path: str, state: Any, evaluations: list[Evaluation]) -> Non
     """State leaves and the evaluations so far, written atomically."""
     leaves = {f"leaf{i}": np.asarray(leaf) for i, leaf in enumerate(jax.tree.leaves(state))}
     history = _evaluations_to_json(evaluations)
-    _write_atomic(path, lambda f: np.savez(f, history=history, **leaves), mode="wb")
+    tabular.write_atomic(path, lambda f: np.savez(f, history=history, **leaves), mode="wb")
 
 
 def load_checkpoint(path: str, like: Any) -> tuple[Any, list[Evaluation]]:

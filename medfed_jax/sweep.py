@@ -99,12 +99,10 @@ compiling and an ETA from the measured chunk times.
 from __future__ import annotations
 
 import concurrent.futures
-import csv
 import dataclasses
 import difflib
 import functools
 import hashlib
-import io
 import itertools
 import json
 import math
@@ -119,7 +117,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from medfed_jax import baselines, privacy, runner
+from medfed_jax import baselines, privacy, runner, tabular
 from medfed_jax import config as config_lib
 from medfed_jax import data as data_lib
 from medfed_jax import mesh as mesh_lib
@@ -694,7 +692,7 @@ def chunk_key(
 
 def _save_chunk(path: str, cells: Sequence[int], history: dict[str, np.ndarray]) -> None:
     payload = {"cells": list(cells), "history": {k: v.astype(np.float64).tolist() for k, v in history.items()}}
-    runner.write_text_atomic(path, json.dumps(payload))
+    tabular.write_text_atomic(path, json.dumps(payload))
 
 
 def _load_chunk(path: str) -> tuple[list[int], dict[str, np.ndarray]]:
@@ -869,21 +867,20 @@ class TableFiles:
 
     def rewrite(self) -> None:
         rows = self.tables.rows()
-        self.header = list(dict.fromkeys(k for row in rows for k in row))
+        self.header = tabular.columns_of(rows)
         self.columns = set(self.header)
-        runner.write_text_atomic(self.results, to_csv(rows))
+        tabular.write_csv(self.results, rows)
         self.write_summary()
 
     def write_summary(self) -> None:
-        runner.write_text_atomic(self.summary, to_csv(self.tables.summary()))
+        tabular.write_csv(self.summary, self.tables.summary())
         self.summary_written = time.perf_counter()
 
     def append(self, rows: Sequence[dict]) -> None:
         if not self.header or any(k not in self.columns for row in rows for k in row):
             self.rewrite()
             return
-        with open(self.results, "a", newline="") as f:
-            csv.DictWriter(f, self.header, restval="", lineterminator="\n").writerows(rows)
+        tabular.append_csv(self.results, self.header, rows)
         if time.perf_counter() - self.summary_written >= SUMMARY_EVERY_S:
             self.write_summary()
 
@@ -905,16 +902,6 @@ def mean_std_ci(values: np.ndarray, present: np.ndarray) -> tuple[np.ndarray, np
 
         ci = scipy.stats.t.ppf(0.975, np.maximum(n - 1, 1)) * std / np.sqrt(np.maximum(n, 1))
     return np.where(n == 0, math.nan, mean), np.where(few, math.nan, std), np.where(few, math.nan, ci)
-
-
-def to_csv(rows: Sequence[dict]) -> str:
-    """CSV text; columns are the union of the rows' keys in first-seen order."""
-    columns = list(dict.fromkeys(k for row in rows for k in row))
-    out = io.StringIO()
-    writer = csv.DictWriter(out, columns, restval="", lineterminator="\n")
-    writer.writeheader()
-    writer.writerows(rows)
-    return out.getvalue()
 
 
 # --------------------------------------------------------------------------- driver
@@ -1263,7 +1250,7 @@ def run_prepared(
     if workdir:
         os.makedirs(chunk_dir, exist_ok=True)
         meta = json.dumps(_metadata(prepared.cfg, plan, programs), indent=2)
-        runner.write_text_atomic(os.path.join(workdir, "sweep.json"), meta)
+        tabular.write_text_atomic(os.path.join(workdir, "sweep.json"), meta)
     histories: dict[int, dict[str, np.ndarray]] = {}
     todo = []
     for chunk in _chunks(prepared.cfg, plan, programs, chunk_dir, prepared.run_on):

@@ -13,7 +13,7 @@ import ml_collections
 import numpy as np
 import pytest
 
-from medfed_jax import cli, config_files, runner, sweep
+from medfed_jax import cli, config_files, runner, sweep, tabular
 from medfed_jax import config as config_lib
 from medfed_jax.data import heart, medmnist
 
@@ -282,7 +282,7 @@ def test_a_failed_atomic_write_leaves_the_old_file_and_no_temporary(tmp_path):
         raise OSError("disk full")
 
     with pytest.raises(OSError):
-        runner._write_atomic(str(path), fail)
+        tabular.write_atomic(str(path), fail)
     assert [p.name for p in tmp_path.iterdir()] == ["history.csv"] and path.read_text() == "old"
 
 

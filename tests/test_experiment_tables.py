@@ -8,7 +8,7 @@ import os
 
 import numpy as np
 
-from medfed_jax import report, sweep
+from medfed_jax import report, tabular
 
 CLIENTS = ("a", "b", "c")
 SEEDS = range(5)
@@ -19,7 +19,7 @@ def write_workdir(path, name: str, knobs: list[str], rows: list[dict]) -> report
     with open(os.path.join(path, "sweep.json"), "w") as f:
         json.dump(meta, f)
     with open(os.path.join(path, "results.csv"), "w") as f:
-        f.write(sweep.to_csv([{k: str(v) for k, v in r.items()} for r in rows]))
+        f.write(tabular.to_csv([{k: str(v) for k, v in r.items()} for r in rows]))
     with open(os.path.join(path, "summary.csv"), "w") as f:
         f.write("n\n")
     return report.load(str(path))

@@ -15,7 +15,7 @@ import pytest
 
 import medfed_jax as mf
 from medfed_jax import aggregators as agg
-from medfed_jax import attacks, privacy
+from medfed_jax import attacks, compression, drift, privacy, unreliable
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 C, D = 10, 3
@@ -28,8 +28,9 @@ def rows():
 
 
 def test_library_modules_load_on_first_access():
-    assert {"aggregators", "attacks", "privacy"} <= set(dir(mf))
+    assert {"aggregators", "attacks", "privacy", "compression", "drift", "unreliable"} <= set(dir(mf))
     assert mf.aggregators is agg and mf.attacks is attacks and mf.privacy is privacy
+    assert mf.compression is compression and mf.drift is drift and mf.unreliable is unreliable
     assert mf.aggregators.coordinate_median is agg.coordinate_median
 
 
@@ -154,14 +155,16 @@ def readme_example() -> str:
     text = open(os.path.join(ROOT, "README.md"), encoding="utf-8").read()
     section = text.split("## Using the pieces in your own JAX code", 1)[1].split("\n## ", 1)[0]
     blocks = re.findall(r"```python\n(.*?)```", section, re.S)
-    assert len(blocks) == 1, "the section holds one python example"
-    return blocks[0]
+    assert blocks, "the section holds python examples"
+    return "\n".join(blocks)  # each block continues the one before
 
 
 def test_readme_example_runs(capsys):
-    """The README's example runs as written, and its own assertions (robust rules beat the mean) hold."""
+    """The README's examples run as written, and their own assertions (robust rules beat the mean, top-k with
+    error feedback uploads a third of float32's bytes) hold."""
     exec(compile(readme_example(), "README.md: Using the pieces", "exec"), {"__name__": "readme_example"})
     printed = capsys.readouterr().out
     assert "sign-flip attack: mean" in printed and "DP-FedAvg, no attack" in printed
+    assert "2-bit QSGD, 30% dropout: error" in printed
     eps = float(re.search(r"epsilon=([0-9.]+)", printed).group(1))
     assert eps == pytest.approx(dp_accounting.get_epsilon_gaussian(1.0 / math.sqrt(30), 1e-5), abs=0.05)

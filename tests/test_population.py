@@ -19,7 +19,7 @@ import optax
 import pytest
 from scipy import stats
 
-from medfed_jax import cli, client_results, runner, sweep
+from medfed_jax import cli, client_results, runner, tabular
 from medfed_jax import client as client_lib
 from medfed_jax import config as config_lib
 from medfed_jax import data as data_lib
@@ -428,8 +428,8 @@ def test_per_client_outputs_are_summarised_beyond_the_threshold_and_written_long
     rows = [{"method": "federated", "round": r, **row} for r in (1, 2)]
     history, per_client = client_results.split(rows)
     assert per_client and all(client_results.VALUES not in h for h in history)
-    assert sweep.to_csv(history).splitlines()[0].count(",") < 20  # columns do not grow with the clients
-    lines = list(csv.reader(io.StringIO(client_results.long_csv(rows, names))))
+    assert tabular.to_csv(history).splitlines()[0].count(",") < 20  # columns do not grow with the clients
+    lines = list(csv.reader(io.StringIO(tabular.to_csv(client_results.long_rows(rows, names)))))
     assert lines[0] == ["method", "round", "client", "metric", "value"]
     assert len(lines) == 1 + 2 * 2 * len(names)  # rounds x metrics x clients: linear
     assert lines[2] == ["federated", "1", "c1", "client_accuracy", repr(float(accuracy[1]))]

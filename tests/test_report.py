@@ -13,7 +13,9 @@ import numpy as np
 import pytest
 from test_sweep import tiny_sweep
 
-from medfed_jax import report, sweep
+from medfed_jax import report, sweep, tabular
+from medfed_jax.report import figures as report_figures
+from medfed_jax.report import plotting as report_plotting
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -39,7 +41,7 @@ def test_report_on_a_tiny_sweep_writes_its_figures_and_tables(tiny_workdir):
         assert f"]({name})" in text
     assert "Aggregator x attack heatmap: not drawn" in text
     # The final table's numbers are summary.csv's final round, in percent.
-    final = report.read_csv(os.path.join(tiny_workdir, "final.csv"))
+    final = tabular.read_csv(os.path.join(tiny_workdir, "final.csv"))
     assert len(final) == 8 and {r["round"] for r in final} == {"4"}
     first = final[0]
     cell = f"{100 * float(first['test_accuracy_mean']):.1f} ± {100 * float(first['test_accuracy_std']):.1f}"
@@ -79,7 +81,7 @@ def _synthetic_workdir(path: str, diverged: tuple = (), attacks=("sign_flip", "i
     knobs = ("attack.name", "attack.fraction", "aggregator.name", "seed")
     plan = sweep.Plan(knobs, (), (), 0)
     with open(os.path.join(path, "summary.csv"), "w") as f:
-        f.write(sweep.to_csv(sweep.summary_rows(plan, rows)))
+        f.write(tabular.to_csv(sweep.summary_rows(plan, rows)))
     meta = {"name": "synthetic", "knobs": list(knobs), "numeric_knobs": ["attack.fraction", "seed"]}
     meta.update(structural_knobs=["attack.name", "aggregator.name"], cells=20, privacy="", programs=[{}] * 6)
     with open(os.path.join(path, "sweep.json"), "w") as f:
@@ -94,7 +96,7 @@ def _synthetic_workdir(path: str, diverged: tuple = (), attacks=("sign_flip", "i
 def test_heatmap_holds_final_means_with_the_no_attack_row_in_every_panel(tmp_path):
     expected = _synthetic_workdir(str(tmp_path))
     tables = report.load(str(tmp_path))
-    panels = report._panel_rows(tables.final, ["attack.fraction"])
+    panels = report_figures._panel_rows(tables.final, ["attack.fraction"])
     assert list(panels) == [("0.1",), ("0.3",)]
     for (fraction,), rows in panels.items():
         aggregators, attacks, matrix, broken = report.heatmap_matrix(rows)
@@ -159,7 +161,7 @@ def test_every_figure_has_one_legend_outside_its_panels_and_fits_the_readme_widt
             assert all(ax.get_legend() is None for ax in fig.axes), name  # nothing drawn over the data
             assert len(fig.legends) == count, name
             assert _png_size(fig)[0] <= report.MAX_WIDTH_INCHES * report.DPI + 1, name
-            report._pyplot().close(fig)
+            report_plotting._pyplot().close(fig)
 
 
 def test_the_wide_heatmap_is_a_grid_within_the_readme_width(tmp_path):
@@ -184,7 +186,7 @@ def test_fraction_plot_labels_the_zero_point_as_no_attack(tmp_path):
 def test_diverged_settings_show_as_diverged_never_as_a_number(tmp_path):
     _synthetic_workdir(str(tmp_path), diverged=(("mean", "sign_flip"),))
     tables = report.load(str(tmp_path))
-    panel = report._panel_rows(tables.final, ["attack.fraction"])[("0.1",)]
+    panel = report_figures._panel_rows(tables.final, ["attack.fraction"])[("0.1",)]
     aggregators, attacks, matrix, broken = report.heatmap_matrix(panel)
     at = aggregators.index("mean"), attacks.index("sign_flip")
     assert broken[at] and broken.sum() == 1 and math.isnan(matrix[at])

@@ -6,6 +6,8 @@ import pytest
 from test_report import _synthetic_workdir
 
 from medfed_jax import report
+from medfed_jax.report import plotting as report_plotting
+from medfed_jax.report import rows as report_rows
 
 
 def test_worst_case_picks_the_lowest_attack_per_aggregator_and_fraction(tmp_path):
@@ -17,7 +19,7 @@ def test_worst_case_picks_the_lowest_attack_per_aggregator_and_fraction(tmp_path
         key = (row["aggregator.name"], float(row["attack.fraction"]))
         candidates = {at: acc for (ag, at, fr), acc in expected.items() if (ag, fr) == key and at != "none"}
         assert row["attack.name"] == min(candidates, key=candidates.get) == "ipm"
-        assert report._pct(row, "mean") == pytest.approx(min(candidates.values()), abs=1e-4)
+        assert report_rows._pct(row, "mean") == pytest.approx(min(candidates.values()), abs=1e-4)
     table = report.worst_case_table(tables)
     lines = table.splitlines()
     header = [c.strip() for c in lines[0].strip("|").split("|")]
@@ -39,7 +41,7 @@ def test_a_diverged_attack_is_the_worst_case_and_shows_as_diverged(tmp_path):
     assert "diverged (2/2) (sign_flip)" in line and "nan" not in line
     fig = report.draw_worst_case(tables)
     assert report.DIVERGED_TEXT in [t.get_text() for ax in fig.axes for t in ax.texts]
-    report._pyplot().close(fig)
+    report_plotting._pyplot().close(fig)
 
 
 def test_adaptive_vs_fixed_table_gives_each_kind_its_worst_and_the_gap(tmp_path):

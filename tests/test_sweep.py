@@ -12,7 +12,7 @@ import pytest
 import scipy.stats
 
 from medfed_jax import config as config_lib
-from medfed_jax import runner, sweep
+from medfed_jax import runner, sweep, tabular
 from medfed_jax.server import build_engine, static_config
 from medfed_jax.types import ClientData
 
@@ -118,7 +118,7 @@ def test_every_swept_knob_changes_the_result(finished, knob):
 
 def test_results_and_summary_tables(finished):
     workdir, result = finished
-    rows = sweep.to_csv(result.rows)
+    rows = tabular.to_csv(result.rows)
     with open(os.path.join(workdir, "results.csv")) as f:
         assert f.read() == rows
     header = rows.splitlines()[0].split(",")
@@ -346,4 +346,4 @@ def test_incremental_tables_equal_a_full_rebuild(finished):
         tables.add({i: result.histories[i] for i in order[start : start + 3]})
     rows = sweep.result_rows(prepared.plan, prepared.programs, result.histories)
     assert tables.rows() == rows
-    assert sweep.to_csv(tables.summary()) == sweep.to_csv(sweep.summary_rows(prepared.plan, rows))
+    assert tabular.to_csv(tables.summary()) == tabular.to_csv(sweep.summary_rows(prepared.plan, rows))

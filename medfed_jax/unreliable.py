@@ -1,0 +1,199 @@
+"""Unreliable clients and asynchronous rounds, as pure functions of explicit keys.
+
+Every draw for a client comes from ``fold_in(key, client)`` with ``client``
+its index in the *population*, so a client's fate does not depend on the
+order or size of the cohort it is in (the convention of `medfed_jax.server`).
+The round folds a purpose into its round key first (one key per purpose).
+
+- `dropout_mask`: each client independently fails to send with probability
+  ``rate`` (a scalar or one rate per client); a dropped client sends nothing,
+  so the round multiplies its mask (aggregation, bytes, DP accounting) by it.
+- `straggler_steps`: each client is a straggler with probability ``rate`` and
+  then completes only ``ceil(U tau)`` of its ``tau`` local steps, ``U ~
+  Uniform(0, 1]``, i.e. uniformly one of ``1..tau`` (FedProx's systems
+  heterogeneity, Li et al. 2020, "Federated Optimization in Heterogeneous
+  Networks", which draws local epochs uniformly from ``1..E``).
+- `compute_budgets`: heterogeneous per-client compute, local epochs uniform
+  on ``low..high``, fixed for a run by the run's key (FedNova's experiments,
+  Wang et al. 2020, draw them from 2..5).
+- FedBuff (Nguyen et al. 2022, "Federated Learning with Buffered Asynchronous
+  Aggregation"), simulated in virtual time with no threads: ``M`` clients
+  train concurrently, each on the model of the server version it was
+  dispatched at, and its update arrives after a latency drawn from its own
+  distribution (`latency`: median ``mean_latency[c]``, log-normal spread).
+  `fedbuff_step` takes the ``K`` earliest arrivals as the server's buffer,
+  advances the clock to the last of them, weights each by its staleness
+  ``s(tau) = (1 + tau)**-exponent / K`` (``tau`` the server versions since its
+  dispatch; the paper's ``1 / sqrt(1 + tau)`` at ``exponent = 0.5``) and
+  dispatches ``K`` idle clients, uniformly at random, on the new model. Since
+  a client's update depends only on the model it was dispatched with, the
+  round trains it at dispatch and holds its update in its slot until it
+  arrives (``[M, ...]`` pending updates). With ``K = M`` every slot arrives
+  at every step with staleness 0: synchronous FedAvg on a uniform cohort of
+  ``M``, whatever the latencies.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from medfed_jax.types import Array, PRNGKey
+
+
+def _per_client(key: PRNGKey, clients: Array, draw) -> Array:
+    """``draw(fold_in(key, c))`` for every population index ``c`` in ``clients`` (``[C]`` results)."""
+    return jax.vmap(lambda c: draw(jax.random.fold_in(key, c)))(clients)
+
+
+def _check_rate(name: str, rate) -> None:
+    if isinstance(rate, (int, float)) and not isinstance(rate, bool) and not 0 <= rate <= 1:
+        raise ValueError(f"{name}: rate={rate!r} must lie in [0, 1] (a probability per client and round).")
+
+
+def dropout_mask(key: PRNGKey, clients: Array, rate: Array | float) -> Array:
+    """``[C]`` bool, True where the update arrives: each client drops with probability ``rate`` (scalar or ``[C]``)."""
+    _check_rate("dropout_mask", rate)
+    u = _per_client(key, clients, lambda k: jax.random.uniform(k))
+    return u >= jnp.broadcast_to(jnp.asarray(rate, jnp.float32), u.shape)
+
+
+def straggler_steps(key: PRNGKey, clients: Array, steps: Array, rate: Array | float) -> Array:
+    """``[C]`` int32 local steps done: ``steps``, or for a straggler (probability ``rate``) uniformly one of
+    ``1..steps`` (0 stays 0)."""
+    _check_rate("straggler_steps", rate)
+    steps = jnp.asarray(steps, jnp.int32)
+    u = _per_client(key, clients, lambda k: jax.random.uniform(k, (2,)))
+    straggles = u[:, 0] < jnp.broadcast_to(jnp.asarray(rate, jnp.float32), u.shape[:1])
+    done = jnp.ceil((1.0 - u[:, 1]) * steps).astype(jnp.int32)  # 1 - U in (0, 1]: ceil gives 1..steps
+    return jnp.where(straggles, jnp.clip(done, jnp.minimum(steps, 1), steps), steps)
+
+
+def compute_budgets(key: PRNGKey, clients: Array, low: int, high: int) -> Array:
+    """``[C]`` int32 local epochs of ``clients``, each uniform on ``low..high``; a run's key gives each client
+    one budget for the whole run (no state: recomputed for each cohort)."""
+    if not (isinstance(low, int) and isinstance(high, int) and 1 <= low <= high):
+        raise ValueError(
+            f"compute_budgets: low={low!r}, high={high!r} must be integers with 1 <= low <= high "
+            "(the fewest and most local epochs a client can afford)."
+        )
+    return _per_client(key, clients, lambda k: jax.random.randint(k, (), low, high + 1))
+
+
+def latency(key: PRNGKey, clients: Array, mean_latency: Array | float, spread: Array | float) -> Array:
+    """``[C]`` float32 times to train and upload: ``mean_latency[c] exp(spread Z)``, ``Z ~ N(0, 1)``.
+
+    ``mean_latency`` is a scalar or ``[N]`` over the population (indexed by
+    ``clients``); it is the median. ``spread = 0`` is deterministic.
+    """
+    z = _per_client(key, clients, lambda k: jax.random.normal(k))
+    median = jnp.asarray(mean_latency, jnp.float32)
+    median = median[clients] if median.ndim else median
+    return median * jnp.exp(jnp.asarray(spread, jnp.float32) * z)
+
+
+class InFlight(NamedTuple):
+    """FedBuff's ``M`` concurrent training slots in virtual time.
+
+    Attributes:
+      client: ``[M]`` int32, the client each slot is training.
+      version: ``[M]`` int32, the server version its model was dispatched at.
+      finish: ``[M]`` float32, the virtual time its update arrives.
+      clock: scalar float32, the time of the last server step.
+      server_version: scalar int32, the number of server steps applied.
+    """
+
+    client: Array
+    version: Array
+    finish: Array
+    clock: Array
+    server_version: Array
+
+
+class Buffer(NamedTuple):
+    """One FedBuff server step: the ``K`` arrivals and who replaces them.
+
+    Attributes:
+      slots: ``[K]`` int32 slots whose updates arrived (earliest first).
+      clients: ``[K]`` int32 their clients.
+      staleness: ``[K]`` int32 server versions since each was dispatched.
+      weights: ``[K]`` float32 ``(1 + staleness)**-exponent / K``: the server
+        update is ``sum_k weights_k delta_k``.
+      dispatched: ``[K]`` int32 clients now training in ``slots``, on the new model.
+    """
+
+    slots: Array
+    clients: Array
+    staleness: Array
+    weights: Array
+    dispatched: Array
+
+
+def _idle_draw(key: PRNGKey, num_clients: int, busy: Array, count: int) -> Array:
+    """``count`` distinct clients uniformly among those not ``busy`` (``[N]`` bool): random scores, smallest first."""
+    scores = jnp.where(busy, jnp.inf, jax.random.uniform(key, (num_clients,)))
+    return jnp.argsort(scores)[:count].astype(jnp.int32)
+
+
+def _check_fedbuff(num_clients: int, concurrency: int, buffer_size: int) -> None:
+    if not 1 <= buffer_size <= concurrency <= num_clients:
+        raise ValueError(
+            f"fedbuff: buffer_size={buffer_size}, concurrency={concurrency}, num_clients={num_clients} need "
+            "1 <= buffer_size <= concurrency <= num_clients (K arrivals per server step out of M clients training "
+            "at once, drawn from N)."
+        )
+
+
+def fedbuff_init(
+    key: PRNGKey, num_clients: int, concurrency: int, mean_latency: Array | float, spread: Array | float
+) -> InFlight:
+    """``concurrency`` distinct clients, uniformly drawn, dispatched at time 0 on version 0."""
+    _check_fedbuff(num_clients, concurrency, 1)
+    draw_key, latency_key = jax.random.split(key)
+    clients = _idle_draw(draw_key, num_clients, jnp.zeros(num_clients, bool), concurrency)
+    return InFlight(
+        client=clients,
+        version=jnp.zeros(concurrency, jnp.int32),
+        finish=latency(latency_key, clients, mean_latency, spread),
+        clock=jnp.zeros((), jnp.float32),
+        server_version=jnp.zeros((), jnp.int32),
+    )
+
+
+def fedbuff_step(
+    state: InFlight,
+    key: PRNGKey,
+    num_clients: int,
+    buffer_size: int,
+    mean_latency: Array | float,
+    spread: Array | float,
+    exponent: Array | float = 0.5,
+) -> tuple[Buffer, InFlight]:
+    """One FedBuff server step: the ``buffer_size`` earliest arrivals, their staleness weights, the new dispatches.
+
+    Ties in arrival time go to the lower slot. The clock moves to the last
+    arrival's time, the server version advances by one, and the dispatched
+    clients (idle ones: not in a slot still training) finish at ``clock +
+    latency``.
+    """
+    concurrency = state.client.shape[0]
+    _check_fedbuff(num_clients, concurrency, buffer_size)
+    draw_key, latency_key = jax.random.split(key)
+    slots = jnp.argsort(state.finish, stable=True)[:buffer_size].astype(jnp.int32)
+    clock = state.finish[slots[-1]]
+    staleness = state.server_version - state.version[slots]
+    weights = (1.0 + staleness.astype(jnp.float32)) ** -jnp.asarray(exponent, jnp.float32) / buffer_size
+    still_training = jnp.ones(concurrency, bool).at[slots].set(False)
+    busy = jnp.zeros(num_clients, bool).at[state.client].max(still_training)
+    dispatched = _idle_draw(draw_key, num_clients, busy, buffer_size)
+    version = state.server_version + 1
+    new_state = InFlight(
+        client=state.client.at[slots].set(dispatched),
+        version=state.version.at[slots].set(version),
+        finish=state.finish.at[slots].set(clock + latency(latency_key, dispatched, mean_latency, spread)),
+        clock=clock,
+        server_version=version,
+    )
+    return Buffer(slots, state.client[slots], staleness, weights, dispatched), new_state
