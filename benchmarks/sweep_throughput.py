@@ -110,7 +110,7 @@ def clear_compiled() -> None:
     """Empty every compilation cache, so that nothing compiled before counts."""
     jax.clear_caches()
     build_engine.cache_clear()
-    sweep._COMPILED.clear()
+    sweep.PROGRAMS.clear()
 
 
 def time_loop(cfg, plan: sweep.Plan, cells: list[int], result: sweep.SweepResult) -> tuple[float, float]:

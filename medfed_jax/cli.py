@@ -4,8 +4,8 @@
 or a config file; ``--config.<field>=<value>`` overrides any field
 (``--config.rounds=50``), ``--help`` lists every field with its default and
 meaning, ``--help=<section>`` one section. A config with a non-empty ``sweep``
-runs as a sweep (`medfed_jax.sweep`): ``results.csv``, ``summary.csv``,
-``sweep.json`` and per-chunk results in the workdir, resumed after a crash by
+runs as a sweep (`medfed_jax.sweep`): ``results.csv``, ``clients.csv``,
+``summary.csv``, ``clients_summary.csv``, ``sweep.json`` and per-chunk results in the workdir, resumed after a crash by
 running the same command again; ``--seeds=N`` adds a seed axis. Otherwise it
 is one run per method: with ``--seeds=N`` every method runs N seeds as one
 compiled program each and the run ends with a mean +- std table. The workdir
@@ -91,7 +91,7 @@ HELP_FLAGS = ("--help", "-help", "-h", "-?")
 # Everything medfed_jax writes into a workdir (patterns relative to it); --overwrite removes these, nothing else.
 WORKDIR_FILES = (
     *("config.json", "history.csv", "summary.json", "checkpoint_*.npz"),  # a run
-    *("sweep.json", "results.csv", "summary.csv", f"{sweep.CHUNK_DIR}/*.json"),  # a sweep
+    *("sweep.json", *sweep.FILES, f"{sweep.CHUNK_DIR}/*.json"),  # a sweep (clients.csv: a run's too)
     *("final.csv", "report.md", *(figure[0] for figure in report.FIGURES)),  # its report (medfed_jax.report)
 )
 MAX_TABLE_WIDTH = 160  # wider final tables show quartiles of the clients instead of every client
@@ -400,7 +400,7 @@ def run_sweep_command(prepared: sweep.PreparedSweep, workdir: str | None) -> swe
         f"\nFinal round, mean ± sample std over seeds (%):\n\n{report.final_table(result.summary, result.plan.knobs)}"
     )
     if workdir:
-        print(f"\nwrote {workdir}/results.csv, summary.csv, sweep.json")
+        print(f"\nwrote {workdir}/{', '.join(sweep.FILES)}, sweep.json")
         print(f"figures and report.md: python -m medfed_jax.report --workdir={workdir}")
     return result
 

@@ -200,7 +200,7 @@ class Personalizer(NamedTuple):
     personal_params: Callable[..., Params] | None
 
 
-def stack_clients(tree: Any, num_clients: int) -> Any:
+def broadcast_to_clients(tree: Any, num_clients: int) -> Any:
     """``tree`` repeated along a new leading client axis."""
     return jax.tree.map(lambda x: jnp.broadcast_to(x, (num_clients, *jnp.shape(x))), tree)
 
@@ -227,7 +227,7 @@ def _federated(local_update: Callable, personal_params: Callable | None = None) 
 def _finetune(cfg: Any, model: Model, spec: LocalSpec, parallelism: str, chunk: int) -> Callable[..., Params]:
     """``personal_params``: every client fine-tunes the global model for ``finetune_steps`` steps."""
     if cfg.finetune_steps == 0:
-        return lambda params, clients, train, key, hparams: stack_clients(params, train.count.shape[0])
+        return lambda params, clients, train, key, hparams: broadcast_to_clients(params, train.count.shape[0])
     tune = make_local_update(model, spec._replace(epochs=0, steps=cfg.finetune_steps, sampling="fixed"))
 
     def personal_params(params, clients, train: ClientData, key, hparams):
@@ -249,7 +249,7 @@ def _ditto(knobs: Knobs, model: Model, spec: LocalSpec, local_update: Callable) 
         step, _ = personal_update(personal, data, key, hparams._replace(prox_mu=0.0), Anchor(params, strength))
         return delta, _add(personal, step), metrics
 
-    return _whole_model(stack_clients, client_update, lambda params, clients, train, key, hparams: clients)
+    return _whole_model(broadcast_to_clients, client_update, lambda params, clients, train, key, hparams: clients)
 
 
 def _fedper(cfg: Any, model: Model, spec: LocalSpec, gradient_fn: GradientFn | None) -> Personalizer:
@@ -281,7 +281,7 @@ def _fedper(cfg: Any, model: Model, spec: LocalSpec, gradient_fn: GradientFn | N
         return jax.vmap(part.merge, in_axes=(None, 0))(part.split(params)[0], clients)
 
     return Personalizer(
-        init=lambda params, num_clients: stack_clients(part_of(params).split(params)[1], num_clients),
+        init=lambda params, num_clients: broadcast_to_clients(part_of(params).split(params)[1], num_clients),
         shared=lambda params: part_of(params).split(params)[0],
         merge=merge,
         client_update=client_update,
@@ -312,7 +312,7 @@ def _apfl(cfg: Any, knobs: Knobs, model: Model, spec: LocalSpec, gradient_fn: Gr
     joint_update = make_local_update(model, spec, joint_gradient)
 
     def init(params, num_clients):
-        client = {"v": stack_clients(params, num_clients)}
+        client = {"v": broadcast_to_clients(params, num_clients)}
         if cfg.learn_alpha:
             client["alpha"] = jnp.full((num_clients,), initial, jnp.float32)
         return client

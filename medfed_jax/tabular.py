@@ -6,7 +6,10 @@
   writes (`medfed_jax.mesh.is_writer`).
 - CSV (`to_csv`, `write_csv`, `append_csv`, `read_csv`): dict rows, columns
   the union of the rows' keys in first-seen order, ``\\n`` line ends, missing
-  entries empty; read back as dicts of strings.
+  entries empty; read back as dicts of strings. Per-client values are written
+  long (one row per client and metric, `medfed_jax.sweep.tables`);
+  `join_wide` spreads them back beside their rows for a reader that wants
+  one column per client.
 - Markdown (`markdown_table`): a header and string cells, columns padded to
   their widest cell (or compact).
 """
@@ -80,6 +83,31 @@ def read_csv(path: str) -> list[dict]:
     """The rows of a CSV file with a header, as dicts of strings."""
     with open(path, newline="") as f:
         return list(csv.DictReader(f))
+
+
+def read_csv_if_present(path: str) -> list[dict]:
+    """`read_csv`, or no rows when the file does not exist."""
+    return read_csv(path) if os.path.exists(path) else []
+
+
+def join_wide(rows: Sequence[dict], long_rows: Sequence[dict], stats: dict[str, str]) -> list[dict]:
+    """``rows``, each with its long-format rows (``client``, ``metric``, values) spread into
+    ``<metric>[<client>]<suffix>`` entries.
+
+    A long row belongs to a row when they agree on every column the long rows
+    have besides ``client``, ``metric``, ``n`` and ``stats``' keys; ``stats``
+    maps a long row's value column to its suffix: ``{"value": ""}`` for
+    ``clients.csv``, ``{"mean": "_mean", "std": "_std", "ci95": "_ci95"}`` for
+    ``clients_summary.csv``.
+    """
+    if not long_rows:
+        return list(rows)
+    keys = [k for k in long_rows[0] if k not in {"client", "metric", "n", *stats}]
+    wide: dict[tuple, dict] = {}
+    for r in long_rows:
+        entry = wide.setdefault(tuple(r[k] for k in keys), {})
+        entry.update({f"{r['metric']}[{r['client']}]{suffix}": r[column] for column, suffix in stats.items()})
+    return [{**row, **wide.get(tuple(row[k] for k in keys), {})} for row in rows]
 
 
 def markdown_table(header: Sequence[str], body: Sequence[Sequence[str]], padded: bool = True) -> str:

@@ -343,7 +343,7 @@ def test_a_corrupt_sweep_chunk_names_the_file_and_the_remedy(tmp_path, text):
     path = tmp_path / "chunk.json"
     path.write_text(text)
     with pytest.raises(runner.CorruptFile, match=re.escape(str(path)) + " is corrupt.*delete it"):
-        sweep._load_chunk(str(path))
+        sweep.load_chunk(str(path))
 
 
 # --------------------------------------------------------------------------- corrupt data files

@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import json
 import os
+import re
 
 import numpy as np
 
 from medfed_jax import report, tabular
 
 CLIENTS = ("a", "b", "c")
+PER_CLIENT = re.compile(r"(.+)\[(.+)\]")  # a made-up row's <metric>[<client>] entries
 SEEDS = range(5)
 
 
@@ -18,8 +20,21 @@ def write_workdir(path, name: str, knobs: list[str], rows: list[dict]) -> report
     meta = {"name": name, "knobs": knobs, "numeric_knobs": [], "structural_knobs": knobs, "cells": len(rows)}
     with open(os.path.join(path, "sweep.json"), "w") as f:
         json.dump(meta, f)
+    # Tidy, as a sweep writes them: each row a cell; scalars in results.csv, <metric>[<client>] long in clients.csv.
+    wide = [{k: PER_CLIENT.fullmatch(k) for k in r} for r in rows]
+    scalars = [
+        {"cell": str(i), **{k: str(v) for k, v in r.items() if not w[k]}} for i, (r, w) in enumerate(zip(rows, wide))
+    ]
+    clients = [
+        {"cell": str(i), "round": str(r["round"]), "client": w[k][2], "metric": w[k][1], "value": str(v)}
+        for i, (r, w) in enumerate(zip(rows, wide))
+        for k, v in r.items()
+        if w[k]
+    ]
     with open(os.path.join(path, "results.csv"), "w") as f:
-        f.write(tabular.to_csv([{k: str(v) for k, v in r.items()} for r in rows]))
+        f.write(tabular.to_csv(scalars))
+    with open(os.path.join(path, "clients.csv"), "w") as f:
+        f.write(tabular.to_csv(clients))
     with open(os.path.join(path, "summary.csv"), "w") as f:
         f.write("n\n")
     return report.load(str(path))

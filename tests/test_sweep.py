@@ -123,7 +123,7 @@ def test_results_and_summary_tables(finished):
         assert f.read() == rows
     header = rows.splitlines()[0].split(",")
     assert header[:7] == ["cell", "attack.fraction", "local.lr", "privacy.noise_multiplier", "seed", "round", "epsilon"]
-    assert "client_accuracy[client3]" in header and "test_accuracy" in header
+    assert "test_accuracy" in header and not any("[" in column for column in header)  # per-client: clients.csv
     assert len(result.rows) == 16 * 2  # cells x evaluations
     # One summary row per (knobs without seed, round), over the 2 seeds: mean, ddof-1 std, t-based CI.
     assert len(result.summary) == 8 * 2
@@ -139,6 +139,31 @@ def test_results_and_summary_tables(finished):
     assert float(row["test_accuracy_std"]) == pytest.approx(std, rel=1e-5, abs=1e-9)
     assert float(row["test_accuracy_ci95"]) == pytest.approx(12.7062047 * std / math.sqrt(2), rel=1e-5, abs=1e-9)
     assert scipy.stats.t.ppf(0.975, 1) == pytest.approx(12.7062047)
+
+
+def test_per_client_values_are_long_and_their_summary_is_over_seeds(finished):
+    workdir, result = finished
+    with open(os.path.join(workdir, "clients.csv")) as f:
+        assert f.read() == tabular.to_csv(result.client_rows)
+    knobs = ["attack.fraction", "local.lr", "privacy.noise_multiplier", "seed"]
+    assert list(result.client_rows[0]) == ["cell", *knobs, "round", "client", "metric", "value"]
+    metrics = {r["metric"] for r in result.client_rows}
+    assert "client_accuracy" in metrics
+    # cells x evaluations x clients x per-client metrics: one row each, every history [C] value once
+    per_client = {m for m, v in result.histories[0].items() if np.ndim(v) == 2 and v.shape[1] == 4}
+    assert metrics == per_client and len(result.client_rows) == 16 * 2 * 4 * len(per_client)
+    first = result.client_rows[0]
+    history = result.histories[int(first["cell"])][first["metric"]]
+    assert float(first["value"]) == float(np.float32(history[0][0]))
+    with open(os.path.join(workdir, "clients_summary.csv")) as f:
+        assert f.read() == tabular.to_csv(result.client_summary)
+    assert len(result.client_summary) == 8 * 2 * 4 * len(per_client)  # groups (no seed) x evaluations x ...
+    group = ("attack.fraction", "local.lr", "privacy.noise_multiplier", "round", "client", "metric")
+    row = result.client_summary[-1]
+    values = [float(r["value"]) for r in result.client_rows if all(r[k] == row[k] for k in group)]
+    assert len(values) == 2 and row["n"] == "2"
+    assert float(row["mean"]) == pytest.approx(np.mean(values), rel=1e-5)
+    assert float(row["std"]) == pytest.approx(np.std(values, ddof=1), rel=1e-5, abs=1e-9)
 
 
 def test_epsilon_column_matches_the_accountant(finished):
@@ -173,7 +198,7 @@ def test_resume_after_an_interruption_is_byte_identical(finished, tmp_path):
     computed = []
     sweep.run_sweep(tiny_sweep(), workdir, log=None, on_chunk=computed.append)
     assert computed == [1, 2]  # only the two missing chunks ran
-    for name in ("results.csv", "summary.csv", "sweep.json"):
+    for name in (*sweep.FILES, "sweep.json"):
         with open(os.path.join(workdir, name), "rb") as a, open(os.path.join(reference, name), "rb") as b:
             assert a.read() == b.read(), name
 
@@ -189,7 +214,7 @@ def test_resume_after_a_crash_mid_append_is_byte_identical(finished, tmp_path):
     with open(os.path.join(workdir, "results.csv"), "a") as f:
         f.write(lines[-1][: len(lines[-1]) // 2])  # torn: half a row, no newline
     sweep.run_sweep(tiny_sweep(), workdir, log=None)
-    for name in ("results.csv", "summary.csv"):
+    for name in sweep.FILES:
         with open(os.path.join(workdir, name), "rb") as a, open(os.path.join(reference, name), "rb") as b:
             assert a.read() == b.read(), name
 
@@ -220,8 +245,8 @@ def test_eta_counts_the_cells_not_yet_recorded_at_the_measured_chunk_rate():
         rounds=(5, 10),
         spec=sweep.ProgramSpec({}, tuple(range(100))),
     )
-    chunks = [sweep._Chunk(program, lo, lo + 10, 10, None) for lo in range(0, 100, 10)]
-    progress = sweep._Progress(chunks, start=0.0, workers=2)
+    chunks = [sweep.Chunk(program, lo, lo + 10, 10, None) for lo in range(0, 100, 10)]
+    progress = sweep.Progress(chunks, start=0.0, workers=2)
     for chunk in chunks[:3]:
         progress.ran(chunk, 2.0)  # 100 cell-rounds in 2 s: 0.02 s per cell-round
     progress.recorded(chunks[0])
@@ -237,16 +262,16 @@ def test_eta_counts_the_cells_not_yet_recorded_at_the_measured_chunk_rate():
 
 
 def test_large_sweeps_are_refused_before_loading_data_unless_allowed(monkeypatch):
-    monkeypatch.setattr(sweep, "MAX_CELLS", 15)  # tiny_sweep has 16 cells
+    monkeypatch.setattr(sweep.progress, "MAX_CELLS", 15)  # tiny_sweep has 16 cells
 
     def no_data(*args):
         raise AssertionError("data loaded before the size check")
 
-    monkeypatch.setattr(sweep.data_lib, "load_dataset", no_data)
+    monkeypatch.setattr(sweep.prepare.data_lib, "load_dataset", no_data)
     with pytest.raises(ValueError, match=r"^the sweep is large: 16 cells.*limits are 15 cells.*--allow_large_sweep"):
         sweep.prepare_sweep(tiny_sweep())
     monkeypatch.undo()
-    monkeypatch.setattr(sweep, "MAX_PROGRAMS", 0)
+    monkeypatch.setattr(sweep.progress, "MAX_PROGRAMS", 0)
     with pytest.raises(ValueError, match=r"1 compiled program\(s\).*limits are .* 0 compiled programs"):
         sweep.prepare_sweep(tiny_sweep())
     assert len(sweep.prepare_sweep(tiny_sweep(), allow_large=True).plan.cells) == 16
@@ -347,3 +372,7 @@ def test_incremental_tables_equal_a_full_rebuild(finished):
     rows = sweep.result_rows(prepared.plan, prepared.programs, result.histories)
     assert tables.rows() == rows
     assert tabular.to_csv(tables.summary()) == tabular.to_csv(sweep.summary_rows(prepared.plan, rows))
+    client_rows = sweep.client_rows(prepared.plan, prepared.programs, result.histories)
+    assert tables.client_rows() == client_rows
+    rebuilt = sweep.client_summary_rows(prepared.plan, rows, client_rows)
+    assert tabular.to_csv(tables.client_summary()) == tabular.to_csv(rebuilt)

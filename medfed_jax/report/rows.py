@@ -1,4 +1,6 @@
-"""A sweep's workdir read back: ``sweep.json`` and ``summary.csv`` / ``results.csv`` rows (cells stay strings)."""
+"""A sweep's workdir read back: ``sweep.json`` and ``summary.csv`` / ``results.csv`` rows (cells stay strings),
+with the long per-client files (``clients_summary.csv`` / ``clients.csv``) joined on as ``<metric>[<client>]``
+columns."""
 
 from __future__ import annotations
 
@@ -42,8 +44,12 @@ class SweepTables:
         return final_rows(self.summary, self.meta["knobs"])
 
 
+CLIENT_STATS = {"mean": "_mean", "std": "_std", "ci95": "_ci95"}  # clients_summary.csv -> <metric>[<client>]_mean...
+
+
 def load(workdir: str) -> SweepTables:
-    """Read ``sweep.json`` and ``summary.csv``; says what is missing and how to make it."""
+    """Read ``sweep.json``, ``summary.csv`` and ``clients_summary.csv`` (joined on as ``<metric>[<client>]_mean``,
+    `medfed_jax.tabular.join_wide`); says what is missing and how to make it."""
     for name in ("sweep.json", "summary.csv"):
         if not os.path.exists(os.path.join(workdir, name)):
             raise ValueError(
@@ -52,7 +58,9 @@ def load(workdir: str) -> SweepTables:
             )
     with open(os.path.join(workdir, "sweep.json")) as f:
         meta = json.load(f)
-    return SweepTables(workdir, meta, tabular.read_csv(os.path.join(workdir, "summary.csv")))
+    summary = tabular.read_csv(os.path.join(workdir, "summary.csv"))
+    clients = tabular.read_csv_if_present(os.path.join(workdir, "clients_summary.csv"))
+    return SweepTables(workdir, meta, tabular.join_wide(summary, clients, CLIENT_STATS))
 
 
 def final_rows(summary: Sequence[dict], knobs: Sequence[str]) -> list[dict]:
@@ -88,8 +96,11 @@ def _pct(row: dict, stat: str, metric: str = METRIC) -> float:
 
 
 def results(tables: SweepTables) -> list[dict]:
-    """The sweep's ``results.csv`` rows (per cell, seed and evaluation)."""
-    return tabular.read_csv(os.path.join(tables.workdir, "results.csv"))
+    """The sweep's ``results.csv`` rows (per cell, seed and evaluation), with ``clients.csv``'s values joined on
+    as ``<metric>[<client>]`` (`medfed_jax.tabular.join_wide`)."""
+    rows = tabular.read_csv(os.path.join(tables.workdir, "results.csv"))
+    clients = tabular.read_csv_if_present(os.path.join(tables.workdir, "clients.csv"))
+    return tabular.join_wide(rows, clients, {"value": ""})
 
 
 def client_values(row: dict) -> np.ndarray:
