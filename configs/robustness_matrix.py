@@ -4,8 +4,8 @@ Digits over 20 Dirichlet(0.5) clients (the settings of `digits_dirichlet.py`),
 100 rounds; the no-attack runs are the reference row. The attacks are the
 fixed recipes and the adaptive ones (`medfed_jax.attacks.ADAPTIVE_ATTACKS`:
 Opt-IPM and Opt-ALIE searched against the aggregator in use, Fang et al.'s
-Krum and trimmed-mean attacks, min-max and min-sum, and the differentiable
-attacker). Aggregators that need the number of Byzantine clients use
+Krum and trimmed-mean attacks, min-max and min-sum, the differentiable
+attacker, and mimic-then-reverse). Aggregators that need the number of Byzantine clients use
 ``aggregator.f = 4``, the most Bulyan allows with 20 clients (n >= 4f + 3):
 it matches 20% attackers and under-states 30% (6 attackers), as a defender
 who guessed low would. One compiled program for the whole matrix: the

@@ -13,8 +13,8 @@ honest *and* take part this round, ``H = mask & ~malicious``; ``n`` is the
 number of taking-part clients and ``f`` the number of malicious ones among
 them. Strength parameters may be traced (numeric knobs).
 
-Adaptive attacks (`ADAPTIVE_ATTACKS`) choose their update each round: Opt-IPM
-and Opt-ALIE search their factor against the round's aggregator, Fang et
+Adaptive attacks (`ADAPTIVE_ATTACKS`) choose their update each round: Opt-IPM,
+Opt-ALIE and `mimic_ipm` search their factor against the round's aggregator, Fang et
 al.'s attacks target Krum and trimmed mean / median, min-max and min-sum
 bound their distance to the honest updates, and `grad_ascent` differentiates
 the honest loss through the aggregator and the server optimizer. Those that
@@ -298,6 +298,57 @@ def opt_alie(evals: int = 20) -> Attack:
     ByzFL's sign convention (``+ tau sigma``); ``tau`` maximises ``|agg(honest, f copies of u) - mu_H|``.
     """
     return _optimized_line("opt_alie", lambda mu, sigma: (mu, sigma), evals)
+
+
+def reversal(aggregate: Updates, mu: Updates) -> jax.Array:
+    """IPM's goal as a distance: ``<mu_H - aggregate, mu_H> / |mu_H|`` (Xie, Koyejo and Gupta 2020).
+
+    How far the aggregate falls short of the honest mean along it: 0 at
+    ``mu_H``, ``|mu_H|`` at a zero aggregate, more when it points backwards.
+    Unlike ``|aggregate - mu_H|`` it does not reward honest noise, such as Krum
+    picking an honest update other than the mean.
+    """
+    dot = sum(jnp.vdot(m - a, m) for m, a in zip(jax.tree.leaves(mu), jax.tree.leaves(aggregate)))
+    return dot / jnp.maximum(optax.global_norm(mu), _TINY)
+
+
+def mimic_ipm(evals: int = 20) -> Attack:
+    """Mimic, then reverse: ``u = b - tau * mu_H`` maximising `reversal` against the rule in use.
+
+    The base ``b`` is 0 (Opt-IPM's line) or one honest update ``u_j`` (the Mimic
+    attack of Karimireddy, He and Jaggi, ICLR 2022: every attacker copies
+    ``u_j``), whichever gives the largest `reversal` of ``agg(honest, f copies
+    of b)`` (ties: 0, then the lowest ``j``); then ``tau >= 0`` by
+    `line_maximize` of the same objective (``evals`` evaluations, ``tau = 0``
+    first). Against Krum, ``|agg - mu_H|`` (Opt-IPM) also rewards the honest
+    noise of an honest pick, so its search can settle where no attacker is
+    selected; `reversal` grows with ``tau`` only while Krum selects ``u``, so
+    the search ends near the largest selected ``tau``. Where even ``tau = 0``
+    is not selected, ``f`` copies of an honest ``u_j`` lower its Krum score
+    (``f`` zero distances), so Krum picks the honest update the attackers
+    choose. ``C + evals`` aggregator evaluations per round.
+    """
+
+    def apply(updates, malicious, key, context: AttackContext):
+        del key
+        _needs(context, "mimic_ipm", "aggregate")
+        honest = context.mask & ~malicious
+        mu, _ = honest_mean_std(updates, honest)
+        score = lambda u: reversal(context.aggregate(_replace(updates, malicious, u)), mu)  # noqa: E731
+
+        def best_base(j, carry):  # rows outside `honest` (absent, malicious) are never a base
+            best_j, best = carry
+            value = jnp.where(honest[j], score(jax.tree.map(lambda x: x[j], updates)), -jnp.inf)
+            return jnp.where(value > best, j, best_j), jnp.maximum(value, best)
+
+        zero = jax.tree.map(jnp.zeros_like, mu)
+        j, _ = jax.lax.fori_loop(0, honest.shape[0], best_base, (jnp.int32(-1), score(zero)))
+        base = jax.tree.map(lambda x, z: jnp.where(j >= 0, x[jnp.maximum(j, 0)], z), updates, zero)
+        at = lambda tau: jax.tree.map(lambda b, m: b - tau * m, base, mu)  # noqa: E731
+        tau, _ = line_maximize(lambda tau: score(at(tau)), evals)
+        return _replace(updates, malicious, at(tau))
+
+    return make_attack(apply, _keep_labels)
 
 
 def _neg(tree: Any) -> Any:
@@ -641,9 +692,10 @@ _ATTACKS: dict[str, Callable[[Any, AttackHParams], Attack]] = {
     "min_max": lambda cfg, hp: min_max(cfg.perturbation, cfg.evals),
     "min_sum": lambda cfg, hp: min_sum(cfg.perturbation, cfg.evals),
     "grad_ascent": lambda cfg, hp: grad_ascent(cfg.steps, hp.step_size, hp.budget, cfg.stealth, cfg.knowledge),
+    "mimic_ipm": lambda cfg, hp: mimic_ipm(cfg.evals),
 }
 ATTACK_NAMES = tuple(_ATTACKS)
-ADAPTIVE_ATTACKS = ("opt_ipm", "opt_alie", "fang_krum", "fang_trim", "min_max", "min_sum", "grad_ascent")
+ADAPTIVE_ATTACKS = ("opt_ipm", "opt_alie", "fang_krum", "fang_trim", "min_max", "min_sum", "grad_ascent", "mimic_ipm")
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -658,7 +710,7 @@ def default_config() -> ml_collections.ConfigDict:
             "z": 0.0,  # alie: shift in honest stds; 0 = Baruch et al.'s z_max from n and f
             "sigma": 1.0,  # gaussian: std of the random update
             "gamma": 0.0,  # scaling: boost factor; 0 = n (clients per round)
-            "evals": 20,  # evaluations per round: opt_ipm/opt_alie (ByzFL line search), min_max/min_sum (bisection)
+            "evals": 20,  # evaluations per round: opt_ipm/opt_alie/mimic_ipm (line search), min_max/min_sum (bisection)
             "perturbation": "std",  # min_max/min_sum: one of PERTURBATIONS (inverse unit vector, sign, std)
             "steps": 5,  # grad_ascent: gradient-ascent steps per round
             "step_size": 0.5,  # grad_ascent: step length as a fraction of the stealth radius (numeric knob)

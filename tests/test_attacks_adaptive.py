@@ -118,10 +118,11 @@ def test_opt_attacks_pick_byzfl_factor_against_the_median(name):
     np.testing.assert_allclose(recovered, tau, rtol=1e-4)
 
 
-def test_opt_attack_without_the_server_side_says_what_it_needs():
+@pytest.mark.parametrize("name", ["opt_ipm", "mimic_ipm"])
+def test_searched_attack_without_the_server_side_says_what_it_needs(name):
     u, mal, mask = setup()
     with pytest.raises(ValueError, match="AttackContext.aggregate"):
-        run(attacks.opt_ipm(), u, mal, mask)
+        run(getattr(attacks, name)(), u, mal, mask)
 
 
 # --------------------------------------------------------------------------- Fang et al. 2020
@@ -173,6 +174,90 @@ def test_fang_krum_sends_genuine_updates_when_krum_never_picks_it():
     u[mask & ~mal] = 5.0 + np.arange(P)  # identical honest updates score 0: Krum picks one at every lambda
     got = run(attacks.fang_krum(), u, mal, mask)
     np.testing.assert_array_equal(got[mask], u[mask].astype(np.float32))
+
+
+# --------------------------------------------------------------------------- mimic, then reverse
+
+
+def numpy_mimic_ipm(u, malicious, mask, aggregate, evals):
+    """The attack transcribed: base 0 or the honest u_j with the largest reversal, then ByzFL's line search."""
+    mu = u[mask & ~malicious].mean(0)
+
+    def reversal(v):
+        x = u.copy()
+        x[malicious] = v
+        return (mu - aggregate(x)) @ mu / np.linalg.norm(mu)
+
+    j, best = -1, reversal(np.zeros(P))
+    for i in np.flatnonzero(mask & ~malicious):
+        if reversal(u[i]) > best:
+            j, best = i, reversal(u[i])
+    base = np.zeros(P) if j < 0 else u[j]
+    tau = byzfl_line_maximize(lambda t: reversal(base - t * mu), evals)
+    return j, tau, base, mu
+
+
+def krum_rule(mask, f=3):
+    rule = aggregators.krum(f)
+    aggregate = lambda t: rule.aggregate(t, jnp.ones(C), jnp.asarray(mask), (), jax.random.key(0))[0]  # noqa: E731
+    return aggregate, lambda x: x[numpy_krum_selects(x, mask, f)]
+
+
+@pytest.mark.parametrize(
+    "rule_name,shift,seed,want_base", [("krum", 0.5, 0, -1), ("krum", 2.0, 0, 8), ("median", 0.5, 1, -1)]
+)
+def test_mimic_ipm_base_factor_and_update(rule_name, shift, seed, want_base):
+    """Krum with the zero base, Krum where no reversal is selected (attackers copy honest client 8), the median."""
+    u, mal, mask = updates_with_absent(C, P, absent=9, attackers=(2, 5, 7), shift=shift, seed=seed)
+    if rule_name == "krum":
+        aggregate, numpy_rule = krum_rule(mask)
+    else:
+        rule = aggregators.coordinate_median()
+        aggregate = lambda t: rule.aggregate(t, jnp.ones(C), jnp.asarray(mask), (), jax.random.key(0))[0]  # noqa: E731
+        numpy_rule = lambda x: median_of(x, mask)  # noqa: E731
+    j, tau, base, mu = numpy_mimic_ipm(u, mal, mask, numpy_rule, 20)
+    assert j == want_base and tau > 0  # the inputs cover both bases; the search moved
+    got = run(attacks.mimic_ipm(20), u, mal, mask, aggregate)
+    check_rows(got, u, mal, base - tau * mu)
+    np.testing.assert_allclose((base - got[mal][0]) @ mu / (mu @ mu), tau, rtol=1e-4)
+
+
+def test_mimic_ipm_ties_keep_the_zero_base_and_tau_zero():
+    """Identical honest updates: Krum picks one whatever the attackers send, every candidate ties, u = 0."""
+    u, mal, mask = setup()
+    u[mask & ~mal] = 1.0 + np.arange(P)
+    got = run(attacks.mimic_ipm(), u, mal, mask, krum_rule(mask)[0])
+    check_rows(got, u, mal, np.zeros(P))
+
+
+def test_mimic_ipm_stops_at_the_krum_selection_boundary_where_opt_ipm_does_not():
+    """Reversal grows with tau only while Krum selects the crafted update: the search ends just below the boundary.
+
+    ByzFL's contraction keeps ``boundary - tau < delta / ratio`` once a try has failed (a try below the
+    boundary succeeds and moves tau up by delta), and 40 evaluations with the boundary below the first
+    step 10 end with ``delta <= 10 * 0.8**38``. On the same inputs Opt-IPM's ``|agg - mu_H|`` is largest
+    at tau = 10, where Krum picks an honest update.
+    """
+    u, mal, mask = updates_with_absent(C, P, absent=9, attackers=(2, 5, 7), shift=0.5, seed=1)
+    aggregate, numpy_rule = krum_rule(mask)
+    mu = u[mask & ~mal].mean(0)
+
+    def attacker_selected(t):
+        x = u.copy()
+        x[mal] = -t * mu
+        return mal[numpy_krum_selects(x, mask, 3)]
+
+    low, high = 0.0, 10.0  # numpy bisection for the boundary, float64
+    assert attacker_selected(low) and not attacker_selected(high)
+    for _ in range(60):
+        mid = (low + high) / 2
+        low, high = (mid, high) if attacker_selected(mid) else (low, mid)
+    got = run(attacks.mimic_ipm(40), u, mal, mask, aggregate)
+    tau = -got[mal][0] @ mu / (mu @ mu)
+    assert 0 <= low - tau < 10 * 0.8**38 / 0.8 and attacker_selected(tau)
+    assert numpy_mimic_ipm(u, mal, mask, numpy_rule, 40)[0] == -1  # the zero base: Opt-IPM's line
+    ipm_tau = -run(attacks.opt_ipm(20), u, mal, mask, aggregate)[mal][0] @ mu / (mu @ mu)
+    assert not attacker_selected(ipm_tau)
 
 
 def numpy_fang_trim(u, honest, r):
@@ -371,8 +456,9 @@ def test_grad_ascent_is_projected_normalised_ascent(stealth, knowledge):
     assert np.linalg.norm(want - center) <= radius * (1 + 1e-9)
 
 
-def test_grad_ascent_in_a_vmapped_sweep_equals_its_runs_alone(tmp_path):
-    """Switched at run time with sign flip, fractions and seeds vmapped: each grad_ascent cell equals its own run."""
+@pytest.mark.parametrize("attack_name", ["grad_ascent", "mimic_ipm"])
+def test_adaptive_attack_in_a_vmapped_sweep_equals_its_runs_alone(tmp_path, attack_name):
+    """Switched at run time with sign flip, fractions and seeds vmapped: each adaptive cell equals its own run."""
     cfg = config_lib.default_config()
     cfg.data.samples_per_client = 16
     cfg.model.name = "logistic"
@@ -380,12 +466,12 @@ def test_grad_ascent_in_a_vmapped_sweep_equals_its_runs_alone(tmp_path):
     cfg.local.batch_size = 8
     cfg.baselines = ()
     cfg.aggregator.name = "trimmed_mean"
-    cfg.sweep.cells = [{"attack.name": name} for name in ("grad_ascent", "sign_flip")]
+    cfg.sweep.cells = [{"attack.name": name} for name in (attack_name, "sign_flip")]
     cfg.sweep.grid = {"attack": {"fraction": (0.25, 0.5)}, "seed": (0, 1)}
     result = sweep.run_sweep(cfg, str(tmp_path), log=None)
     assert result.programs_compiled == 1  # one program for both attacks: the attack is a run-time switch
     losses = {}
-    for cell in [c for c in result.plan.cells if c.values["attack.name"] == "grad_ascent"]:
+    for cell in [c for c in result.plan.cells if c.values["attack.name"] == attack_name]:
         alone_cfg = sweep.with_overrides(cfg, cell.values)
         prepared = runner.prepare(alone_cfg)
         engine = build_engine(split(alone_cfg).static, prepared.context)
