@@ -183,7 +183,10 @@ def make_local_update(
         (loss, grads)``; the masked mean gradient by default (DP-SGD swaps in
         a clipped, noised one).
 
-    ``data`` is one client's ``(x[N_max, ...], y[N_max], count)``; ``delta`` is
+    ``data`` is one client's ``(x[N_max, ...], y[N_max], count)``, or ``(x, y,
+    count, steps)`` with its number of steps set (unreliable clients'
+    budgets and stragglers, `medfed_jax.unreliable.cohort_work`; at most
+    `client_steps`); ``delta`` is
     the trained parameters minus ``params``. ``metrics`` holds the mean batch
     loss over the client's real steps (``train_loss``) and their number.
     ``hparams.prox_mu`` (FedProx) pulls toward the starting ``params``; an
@@ -193,7 +196,7 @@ def make_local_update(
     gradient_fn = gradient_fn or masked_mean_gradient(model)
 
     def local_update(params: Params, data: Any, key: Array, hparams: LocalHParams, anchor: Anchor | None = None):
-        x, y, count = data
+        x, y, count, *steps = data
         order_key, step_key, noise_key = jax.random.split(key, 3)
         if spec.sampling == "shuffle":
             epoch_keys = jax.random.split(order_key, spec.epochs)
@@ -214,7 +217,7 @@ def make_local_update(
                 new_params = jax.tree.map(lambda v, a: (v + shrink * a) / (1 + shrink), new_params, anchor.params)
             return t + 1, new_params, new_opt_state, loss_sum + loss
 
-        num_steps = client_steps(spec, count)
+        num_steps = steps[0] if steps else client_steps(spec, count)
         start = (jnp.zeros((), jnp.int32), params, optimizer.init(params), jnp.zeros((), jnp.float32))
         _, final, _, loss_sum = jax.lax.while_loop(lambda carry: carry[0] < num_steps, step, start)
         delta = jax.tree.map(jnp.subtract, final, params)

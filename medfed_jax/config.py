@@ -2,7 +2,7 @@
 
 A config is an ``ml_collections.ConfigDict`` with one section per part
 (``data``, ``model``, ``local``, ``server``, ``aggregator``, ``attack``,
-``privacy``, ``personalization``) plus top-level run settings. Each part's module owns its section:
+``privacy``, ``personalization``, ``unreliable``) plus top-level run settings. Each part's module owns its section:
 it provides ``default_config()``, ``validate_config(section, context)`` and,
 beside them, a NamedTuple of the section's *numeric* fields (`HPARAMS`: e.g.
 `medfed_jax.client.LocalHParams`), whose fields are the list of them.
@@ -36,7 +36,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from medfed_jax import aggregators, attacks, client, personalize, privacy, server_optimizer
+from medfed_jax import aggregators, attacks, client, personalize, privacy, server_optimizer, unreliable
 from medfed_jax.client import CLIENT_OPTIMIZERS
 
 MODELS = ("logistic", "mlp", "cnn")
@@ -90,6 +90,7 @@ def sections() -> dict[str, Callable[[], ml_collections.ConfigDict]]:
         "attack": attacks.default_config,
         "privacy": privacy.default_config,
         "personalization": personalize.default_config,
+        "unreliable": unreliable.default_config,
     }
 
 
@@ -397,6 +398,7 @@ def validate(cfg: Any, context: BuildContext) -> None:
     attacks.validate_config(cfg.attack, context)
     privacy.validate_config(cfg.privacy, context)
     personalize.validate_config(cfg.personalization, context)
+    unreliable.validate_config(cfg.unreliable, cfg.local)
 
 
 def to_json(cfg: Any) -> str:

@@ -34,7 +34,7 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
-from medfed_jax import aggregators, attacks, personalize, privacy
+from medfed_jax import aggregators, attacks, personalize, privacy, unreliable
 from medfed_jax import config as config_lib
 from medfed_jax import mesh as mesh_lib
 from medfed_jax.client import LocalHParams, LocalSpec, example_loss_fn, map_clients
@@ -53,8 +53,10 @@ Switches = tuple[tuple[str, tuple[str, ...]], ...]
 # Aggregators that only sum over the client axis: on a mesh they reduce where the updates lie.
 MEANS = {"mean", "weighted_mean"}
 
-# Purposes of the per-round keys, folded into the round key.
-_SAMPLE, _LOCAL, _PRIVACY, _ATTACK, _AGGREGATE, _PERSONAL, _SUBSAMPLE = range(7)
+# Purposes of the per-round keys, folded into the round key (new ones appended: existing keys never move).
+_SAMPLE, _LOCAL, _PRIVACY, _ATTACK, _AGGREGATE, _PERSONAL, _SUBSAMPLE, _DROPOUT, _STRAGGLE = range(9)
+# The run's per-client compute budgets: fold_in(run key, BUDGET_ROUND), a round number no run reaches (int32).
+BUDGET_ROUND = 2**31
 
 
 class FedState(NamedTuple):
@@ -146,6 +148,7 @@ class RoundSpec(NamedTuple):
     mesh: jax.sharding.Mesh | None  # the 'clients' mesh local training is split over; None: one device
     by_coordinate: bool  # re-split updates over coordinates before aggregating (`mesh.spread_coordinates`)
     own_keys: bool = False  # local-only: client i trains with fold_in(round key, i), its key stream (no purpose)
+    unreliable: unreliable.Unreliable | None = None  # dropout, stragglers, compute budgets; None: every client sends
 
     @property
     def poisson(self) -> bool:
@@ -200,6 +203,15 @@ def draw_cohort(spec: RoundSpec, key_for: Callable, train: Any) -> tuple[Array, 
     return index, taking, data
 
 
+def unreliable_cohort(spec: RoundSpec, key_for: Callable, run_key: Array, index: Array, taking, data: ClientData):
+    """`draw_cohort`'s ``(taking, data)`` after unreliable clients (`unreliable.cohort_work`), and ``(steps,)``:
+    a dropped client is a slot not taking part (no rows, no steps); ``steps [C]`` each client's local steps."""
+    keys = unreliable.CohortWork(key_for(_DROPOUT), key_for(_STRAGGLE), jax.random.fold_in(run_key, BUDGET_ROUND))
+    sent, steps = unreliable.cohort_work(spec.unreliable, keys, index, data.count)
+    taking = sent if taking is None else taking & sent
+    return taking, data._replace(count=jnp.where(sent, data.count, 0)), (steps,)
+
+
 def round_step(
     spec: RoundSpec, parts: Components, hparams: LocalHParams, state: FedState, train: Any
 ) -> tuple[FedState, Metrics]:
@@ -207,6 +219,9 @@ def round_step(
     round_key = jax.random.fold_in(state.key, state.round)
     key_for = lambda purpose: jax.random.fold_in(round_key, purpose)  # noqa: E731
     index, taking, data = draw_cohort(spec, key_for, train)
+    steps = ()  # each client's local steps, when unreliable clients cut them (else `client.client_steps`)
+    if spec.unreliable is not None:
+        taking, data, steps = unreliable_cohort(spec, key_for, state.key, index, taking, data)
     malicious = state.malicious[index] if spec.indexed else state.malicious
     if taking is not None:  # a slot not taking part is masked out of training, attacks and aggregation
         malicious = malicious & taking
@@ -216,14 +231,14 @@ def round_step(
     client_keys = jax.vmap(lambda i: jax.random.fold_in(local_key, i))(index)
     deltas, cohort_clients, local_metrics = map_clients(
         parts.personalizer.client_update,
-        (state.params, cohort_clients, (data.x, labels, data.count), client_keys, hparams),
+        (state.params, cohort_clients, (data.x, labels, data.count, *steps), client_keys, hparams),
         (None, 0, 0, 0, None),
         spec.parallelism,
         spec.chunk,
         spec.mesh,
     )
     clients = cohort_clients
-    if spec.indexed:  # clients outside the cohort (and in slots not taking part) keep their personal state
+    if spec.indexed or taking is not None:  # clients outside the cohort, or not taking part, keep their state
         kept = index if taking is None else jnp.where(taking, index, spec.context.num_clients)
         clients = jax.tree.map(lambda s, new: s.at[kept].set(new, mode="drop"), state.clients, cohort_clients)
     weights, mask = data.count, data.count > 0
@@ -265,7 +280,7 @@ def round_step(
         "update_norm": optax.global_norm(update),
         **_scalar_metrics(diagnostics),
     }
-    if spec.poisson:
+    if spec.poisson or spec.unreliable is not None:
         metrics["participants"] = jnp.sum(mask).astype(jnp.int32)
     return new_state, metrics
 
@@ -390,7 +405,8 @@ def round_spec(cfg: Any, context: config_lib.BuildContext, switches: Switches, m
     rules = dict(switches).get("aggregator.name") or (cfg.aggregator.name,)
     by_coordinate = cfg.privacy.mode not in privacy.SERVER_NOISE and not set(rules) <= MEANS  # see spread_coordinates
     own_keys = cfg.personalization.method == personalize.LOCAL_ONLY
-    return RoundSpec(context, model, *default_parallelism(cfg), mesh, by_coordinate, own_keys)
+    unreliable_spec = unreliable.Unreliable.from_config(cfg.unreliable, cfg.local)
+    return RoundSpec(context, model, *default_parallelism(cfg), mesh, by_coordinate, own_keys, unreliable_spec)
 
 
 @functools.lru_cache(maxsize=32)

@@ -35,12 +35,94 @@ The round folds a purpose into its round key first (one key per purpose).
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 
 from medfed_jax.types import Array, PRNGKey
+
+
+def default_config() -> ml_collections.ConfigDict:
+    """Unreliable clients in the synchronous round (all off by default; each value is structural)."""
+    return ml_collections.ConfigDict(
+        dict(
+            dropout=0.0,  # probability in [0, 1) that a sampled client fails to send in a round (it sends nothing)
+            straggler_rate=0.0,  # probability in [0, 1] that a client straggles: it does uniformly 1..tau of tau steps
+            min_local=0,  # compute budgets: a client's local epochs (or steps) uniform on min_local..local's, per run
+        )
+    )
+
+
+def validate_config(cfg: Any, local: Any) -> None:
+    """Refuse rates outside their ranges and budgets above the configured local work (one line each)."""
+    if not (isinstance(cfg.dropout, (int, float)) and 0 <= cfg.dropout < 1):
+        raise ValueError(
+            f"unreliable.dropout={cfg.dropout!r} must lie in [0, 1) (a client's probability of not sending); "
+            "e.g. unreliable.dropout=0.3."
+        )
+    if not (isinstance(cfg.straggler_rate, (int, float)) and 0 <= cfg.straggler_rate <= 1):
+        raise ValueError(
+            f"unreliable.straggler_rate={cfg.straggler_rate!r} must lie in [0, 1] (a client's probability of "
+            "straggling); e.g. unreliable.straggler_rate=0.5."
+        )
+    work = local.epochs or local.steps
+    if not 0 <= cfg.min_local <= work:
+        unit = "local.epochs" if local.epochs else "local.steps"
+        raise ValueError(
+            f"unreliable.min_local={cfg.min_local!r} must lie in [0, {work}] ({unit}={work} is the most a client "
+            f"does); set it <= {work}, or 0 for equal budgets."
+        )
+
+
+class Unreliable(NamedTuple):
+    """The static settings of unreliable clients and the local work they cut (`cohort_work`)."""
+
+    dropout: float
+    straggler_rate: float
+    min_local: int
+    epochs: int  # local.epochs (0 with local.steps)
+    steps: int  # local.steps (0 with local.epochs)
+    batch_size: int
+
+    @classmethod
+    def from_config(cls, cfg: Any, local: Any) -> Unreliable | None:
+        """The settings of an ``unreliable`` section, or None when every effect is off (the round skips the hook)."""
+        if not (cfg.dropout or cfg.straggler_rate or cfg.min_local):
+            return None
+        return cls(float(cfg.dropout), float(cfg.straggler_rate), int(cfg.min_local), *local_work(local))
+
+
+def local_work(local: Any) -> tuple[int, int, int]:
+    """``(epochs, steps, batch_size)`` of a ``local`` section."""
+    return local.epochs, local.steps, local.batch_size
+
+
+class CohortWork(NamedTuple):
+    """Keys of `cohort_work`: one per purpose, each folded with a client's population index."""
+
+    dropout: PRNGKey  # per round
+    straggle: PRNGKey  # per round
+    budget: PRNGKey  # per run (one budget per client and run)
+
+
+def cohort_work(settings: Unreliable, keys: CohortWork, clients: Array, count: Array) -> tuple[Array, Array]:
+    """``(sent [C] bool, steps [C] int32)`` of a cohort: who sends, and each client's local steps.
+
+    A client's steps are its compute budget's (`compute_budgets`: epochs
+    ``min_local..epochs`` give ``ceil(count E_c / B)`` steps, or steps
+    ``min_local..steps``), cut by `straggler_steps`; a dropped client
+    (`dropout_mask`) or one without rows does none.
+    """
+    sent = dropout_mask(keys.dropout, clients, settings.dropout) & (count > 0)
+    work = settings.epochs or settings.steps
+    budget = jnp.full(clients.shape, work, jnp.int32)
+    if settings.min_local:
+        budget = compute_budgets(keys.budget, clients, settings.min_local, work)
+    steps = (count * budget + settings.batch_size - 1) // settings.batch_size if settings.epochs else budget
+    steps = straggler_steps(keys.straggle, clients, steps, settings.straggler_rate)
+    return sent, jnp.where(sent, steps, 0).astype(jnp.int32)
 
 
 def _per_client(key: PRNGKey, clients: Array, draw) -> Array:
