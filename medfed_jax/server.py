@@ -3,7 +3,8 @@
 ``round_step(spec, parts, hparams, state, train) -> (state, metrics)``: sample
 a cohort (``cohort_size`` clients uniformly, or Poisson: each client with
 probability ``sampling_rate`` in ``max_cohort`` padded slots, those not taking
-part masked out; metric ``participants``), poison labels (data attacks), train
+part masked out; metric ``participants``), drop unreliable clients and cut
+their local steps (`medfed_jax.unreliable`, when configured), poison labels (data attacks), train
 every cohort client locally (vmapped or chunk-mapped), privatise (local DP),
 replace malicious updates (model attacks), aggregate, and apply the server
 optimizer. ``parts`` are the round's `Components`; ``spec`` the static facts

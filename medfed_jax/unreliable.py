@@ -16,6 +16,8 @@ The round folds a purpose into its round key first (one key per purpose).
 - `compute_budgets`: heterogeneous per-client compute, local epochs uniform
   on ``low..high``, fixed for a run by the run's key (FedNova's experiments,
   Wang et al. 2020, draw them from 2..5).
+- `cohort_work`: the three above for one round's cohort, as the engine's round
+  uses them (config section ``unreliable``, `default_config`; `Unreliable`).
 - FedBuff (Nguyen et al. 2022, "Federated Learning with Buffered Asynchronous
   Aggregation"), simulated in virtual time with no threads: ``M`` clients
   train concurrently, each on the model of the server version it was
