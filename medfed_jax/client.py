@@ -28,6 +28,7 @@ import ml_collections
 import optax
 from jax.sharding import PartitionSpec as P
 
+from medfed_jax.drift import LocalTerms, corrected_gradient
 from medfed_jax.types import Array, Model, Params
 
 GradientFn = Callable[..., tuple[Array, Params]]
@@ -174,7 +175,7 @@ def _batch_rows(spec: LocalSpec, key: Array, step: Array, count: Array, epoch_or
 def make_local_update(
     model: Model, spec: LocalSpec, gradient_fn: GradientFn | None = None
 ) -> Callable[..., tuple[Params, dict[str, Array]]]:
-    """Build ``local_update(params, data, key, hparams, anchor=None) -> (delta, metrics)``.
+    """Build ``local_update(params, data, key, hparams, anchor=None, terms=None) -> (delta, metrics)``.
 
     Args:
       model: the model's pure init/apply pair.
@@ -192,10 +193,19 @@ def make_local_update(
     ``hparams.prox_mu`` (FedProx) pulls toward the starting ``params``; an
     optional `Anchor` adds a pull toward other parameters (Ditto's personal
     update starts from the personal model and is pulled toward the global one).
+    Optional `medfed_jax.drift.LocalTerms` add a drift correction's linear term
+    and pull (SCAFFOLD, FedDyn) to every step's gradient, beside ``prox_mu``.
     """
     gradient_fn = gradient_fn or masked_mean_gradient(model)
 
-    def local_update(params: Params, data: Any, key: Array, hparams: LocalHParams, anchor: Anchor | None = None):
+    def local_update(
+        params: Params,
+        data: Any,
+        key: Array,
+        hparams: LocalHParams,
+        anchor: Anchor | None = None,
+        terms: LocalTerms | None = None,
+    ):
         x, y, count, *steps = data
         order_key, step_key, noise_key = jax.random.split(key, 3)
         if spec.sampling == "shuffle":
@@ -209,7 +219,11 @@ def make_local_update(
             t, local_params, opt_state, loss_sum = carry
             rows, valid, expected = _batch_rows(spec, step_key, t, count, epoch_orders)
             loss, grads = gradient_fn(local_params, x[rows], y[rows], valid, jax.random.fold_in(noise_key, t), expected)
-            grads = jax.tree.map(lambda g, w, w0: g + hparams.prox_mu * (w - w0), grads, local_params, params)
+            if terms is None:
+                grads = jax.tree.map(lambda g, w, w0: g + hparams.prox_mu * (w - w0), grads, local_params, params)
+            else:
+                pull = terms._replace(prox=terms.prox + hparams.prox_mu)
+                grads = corrected_gradient(grads, local_params, params, pull)
             updates, new_opt_state = optimizer.update(grads, opt_state, local_params)
             new_params = optax.apply_updates(local_params, updates)
             if anchor is not None:

@@ -2,7 +2,8 @@
 
 A config is an ``ml_collections.ConfigDict`` with one section per part
 (``data``, ``model``, ``local``, ``server``, ``aggregator``, ``attack``,
-``privacy``, ``personalization``, ``unreliable``) plus top-level run settings. Each part's module owns its section:
+``privacy``, ``personalization``, ``unreliable``, ``drift``) plus top-level
+run settings. Each part's module owns its section:
 it provides ``default_config()``, ``validate_config(section, context)`` and,
 beside them, a NamedTuple of the section's *numeric* fields (`HPARAMS`: e.g.
 `medfed_jax.client.LocalHParams`), whose fields are the list of them.
@@ -36,7 +37,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from medfed_jax import aggregators, attacks, client, personalize, privacy, server_optimizer, unreliable
+from medfed_jax import aggregators, attacks, client, drift, personalize, privacy, server_optimizer, unreliable
 from medfed_jax.client import CLIENT_OPTIMIZERS
 
 MODELS = ("logistic", "mlp", "cnn")
@@ -91,6 +92,7 @@ def sections() -> dict[str, Callable[[], ml_collections.ConfigDict]]:
         "privacy": privacy.default_config,
         "personalization": personalize.default_config,
         "unreliable": unreliable.default_config,
+        "drift": drift.default_config,
     }
 
 
@@ -399,6 +401,7 @@ def validate(cfg: Any, context: BuildContext) -> None:
     privacy.validate_config(cfg.privacy, context)
     personalize.validate_config(cfg.personalization, context)
     unreliable.validate_config(cfg.unreliable, cfg.local)
+    drift.validate_config(cfg.drift, cfg.local, cfg.privacy.mode, cfg.personalization.method)
 
 
 def to_json(cfg: Any) -> str:

@@ -50,6 +50,12 @@ Methods (definitions checked against the papers and the authors' code):
   sum_{k in P} delta_k`` and ``x <- mean_P(y_k) - h / alpha``, i.e. ``update =
   aggregate(deltas) - h / alpha``.
 
+In the engine (config section ``drift``, `default_config`): `build_drift`
+gives the method, `client_round` the mapped per-client function (local
+training with the method's terms, then `Drift.client_update`); the round keeps
+`DriftState` in ``FedState.drift`` and calls ``server_update`` around its
+aggregator (`medfed_jax.server.round_step`).
+
 Everything is jittable and vmappable over the client axis; nothing is random.
 Bad arguments are refused where the factory is built from Python numbers; a
 traced knob is validated by the config layer.
@@ -62,9 +68,69 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 
 from medfed_jax.aggregators import broadcast_clients
 from medfed_jax.types import Array, Params, Updates
+
+DRIFT_METHODS = ("none", "scaffold", "fednova", "feddyn")
+
+
+def default_config() -> ml_collections.ConfigDict:
+    """Client-drift correction of the federated round (structural settings)."""
+    return ml_collections.ConfigDict(
+        dict(
+            method="none",  # one of DRIFT_METHODS: none (FedAvg/FedProx), scaffold, fednova, feddyn
+            feddyn_alpha=0.01,  # feddyn: the dynamic regulariser's strength alpha > 0 (the paper: 0.01 to 0.1)
+        )
+    )
+
+
+def validate_config(cfg: Any, local: Any, privacy_mode: str, personal_method: str) -> None:
+    """Refuse unknown methods and the combinations whose derivation does not hold (one line each)."""
+    method = cfg.method
+    if method not in DRIFT_METHODS:
+        raise ValueError(f"drift.method={method!r} is unknown; choose one of {DRIFT_METHODS}.")
+    if not (isinstance(cfg.feddyn_alpha, (int, float)) and cfg.feddyn_alpha > 0):
+        raise ValueError(f"drift.feddyn_alpha={cfg.feddyn_alpha!r} must be > 0; e.g. drift.feddyn_alpha=0.01.")
+    if method == "none":
+        return
+    if personal_method != "none":
+        raise ValueError(
+            f"drift.method={method!r} with personalization.method={personal_method!r}: both own the local "
+            "gradient; set one of them to 'none'."
+        )
+    if method == "scaffold" and local.optimizer != "sgd":
+        raise ValueError(
+            f"drift.method='scaffold' with local.optimizer={local.optimizer!r}: option II's control variates "
+            "(x - y_i) / (K lr) assume plain local SGD; set local.optimizer='sgd'."
+        )
+    if method == "scaffold" and privacy_mode != "none":
+        raise ValueError(
+            f"drift.method='scaffold' with privacy.mode={privacy_mode!r}: the control variate change c_i+ - c_i "
+            "would leave the client unprivatised; set privacy.mode='none' or another drift.method."
+        )
+    if method == "fednova" and local.optimizer == "adam":
+        raise ValueError(
+            "drift.method='fednova' with local.optimizer='adam': ||a_i||_1 is derived for SGD and heavy-ball "
+            "momentum only; set local.optimizer to 'sgd' or 'momentum'."
+        )
+    if method == "fednova" and local.prox_mu:
+        raise ValueError(
+            f"drift.method='fednova' with local.prox_mu={local.prox_mu!r}: FedNova's a_i with a proximal term is "
+            "not modelled; set local.prox_mu=0."
+        )
+
+
+def build_drift(cfg: Any, local: Any, hparams: Any) -> Drift | None:
+    """The configured method (``hparams``: `medfed_jax.client.LocalHParams`, traced), or None for ``'none'``."""
+    if cfg.method == "scaffold":
+        return scaffold(hparams.lr)
+    if cfg.method == "fednova":
+        return fednova(hparams.momentum if local.optimizer == "momentum" else 0.0)
+    if cfg.method == "feddyn":
+        return feddyn(cfg.feddyn_alpha)
+    return None
 
 
 class LocalTerms(NamedTuple):
@@ -115,6 +181,35 @@ class Drift(NamedTuple):
     local_terms: Callable[[Any, Any], LocalTerms]
     client_update: Callable[[Any, Any, Params, Array, Array], Any]
     server_update: Callable[[Any, Cohort, Callable[[Updates], tuple]], tuple[tuple, Any]]
+
+
+class DriftRound(NamedTuple):
+    """A method and its mapped per-client function (`client_round`), as the round uses them."""
+
+    method: Drift
+    client_update: Callable
+
+
+def client_round(method: Drift, local_update: Callable) -> DriftRound:
+    """``((params, server), client, data, key, hparams) -> (delta, client+, metrics)`` for one client: local
+    training under ``method.local_terms`` (`medfed_jax.client.make_local_update`'s ``terms``), then the
+    client's new state; a client without rows (dropped, or a slot not taking part) keeps it."""
+
+    def client_update(shared, client, data, key, hparams):
+        params, server = shared
+        delta, metrics = local_update(params, data, key, hparams, terms=method.local_terms(server, client))
+        return delta, method.client_update(server, client, delta, metrics["num_steps"], data[2] > 0), metrics
+
+    return DriftRound(method, client_update)
+
+
+def server_round(
+    drift_round: DriftRound, state: DriftState, cohort: Cohort, aggregate: Callable, clients: Any
+) -> tuple[tuple, DriftState]:
+    """The round's aggregate through the method's server step, and the new state (``clients``: the population's
+    client states after the round, the cohort's scattered back)."""
+    aggregated, server = drift_round.method.server_update(state.server, cohort, aggregate)
+    return aggregated, DriftState(server, clients)
 
 
 def corrected_gradient(grads: Params, params: Params, start: Params, terms: LocalTerms) -> Params:

@@ -35,10 +35,10 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
-from medfed_jax import aggregators, attacks, personalize, privacy, unreliable
+from medfed_jax import aggregators, attacks, drift, personalize, privacy, unreliable
 from medfed_jax import config as config_lib
 from medfed_jax import mesh as mesh_lib
-from medfed_jax.client import LocalHParams, LocalSpec, example_loss_fn, map_clients
+from medfed_jax.client import LocalHParams, LocalSpec, example_loss_fn, make_local_update, map_clients
 from medfed_jax.config import NO_CHOICES, Choices, HParams
 from medfed_jax.data import population
 from medfed_jax.eval import make_evaluate, make_evaluate_per_client_models, make_evaluate_personal
@@ -72,6 +72,8 @@ class FedState(NamedTuple):
       malicious: ``[C]`` bool, the run's malicious clients (fixed for a run).
       clients: per-client state on the client axis (personal models, see
         `medfed_jax.personalize`), or ().
+      drift: a drift correction's `medfed_jax.drift.DriftState` (server state
+        and per-client state ``[C, ...]``), or ().
     """
 
     params: Params
@@ -81,6 +83,7 @@ class FedState(NamedTuple):
     key: Array
     malicious: Array
     clients: Any = ()
+    drift: Any = ()
 
 
 # Clients per vmapped chunk under 'map' when ``client_chunk`` is 0: the fastest of 1, 2, 3, 4, 5, 8, 10
@@ -137,6 +140,7 @@ class Components(NamedTuple):
     attack: Attack
     aggregator: Aggregator
     server_optimizer: optax.GradientTransformation
+    drift: drift.DriftRound | None = None  # SCAFFOLD, FedNova, FedDyn (replaces the personaliser's client step)
 
 
 class RoundSpec(NamedTuple):
@@ -204,13 +208,12 @@ def draw_cohort(spec: RoundSpec, key_for: Callable, train: Any) -> tuple[Array, 
     return index, taking, data
 
 
-def unreliable_cohort(spec: RoundSpec, key_for: Callable, run_key: Array, index: Array, taking, data: ClientData):
-    """`draw_cohort`'s ``(taking, data)`` after unreliable clients (`unreliable.cohort_work`), and ``(steps,)``:
-    a dropped client is a slot not taking part (no rows, no steps); ``steps [C]`` each client's local steps."""
-    keys = unreliable.CohortWork(key_for(_DROPOUT), key_for(_STRAGGLE), jax.random.fold_in(run_key, BUDGET_ROUND))
-    sent, steps = unreliable.cohort_work(spec.unreliable, keys, index, data.count)
-    taking = sent if taking is None else taking & sent
-    return taking, data._replace(count=jnp.where(sent, data.count, 0)), (steps,)
+def _client_step(parts: Components, state: FedState) -> tuple[Callable, Any, Any]:
+    """The mapped per-client function, its shared argument, and the per-client state it updates: the
+    personaliser's, or a drift method's (drift methods refuse personal state)."""
+    if parts.drift is None:
+        return parts.personalizer.client_update, state.params, state.clients
+    return parts.drift.client_update, (state.params, state.drift.server), state.drift.clients
 
 
 def round_step(
@@ -220,19 +223,22 @@ def round_step(
     round_key = jax.random.fold_in(state.key, state.round)
     key_for = lambda purpose: jax.random.fold_in(round_key, purpose)  # noqa: E731
     index, taking, data = draw_cohort(spec, key_for, train)
+    num_clients = spec.context.num_clients
     steps = ()  # each client's local steps, when unreliable clients cut them (else `client.client_steps`)
     if spec.unreliable is not None:
-        taking, data, steps = unreliable_cohort(spec, key_for, state.key, index, taking, data)
+        keys = unreliable.CohortWork(key_for(_DROPOUT), key_for(_STRAGGLE), jax.random.fold_in(state.key, BUDGET_ROUND))
+        taking, data, steps = unreliable.unreliable_cohort(spec.unreliable, keys, index, taking, data)
     malicious = state.malicious[index] if spec.indexed else state.malicious
     if taking is not None:  # a slot not taking part is masked out of training, attacks and aggregation
         malicious = malicious & taking
-    cohort_clients = jax.tree.map(lambda s: s[index], state.clients) if spec.indexed else state.clients
+    client_update, shared_args, per_client = _client_step(parts, state)
+    before = jax.tree.map(lambda s: s[index], per_client) if spec.indexed else per_client
     labels = parts.attack.poison_labels(data.y, malicious, spec.context.num_classes)
     local_key = round_key if spec.own_keys else key_for(_LOCAL)
     client_keys = jax.vmap(lambda i: jax.random.fold_in(local_key, i))(index)
     deltas, cohort_clients, local_metrics = map_clients(
-        parts.personalizer.client_update,
-        (state.params, cohort_clients, (data.x, labels, data.count, *steps), client_keys, hparams),
+        client_update,
+        (shared_args, before, (data.x, labels, data.count, *steps), client_keys, hparams),
         (None, 0, 0, 0, None),
         spec.parallelism,
         spec.chunk,
@@ -240,8 +246,9 @@ def round_step(
     )
     clients = cohort_clients
     if spec.indexed or taking is not None:  # clients outside the cohort, or not taking part, keep their state
-        kept = index if taking is None else jnp.where(taking, index, spec.context.num_clients)
-        clients = jax.tree.map(lambda s, new: s.at[kept].set(new, mode="drop"), state.clients, cohort_clients)
+        kept = index if taking is None else jnp.where(taking, index, num_clients)
+        clients = jax.tree.map(lambda s, new: s.at[kept].set(new, mode="drop"), per_client, cohort_clients)
+    drift_clients, clients = (clients, state.clients) if parts.drift is not None else ((), clients)
     weights, mask = data.count, data.count > 0
     loss_weight = jnp.where(mask & ~malicious, weights, 0).astype(jnp.float32)  # honest clients taking part
     train_loss = jnp.sum(loss_weight * local_metrics["train_loss"]) / jnp.maximum(jnp.sum(loss_weight), 1)
@@ -270,12 +277,17 @@ def round_step(
         ),
     )
     deltas = parts.attack.apply(deltas, malicious, key_for(_ATTACK), attack_context)
-    update, agg_state, diagnostics = aggregate(deltas)
+    if parts.drift is None:
+        (update, agg_state, diagnostics), drift_state = aggregate(deltas), state.drift
+    else:  # the drift's server step around the aggregator
+        cohort = drift.Cohort(deltas, local_metrics["num_steps"], weights, mask, before, cohort_clients, num_clients)
+        (update, agg_state, diagnostics), drift_state = drift.server_round(
+            parts.drift, state.drift, cohort, aggregate, drift_clients
+        )
     update = mesh_lib.gather(update, spec.mesh)
     params, opt_state = server_step(update)
-    new_state = state._replace(
-        params=params, server_opt_state=opt_state, agg_state=agg_state, round=state.round + 1, clients=clients
-    )
+    new_state = state._replace(params=params, server_opt_state=opt_state, agg_state=agg_state, round=state.round + 1)
+    new_state = new_state._replace(clients=clients, drift=drift_state)
     metrics = {
         "train_loss": train_loss,
         "update_norm": optax.global_norm(update),
@@ -295,12 +307,17 @@ def _switched(cfg: Any, switches: Switches, section: str, build: Callable, combi
     return combine([build(v, hp) for v in variants], index)
 
 
-def build_personalizer(cfg: Any, spec: RoundSpec, hparams: HParams, max_count: int) -> personalize.Personalizer:
-    """The configured `Personalizer` for clients of ``max_count`` rows (DP-SGD's gradient under ``dpsgd``)."""
+def _local_training(cfg: Any, spec: RoundSpec, hparams: HParams, max_count: int) -> tuple[LocalSpec, Any]:
+    """The local spec for clients of ``max_count`` rows and the gradient (DP-SGD's under ``dpsgd``, else None)."""
     gradient_fn = privacy.build_gradient_fn(cfg.privacy, hparams.privacy)  # over per-example losses
     if gradient_fn is not None:
         gradient_fn = functools.partial(gradient_fn, example_loss_fn(spec.model))
-    local = LocalSpec.from_config(cfg.local, max_count)
+    return LocalSpec.from_config(cfg.local, max_count), gradient_fn
+
+
+def build_personalizer(cfg: Any, spec: RoundSpec, hparams: HParams, max_count: int) -> personalize.Personalizer:
+    """The configured `Personalizer` for clients of ``max_count`` rows (DP-SGD's gradient under ``dpsgd``)."""
+    local, gradient_fn = _local_training(cfg, spec, hparams, max_count)
     return personalize.build_personalizer(
         cfg.personalization, hparams.personalization, spec.model, local, gradient_fn, spec.parallelism, spec.chunk
     )
@@ -315,12 +332,18 @@ def build_components(
         build = aggregators.build_aggregator, aggregators.switch, hparams.aggregator, choices.aggregator
         aggregator = _switched(cfg, switches, "aggregator", *build)
     attack = _switched(cfg, switches, "attack", attacks.build_attack, attacks.switch, hparams.attack, choices.attack)
+    method, drift_round = drift.build_drift(cfg.drift, cfg.local, hparams.local), None
+    if method is not None:
+        drift_round = drift.client_round(
+            method, make_local_update(spec.model, *_local_training(cfg, spec, hparams, max_count))
+        )
     return Components(
         personalizer=build_personalizer(cfg, spec, hparams, max_count),
         privatizer=privacy.build_client_privatizer(cfg.privacy, hparams.privacy),
         attack=attack,
         aggregator=aggregator,
         server_optimizer=make_server_optimizer(cfg.server.optimizer, hparams.server),
+        drift=drift_round,
     )
 
 
@@ -347,6 +370,7 @@ def init(
         key=run_key,
         malicious=attacks.attack_mask(cfg.attack, attack_key, hparams.attack.fraction, num_clients),
         clients=parts.personalizer.init(params, num_clients),
+        drift=() if parts.drift is None else parts.drift.method.init(shared, num_clients),
     )
 
 

@@ -166,6 +166,14 @@ def compute_budgets(key: PRNGKey, clients: Array, low: int, high: int) -> Array:
     return _per_client(key, clients, lambda k: jax.random.randint(k, (), low, high + 1))
 
 
+def unreliable_cohort(settings: Unreliable, keys: CohortWork, clients: Array, taking: Array | None, data: Any):
+    """A drawn cohort's ``(taking, data)`` (`medfed_jax.server.draw_cohort`) after `cohort_work`, and ``(steps,)``:
+    a dropped client is a slot not taking part (no rows, no steps); ``steps [C]`` each client's local steps."""
+    sent, steps = cohort_work(settings, keys, clients, data.count)
+    taking = sent if taking is None else taking & sent
+    return taking, data._replace(count=jnp.where(sent, data.count, 0)), (steps,)
+
+
 def latency(key: PRNGKey, clients: Array, mean_latency: Array | float, spread: Array | float) -> Array:
     """``[C]`` float32 times to train and upload: ``mean_latency[c] exp(spread Z)``, ``Z ~ N(0, 1)``.
 
