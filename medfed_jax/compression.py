@@ -43,6 +43,12 @@ Compressors:
 Each message's bytes are rounded up to whole bytes. A dropped client sends
 nothing: the round multiplies ``bytes`` by its mask (see
 `medfed_jax.unreliable`).
+
+In the engine (config section ``compression``, `default_config`;
+`build_compressor`): each sent update is compressed after local training and
+local DP, before the attack and the aggregator; the per-client state (error
+feedback's residual) lives in ``FedState.compression`` ``[N, ...]``, and the
+round reports ``uploaded_bytes``, the bytes the clients that sent uploaded.
 """
 
 from __future__ import annotations
@@ -53,11 +59,55 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 
 from medfed_jax.types import Array, Params, PRNGKey
 
 FLOAT_BITS = 32  # a float32 value (top-k values, quantisation scales)
 NORMS = ("l2", "max")
+COMPRESSORS = ("none", "float32", "bfloat16", "qsgd", "top_k")
+
+
+def default_config() -> ml_collections.ConfigDict:
+    """Compression of client uploads (structural settings; 'none' skips the hook, no uploaded_bytes metric)."""
+    return ml_collections.ConfigDict(
+        dict(
+            method="none",  # one of COMPRESSORS: none, float32 (counts bytes only), bfloat16, qsgd, top_k
+            bits=4,  # qsgd: bits per coordinate in [2, 16] (one sign bit, bits - 1 level bits)
+            norm="l2",  # qsgd: the scale, one of NORMS
+            per_tensor=True,  # qsgd: one scale per leaf (true) or per client (false)
+            fraction=0.1,  # top_k: the fraction in (0, 1] of each leaf's coordinates sent
+            error_feedback=False,  # keep each client's unsent residual and add it to its next update
+        )
+    )
+
+
+def validate_config(cfg: Any) -> None:
+    """Refuse unknown compressors and out-of-range settings (one line each)."""
+    if cfg.method not in COMPRESSORS:
+        raise ValueError(f"compression.method={cfg.method!r} is unknown; choose one of {COMPRESSORS}.")
+    if cfg.method == "qsgd":
+        if not 2 <= cfg.bits <= 16:
+            raise ValueError(f"compression.bits={cfg.bits!r} must lie in [2, 16] for qsgd; e.g. compression.bits=4.")
+        if cfg.norm not in NORMS:
+            raise ValueError(f"compression.norm={cfg.norm!r} is unknown; choose one of {NORMS}.")
+    if cfg.method == "top_k" and not 0 < cfg.fraction <= 1:
+        raise ValueError(f"compression.fraction={cfg.fraction!r} must lie in (0, 1]; e.g. compression.fraction=0.1.")
+    if cfg.error_feedback and cfg.method == "none":
+        raise ValueError("compression.error_feedback=True with compression.method='none': choose a compressor.")
+
+
+def build_compressor(cfg: Any) -> Compressor | None:
+    """The configured compressor (with error feedback when set), or None for ``'none'`` (the round skips it)."""
+    if cfg.method == "none":
+        return None
+    inner = {
+        "float32": identity,
+        "bfloat16": bfloat16,
+        "qsgd": lambda: stochastic_quantization(cfg.bits, cfg.per_tensor, cfg.norm),
+        "top_k": lambda: top_k(cfg.fraction),
+    }[cfg.method]()
+    return error_feedback(inner) if cfg.error_feedback else inner
 
 
 class Compressor(NamedTuple):
@@ -220,3 +270,13 @@ def init_clients(compressor: Compressor, params: Params, num_clients: int) -> An
 def compress_clients(compressor: Compressor, updates: Any, states: Any, keys: Array) -> tuple[Any, Any, Array]:
     """`Compressor.compress` vmapped over the client axis: ``keys`` is ``[C]`` keys, bytes ``[C]``."""
     return jax.vmap(compressor.compress)(updates, states, keys)
+
+
+def compress_cohort(
+    compressor: Compressor, updates: Any, states: Any, key: PRNGKey, clients: Array, sent: Array
+) -> tuple[Any, Any, Array]:
+    """A round's uploads: `compress_clients` with client ``c``'s key ``fold_in(key, c)`` (population index),
+    and ``uploaded_bytes``, the bytes of the clients that ``sent``."""
+    keys = jax.vmap(lambda c: jax.random.fold_in(key, c))(clients)
+    uploads, states, sizes = compress_clients(compressor, updates, states, keys)
+    return uploads, states, jnp.sum(jnp.where(sent, sizes, 0.0))

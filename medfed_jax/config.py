@@ -2,7 +2,7 @@
 
 A config is an ``ml_collections.ConfigDict`` with one section per part
 (``data``, ``model``, ``local``, ``server``, ``aggregator``, ``attack``,
-``privacy``, ``personalization``, ``unreliable``, ``drift``) plus top-level
+``privacy``, ``personalization``, ``unreliable``, ``drift``, ``compression``) plus top-level
 run settings. Each part's module owns its section:
 it provides ``default_config()``, ``validate_config(section, context)`` and,
 beside them, a NamedTuple of the section's *numeric* fields (`HPARAMS`: e.g.
@@ -37,7 +37,17 @@ import jax
 import ml_collections
 import numpy as np
 
-from medfed_jax import aggregators, attacks, client, drift, personalize, privacy, server_optimizer, unreliable
+from medfed_jax import (
+    aggregators,
+    attacks,
+    client,
+    compression,
+    drift,
+    personalize,
+    privacy,
+    server_optimizer,
+    unreliable,
+)
 from medfed_jax.client import CLIENT_OPTIMIZERS
 
 MODELS = ("logistic", "mlp", "cnn")
@@ -93,6 +103,7 @@ def sections() -> dict[str, Callable[[], ml_collections.ConfigDict]]:
         "personalization": personalize.default_config,
         "unreliable": unreliable.default_config,
         "drift": drift.default_config,
+        "compression": compression.default_config,
     }
 
 
@@ -402,6 +413,7 @@ def validate(cfg: Any, context: BuildContext) -> None:
     personalize.validate_config(cfg.personalization, context)
     unreliable.validate_config(cfg.unreliable, cfg.local)
     drift.validate_config(cfg.drift, cfg.local, cfg.privacy.mode, cfg.personalization.method)
+    compression.validate_config(cfg.compression)
 
 
 def to_json(cfg: Any) -> str:

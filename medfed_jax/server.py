@@ -35,7 +35,7 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
-from medfed_jax import aggregators, attacks, drift, personalize, privacy, unreliable
+from medfed_jax import aggregators, attacks, compression, drift, personalize, privacy, unreliable
 from medfed_jax import config as config_lib
 from medfed_jax import mesh as mesh_lib
 from medfed_jax.client import LocalHParams, LocalSpec, example_loss_fn, make_local_update, map_clients
@@ -55,7 +55,7 @@ Switches = tuple[tuple[str, tuple[str, ...]], ...]
 MEANS = {"mean", "weighted_mean"}
 
 # Purposes of the per-round keys, folded into the round key (new ones appended: existing keys never move).
-_SAMPLE, _LOCAL, _PRIVACY, _ATTACK, _AGGREGATE, _PERSONAL, _SUBSAMPLE, _DROPOUT, _STRAGGLE = range(9)
+_SAMPLE, _LOCAL, _PRIVACY, _ATTACK, _AGGREGATE, _PERSONAL, _SUBSAMPLE, _DROPOUT, _STRAGGLE, _COMPRESS = range(10)
 # The run's per-client compute budgets: fold_in(run key, BUDGET_ROUND), a round number no run reaches (int32).
 BUDGET_ROUND = 2**31
 
@@ -74,6 +74,8 @@ class FedState(NamedTuple):
         `medfed_jax.personalize`), or ().
       drift: a drift correction's `medfed_jax.drift.DriftState` (server state
         and per-client state ``[C, ...]``), or ().
+      compression: each client's compressor state ``[C, ...]`` (error
+        feedback's residual, `medfed_jax.compression`), or ().
     """
 
     params: Params
@@ -84,6 +86,7 @@ class FedState(NamedTuple):
     malicious: Array
     clients: Any = ()
     drift: Any = ()
+    compression: Any = ()
 
 
 # Clients per vmapped chunk under 'map' when ``client_chunk`` is 0: the fastest of 1, 2, 3, 4, 5, 8, 10
@@ -141,6 +144,7 @@ class Components(NamedTuple):
     aggregator: Aggregator
     server_optimizer: optax.GradientTransformation
     drift: drift.DriftRound | None = None  # SCAFFOLD, FedNova, FedDyn (replaces the personaliser's client step)
+    compressor: compression.Compressor | None = None  # of each upload, after local DP and before the attack
 
 
 class RoundSpec(NamedTuple):
@@ -216,6 +220,20 @@ def _client_step(parts: Components, state: FedState) -> tuple[Callable, Any, Any
     return parts.drift.client_update, (state.params, state.drift.server), state.drift.clients
 
 
+def _gather(spec: RoundSpec, index: Array, tree: Any) -> Any:
+    """The cohort's rows of per-client state ``[N, ...]``."""
+    return jax.tree.map(lambda s: s[index], tree) if spec.indexed else tree
+
+
+def _scatter(spec: RoundSpec, index: Array, taking: Array | None, tree: Any, new: Any) -> Any:
+    """Per-client state ``[N, ...]`` with the cohort's ``new`` rows; clients outside it, or not taking part, keep
+    theirs."""
+    if not spec.indexed and taking is None:
+        return new
+    kept = index if taking is None else jnp.where(taking, index, spec.context.num_clients)
+    return jax.tree.map(lambda s, n: s.at[kept].set(n, mode="drop"), tree, new)
+
+
 def round_step(
     spec: RoundSpec, parts: Components, hparams: LocalHParams, state: FedState, train: Any
 ) -> tuple[FedState, Metrics]:
@@ -223,7 +241,6 @@ def round_step(
     round_key = jax.random.fold_in(state.key, state.round)
     key_for = lambda purpose: jax.random.fold_in(round_key, purpose)  # noqa: E731
     index, taking, data = draw_cohort(spec, key_for, train)
-    num_clients = spec.context.num_clients
     steps = ()  # each client's local steps, when unreliable clients cut them (else `client.client_steps`)
     if spec.unreliable is not None:
         keys = unreliable.CohortWork(key_for(_DROPOUT), key_for(_STRAGGLE), jax.random.fold_in(state.key, BUDGET_ROUND))
@@ -232,7 +249,9 @@ def round_step(
     if taking is not None:  # a slot not taking part is masked out of training, attacks and aggregation
         malicious = malicious & taking
     client_update, shared_args, per_client = _client_step(parts, state)
-    before = jax.tree.map(lambda s: s[index], per_client) if spec.indexed else per_client
+    gather = functools.partial(_gather, spec, index)
+    scatter = functools.partial(_scatter, spec, index, taking)
+    before = gather(per_client)
     labels = parts.attack.poison_labels(data.y, malicious, spec.context.num_classes)
     local_key = round_key if spec.own_keys else key_for(_LOCAL)
     client_keys = jax.vmap(lambda i: jax.random.fold_in(local_key, i))(index)
@@ -244,10 +263,7 @@ def round_step(
         spec.chunk,
         spec.mesh,
     )
-    clients = cohort_clients
-    if spec.indexed or taking is not None:  # clients outside the cohort, or not taking part, keep their state
-        kept = index if taking is None else jnp.where(taking, index, num_clients)
-        clients = jax.tree.map(lambda s, new: s.at[kept].set(new, mode="drop"), per_client, cohort_clients)
+    clients = scatter(per_client, cohort_clients)
     drift_clients, clients = (clients, state.clients) if parts.drift is not None else ((), clients)
     weights, mask = data.count, data.count > 0
     loss_weight = jnp.where(mask & ~malicious, weights, 0).astype(jnp.float32)  # honest clients taking part
@@ -259,6 +275,13 @@ def round_step(
         deltas = mesh_lib.spread_coordinates(deltas, spec.mesh)
     if parts.privatizer is not None:
         deltas = jax.vmap(parts.privatizer)(deltas, jax.random.split(key_for(_PRIVACY), index.shape[0]))
+    compressed, uploaded = state.compression, {}
+    if parts.compressor is not None:
+        sent = data.count > 0
+        deltas, states, uploaded = compression.compress_cohort(
+            parts.compressor, deltas, gather(state.compression), key_for(_COMPRESS), index, sent
+        )
+        compressed, uploaded = scatter(state.compression, states), {"uploaded_bytes": uploaded}
     aggregate = lambda u: parts.aggregator.aggregate(u, weights, mask, state.agg_state, key_for(_AGGREGATE))  # noqa: E731
 
     def server_step(update):  # the gathered (whole) update -> (params, server optimizer state)
@@ -280,18 +303,21 @@ def round_step(
     if parts.drift is None:
         (update, agg_state, diagnostics), drift_state = aggregate(deltas), state.drift
     else:  # the drift's server step around the aggregator
-        cohort = drift.Cohort(deltas, local_metrics["num_steps"], weights, mask, before, cohort_clients, num_clients)
+        cohort = drift.Cohort(
+            deltas, local_metrics["num_steps"], weights, mask, before, cohort_clients, spec.context.num_clients
+        )
         (update, agg_state, diagnostics), drift_state = drift.server_round(
             parts.drift, state.drift, cohort, aggregate, drift_clients
         )
     update = mesh_lib.gather(update, spec.mesh)
     params, opt_state = server_step(update)
     new_state = state._replace(params=params, server_opt_state=opt_state, agg_state=agg_state, round=state.round + 1)
-    new_state = new_state._replace(clients=clients, drift=drift_state)
+    new_state = new_state._replace(clients=clients, drift=drift_state, compression=compressed)
     metrics = {
         "train_loss": train_loss,
         "update_norm": optax.global_norm(update),
         **_scalar_metrics(diagnostics),
+        **uploaded,
     }
     if spec.poisson or spec.unreliable is not None:
         metrics["participants"] = jnp.sum(mask).astype(jnp.int32)
@@ -344,6 +370,7 @@ def build_components(
         aggregator=aggregator,
         server_optimizer=make_server_optimizer(cfg.server.optimizer, hparams.server),
         drift=drift_round,
+        compressor=compression.build_compressor(cfg.compression),
     )
 
 
@@ -371,6 +398,7 @@ def init(
         malicious=attacks.attack_mask(cfg.attack, attack_key, hparams.attack.fraction, num_clients),
         clients=parts.personalizer.init(params, num_clients),
         drift=() if parts.drift is None else parts.drift.method.init(shared, num_clients),
+        compression=() if parts.compressor is None else compression.init_clients(parts.compressor, shared, num_clients),
     )
 
 
