@@ -4,10 +4,13 @@
 a cohort (``cohort_size`` clients uniformly, or Poisson: each client with
 probability ``sampling_rate`` in ``max_cohort`` padded slots, those not taking
 part masked out; metric ``participants``), drop unreliable clients and cut
-their local steps (`medfed_jax.unreliable`, when configured), poison labels (data attacks), train
-every cohort client locally (vmapped or chunk-mapped), privatise (local DP),
-replace malicious updates (model attacks), aggregate, and apply the server
-optimizer. ``parts`` are the round's `Components`; ``spec`` the static facts
+their local steps (`medfed_jax.unreliable`), poison labels (data attacks),
+train every cohort client locally (vmapped or chunk-mapped; a drift method's
+terms and per-client state, `medfed_jax.drift`), privatise (local DP),
+compress the uploads (`medfed_jax.compression`; metric ``uploaded_bytes``),
+replace malicious updates (model attacks), aggregate (through a drift
+method's server step), and apply the server optimizer. Every optional stage
+is skipped in Python when not configured. ``parts`` are the round's `Components`; ``spec`` the static facts
 (`RoundSpec`). Personalisation (`medfed_jax.personalize`) hooks in through a
 `Personalizer`: the cohort's personal state is gathered from
 ``FedState.clients``, updated by the local step and scattered back, and only
@@ -277,9 +280,8 @@ def round_step(
         deltas = jax.vmap(parts.privatizer)(deltas, jax.random.split(key_for(_PRIVACY), index.shape[0]))
     compressed, uploaded = state.compression, {}
     if parts.compressor is not None:
-        sent = data.count > 0
         deltas, states, uploaded = compression.compress_cohort(
-            parts.compressor, deltas, gather(state.compression), key_for(_COMPRESS), index, sent
+            parts.compressor, deltas, gather(state.compression), key_for(_COMPRESS), index, mask
         )
         compressed, uploaded = scatter(state.compression, states), {"uploaded_bytes": uploaded}
     aggregate = lambda u: parts.aggregator.aggregate(u, weights, mask, state.agg_state, key_for(_AGGREGATE))  # noqa: E731
