@@ -33,6 +33,7 @@ import time
 import jax
 import numpy as np
 
+from medfed_jax import config as config_lib
 from medfed_jax import config_files, runner, tabular
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -46,9 +47,9 @@ CASES = {  # name -> (config, method)
 def initial_state(config: str, method: str):
     """The run's initial FedState (seed 0) and two evaluations' worth of history."""
     prepared = runner.prepare(config_files.load_config(config))
-    engine, view, _ = runner.engine_for(method, prepared)
+    engine, view, method_cfg = runner.engine_for(method, prepared)
     train, _ = runner.place_data(engine, view)
-    state = jax.block_until_ready(engine.init(np.uint32(0), train, prepared.knobs))
+    state = jax.block_until_ready(engine.init(np.uint32(0), train, config_lib.split(method_cfg).hparams))
     metrics = {
         "global_pooled_accuracy": np.asarray([0.5], np.float32),
         "client_accuracy": np.full((1, 20), 0.5, np.float32),

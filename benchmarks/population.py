@@ -40,7 +40,8 @@ import numpy as np
 
 from medfed_jax import config as config_lib
 from medfed_jax import runner
-from medfed_jax.server import build_engine, static_config
+from medfed_jax.config import split
+from medfed_jax.server import build_engine
 
 
 def population_config(args: argparse.Namespace, num_clients: int, storage: str):
@@ -60,9 +61,9 @@ class Run:
         start = time.perf_counter()
         self.prepared = runner.prepare(population_config(args, num_clients, storage))
         self.generate_s = time.perf_counter() - start
-        self.engine = build_engine(static_config(self.prepared.cfg), self.prepared.context)
+        self.engine = build_engine(split(self.prepared.cfg).static, self.prepared.context)
         self.train, _ = runner.place_data(self.engine, self.prepared.dataset)  # on the engine's devices
-        self.state = self.engine.init(0, self.train, self.prepared.knobs)
+        self.state = self.engine.init(0, self.train, self.prepared.hparams)
         self.rounds = args.rounds
         start = time.perf_counter()
         self.call()
@@ -70,7 +71,7 @@ class Run:
 
     def call(self) -> float:
         start = time.perf_counter()
-        state, _ = self.engine.run_rounds(self.state, self.train, self.prepared.knobs, self.rounds)
+        state, _ = self.engine.run_rounds(self.state, self.train, self.prepared.hparams, self.rounds)
         jax.block_until_ready(state)
         return (time.perf_counter() - start) / self.rounds
 

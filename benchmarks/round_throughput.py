@@ -48,9 +48,10 @@ import optax
 from medfed_jax import config as config_lib
 from medfed_jax import host_devices, runner
 from medfed_jax import mesh as mesh_lib
+from medfed_jax.config import split
 from medfed_jax.data.synthetic import linear_teacher, mnist_like
 from medfed_jax.models import make_model
-from medfed_jax.server import build_engine, static_config
+from medfed_jax.server import build_engine
 from medfed_jax.types import ClientData, FederatedDataset
 
 LR = 0.05
@@ -107,10 +108,10 @@ def engine_round(workload: Workload, parallelism: str, chunk: int, devices: int,
     cfg = workload_config(workload, parallelism, chunk)
     prepared = runner.prepare(cfg, workload.dataset)
     mesh = jax.sharding.Mesh(np.asarray(jax.devices()[:devices]), (mesh_lib.AXIS,))
-    engine = build_engine(static_config(cfg), prepared.context, mesh=mesh)
+    engine = build_engine(split(cfg).static, prepared.context, mesh=mesh)
     train, _ = runner.place_data(engine, workload.dataset)
-    state = engine.init(0, train, prepared.knobs)
-    return lambda: engine.run_rounds(state, train, prepared.knobs, rounds)
+    state = engine.init(0, train, prepared.hparams)
+    return lambda: engine.run_rounds(state, train, prepared.hparams, rounds)
 
 
 def loop_round(workload: Workload) -> Callable:

@@ -54,7 +54,6 @@ rule built with `make_aggregator` gets the same defaults.
 
 from __future__ import annotations
 
-import functools
 import math
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
@@ -64,7 +63,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from medfed_jax.types import Aggregator, Knobs, Metrics, no_precondition, numeric_setting
+from medfed_jax.types import Aggregator, Metrics, hparams_of, no_precondition
 
 _HIGHEST = jax.lax.Precision.HIGHEST
 _TINY = float(jnp.finfo(jnp.float32).tiny)
@@ -797,28 +796,32 @@ def switch(choices: Sequence[Aggregator], index: Any) -> Aggregator:
 # Config section.
 
 
-_knob = functools.partial(numeric_setting, "aggregator")  # (cfg, knobs, field) -> value
+class AggregatorHParams(NamedTuple):
+    """The ``aggregator`` section's numeric settings (traced: sweeping them never recompiles)."""
+
+    nu: Any  # geometric_median: Weiszfeld smoothing
+    tau: Any  # centered_clipping: clipping radius
+    clip_tau: Any  # norm_clip: threshold; 0 = median client norm
 
 
-_RULES: dict[str, Callable[[Any, Knobs], Aggregator]] = {
-    "weighted_mean": lambda cfg, knobs: weighted_mean(),
-    "mean": lambda cfg, knobs: mean(),
-    "coordinate_median": lambda cfg, knobs: coordinate_median(cfg.sort),
-    "trimmed_mean": lambda cfg, knobs: trimmed_mean(cfg.f, cfg.sort),
-    "krum": lambda cfg, knobs: krum(cfg.f),
-    "multi_krum": lambda cfg, knobs: multi_krum(cfg.f, cfg.m),
-    "geometric_median": lambda cfg, knobs: geometric_median(_knob(cfg, knobs, "nu"), cfg.gm_iters),
-    "centered_clipping": lambda cfg, knobs: centered_clipping(_knob(cfg, knobs, "tau"), cfg.cc_iters),
-    "bulyan": lambda cfg, knobs: bulyan(cfg.f, cfg.sort),
+_RULES: dict[str, Callable[[Any, AggregatorHParams], Aggregator]] = {
+    "weighted_mean": lambda cfg, hp: weighted_mean(),
+    "mean": lambda cfg, hp: mean(),
+    "coordinate_median": lambda cfg, hp: coordinate_median(cfg.sort),
+    "trimmed_mean": lambda cfg, hp: trimmed_mean(cfg.f, cfg.sort),
+    "krum": lambda cfg, hp: krum(cfg.f),
+    "multi_krum": lambda cfg, hp: multi_krum(cfg.f, cfg.m),
+    "geometric_median": lambda cfg, hp: geometric_median(hp.nu, cfg.gm_iters),
+    "centered_clipping": lambda cfg, hp: centered_clipping(hp.tau, cfg.cc_iters),
+    "bulyan": lambda cfg, hp: bulyan(cfg.f, cfg.sort),
 }
-_PRE: dict[str, Callable[[Any, Knobs], PreAggregator]] = {
-    "norm_clip": lambda cfg, knobs: norm_clip(_knob(cfg, knobs, "clip_tau")),
-    "nnm": lambda cfg, knobs: nearest_neighbor_mixing(cfg.f),
-    "bucketing": lambda cfg, knobs: bucketing(cfg.bucket_size),
+_PRE: dict[str, Callable[[Any, AggregatorHParams], PreAggregator]] = {
+    "norm_clip": lambda cfg, hp: norm_clip(hp.clip_tau),
+    "nnm": lambda cfg, hp: nearest_neighbor_mixing(cfg.f),
+    "bucketing": lambda cfg, hp: bucketing(cfg.bucket_size),
 }
 AGGREGATOR_NAMES = tuple(_RULES)
 PRE_AGGREGATOR_NAMES = tuple(_PRE)
-NUMERIC_FIELDS = ("nu", "tau", "clip_tau")
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -907,16 +910,16 @@ def validate_config(cfg: Any, context: Any) -> None:
         )
 
 
-def build_aggregator(cfg: Any, knobs: Knobs) -> Aggregator:
+def build_aggregator(cfg: Any, hparams: AggregatorHParams | None = None) -> Aggregator:
     """The aggregator named by ``cfg.name``, after ``cfg.pre`` (the config's ``aggregator`` section).
 
-    Called inside the traced program: numeric settings come from ``knobs``
-    (traced; the config's values where a knob is absent), structural ones from
-    ``cfg`` (static).
+    Structural settings come from ``cfg`` (static), numeric ones from
+    ``hparams`` (traced inside the engine; the config's values when None).
     """
     if cfg.name not in _RULES:
         raise ValueError(f"aggregator.name={cfg.name!r} is unknown; choose one of {AGGREGATOR_NAMES}.")
-    final = _RULES[cfg.name](cfg, knobs)
+    hp = hparams_of(AggregatorHParams, cfg) if hparams is None else hparams
+    final = _RULES[cfg.name](cfg, hp)
     if not cfg.pre:
         return final
-    return chain(*(_PRE[name](cfg, knobs) for name in cfg.pre), final)
+    return chain(*(_PRE[name](cfg, hp) for name in cfg.pre), final)

@@ -30,10 +30,9 @@ missing key. Masks may be bool or 0/1 (int or float).
 
 from __future__ import annotations
 
-import functools
 import math
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -43,7 +42,7 @@ import optax
 
 from medfed_jax import aggregators
 from medfed_jax.aggregators import as_mask, broadcast_clients, num_rows, require_key
-from medfed_jax.types import Attack, AttackContext, Knobs, Updates, numeric_setting
+from medfed_jax.types import Attack, AttackContext, Updates, hparams_of
 
 
 def _replace(updates: Updates, malicious: jax.Array, new: Updates) -> Updates:
@@ -627,20 +626,18 @@ def num_malicious(fraction: Any, num_clients: int) -> Any:
     return jnp.round(fraction * num_clients).astype(jnp.int32)
 
 
-_knob = functools.partial(numeric_setting, "attack")  # (cfg, knobs, field) -> value
-
-
-def attack_mask(cfg: Any, key: jax.Array, knobs: Knobs, num_clients: int) -> jax.Array:
+def attack_mask(cfg: Any, key: jax.Array, fraction: Any, num_clients: int) -> jax.Array:
     """The run's ``[C]`` malicious mask over the whole population of ``num_clients``.
 
     ``cfg.clients`` (explicit indices) when given; otherwise
-    ``round(fraction * C)`` clients drawn uniformly from ``key``.
+    ``round(fraction * C)`` clients drawn uniformly from ``key`` (``fraction``
+    may be traced: `AttackHParams.fraction`).
     """
     if cfg.clients:
         mask = np.zeros(num_clients, bool)
         mask[list(cfg.clients)] = True
         return jnp.asarray(mask)
-    return malicious_mask(key, num_clients, num_malicious(_knob(cfg, knobs, "fraction"), num_clients))
+    return malicious_mask(key, num_clients, num_malicious(fraction, num_clients))
 
 
 def switch(choices: Sequence[Attack], index: Any) -> Attack:
@@ -665,29 +662,40 @@ def switch(choices: Sequence[Attack], index: Any) -> Attack:
 # --------------------------------------------------------------------------
 # Config section.
 
-_ATTACKS = {
-    "none": lambda cfg, knobs: no_attack(),
-    "sign_flip": lambda cfg, knobs: sign_flip(_knob(cfg, knobs, "scale")),
-    "ipm": lambda cfg, knobs: ipm(_knob(cfg, knobs, "eps")),
-    "alie": lambda cfg, knobs: alie(_knob(cfg, knobs, "z")),
-    "gaussian": lambda cfg, knobs: gaussian(_knob(cfg, knobs, "sigma")),
-    "scaling": lambda cfg, knobs: scaling(_knob(cfg, knobs, "gamma")),
-    "label_flip": lambda cfg, knobs: label_flip(),
-    "non_finite": lambda cfg, knobs: non_finite(),
-    "opt_ipm": lambda cfg, knobs: opt_ipm(cfg.evals),
-    "opt_alie": lambda cfg, knobs: opt_alie(cfg.evals),
-    "fang_krum": lambda cfg, knobs: fang_krum(),
-    "fang_trim": lambda cfg, knobs: fang_trim(),
-    "min_max": lambda cfg, knobs: min_max(cfg.perturbation, cfg.evals),
-    "min_sum": lambda cfg, knobs: min_sum(cfg.perturbation, cfg.evals),
-    "grad_ascent": lambda cfg, knobs: grad_ascent(
-        cfg.steps, _knob(cfg, knobs, "step_size"), _knob(cfg, knobs, "budget"), cfg.stealth, cfg.knowledge
-    ),
-    "mimic_ipm": lambda cfg, knobs: mimic_ipm(cfg.evals),
+
+class AttackHParams(NamedTuple):
+    """The ``attack`` section's numeric settings (traced: sweeping them never recompiles)."""
+
+    fraction: Any  # malicious share of the population
+    scale: Any  # sign_flip
+    eps: Any  # ipm
+    z: Any  # alie
+    sigma: Any  # gaussian
+    gamma: Any  # scaling
+    step_size: Any  # grad_ascent
+    budget: Any  # grad_ascent
+
+
+_ATTACKS: dict[str, Callable[[Any, AttackHParams], Attack]] = {
+    "none": lambda cfg, hp: no_attack(),
+    "sign_flip": lambda cfg, hp: sign_flip(hp.scale),
+    "ipm": lambda cfg, hp: ipm(hp.eps),
+    "alie": lambda cfg, hp: alie(hp.z),
+    "gaussian": lambda cfg, hp: gaussian(hp.sigma),
+    "scaling": lambda cfg, hp: scaling(hp.gamma),
+    "label_flip": lambda cfg, hp: label_flip(),
+    "non_finite": lambda cfg, hp: non_finite(),
+    "opt_ipm": lambda cfg, hp: opt_ipm(cfg.evals),
+    "opt_alie": lambda cfg, hp: opt_alie(cfg.evals),
+    "fang_krum": lambda cfg, hp: fang_krum(),
+    "fang_trim": lambda cfg, hp: fang_trim(),
+    "min_max": lambda cfg, hp: min_max(cfg.perturbation, cfg.evals),
+    "min_sum": lambda cfg, hp: min_sum(cfg.perturbation, cfg.evals),
+    "grad_ascent": lambda cfg, hp: grad_ascent(cfg.steps, hp.step_size, hp.budget, cfg.stealth, cfg.knowledge),
+    "mimic_ipm": lambda cfg, hp: mimic_ipm(cfg.evals),
 }
 ATTACK_NAMES = tuple(_ATTACKS)
 ADAPTIVE_ATTACKS = ("opt_ipm", "opt_alie", "fang_krum", "fang_trim", "min_max", "min_sum", "grad_ascent", "mimic_ipm")
-NUMERIC_FIELDS = ("fraction", "scale", "eps", "z", "sigma", "gamma", "step_size", "budget")
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -761,12 +769,12 @@ def validate_config(cfg: Any, context: Any) -> None:
     _finite(cfg, "budget", 0.0, strict=True, hint="grad_ascent's radius in farthest-honest-update units; try 1.")
 
 
-def build_attack(cfg: Any, knobs: Knobs) -> Attack:
+def build_attack(cfg: Any, hparams: AttackHParams | None = None) -> Attack:
     """The attack named by ``cfg.name`` (the config's ``attack`` section).
 
-    Called inside the traced program: strengths come from ``knobs`` (traced;
-    the config's values where a knob is absent).
+    Structural settings come from ``cfg`` (static), strengths from ``hparams``
+    (traced inside the engine; the config's values when None).
     """
     if cfg.name not in _ATTACKS:
         raise ValueError(f"attack.name={cfg.name!r} is unknown; choose one of {ATTACK_NAMES}.")
-    return _ATTACKS[cfg.name](cfg, knobs)
+    return _ATTACKS[cfg.name](cfg, hparams_of(AttackHParams, cfg) if hparams is None else hparams)

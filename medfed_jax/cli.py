@@ -21,7 +21,7 @@ only the files medfed_jax writes there (`WORKDIR_FILES`).
 
 Every method
 trains exactly ``rounds`` rounds, evaluated every ``eval_every`` rounds and at
-the last (`medfed_jax.server.eval_rounds`), in chunks: a line for the compile,
+the last (`medfed_jax.program.eval_rounds`), in chunks: a line for the compile,
 then a progress line per evaluation (rounds/s after compiling, ETA). With
 ``--seeds=N`` every method runs N seeds vmapped, chunk by chunk the same way,
 and the run ends with a mean +- sample std table (over the seeds whose model
@@ -118,7 +118,7 @@ class Command:
 def help_text(section: str | None = None) -> str:
     """``--help``: usage, flags, shipped configs and every config field (or one section)."""
     if section is not None:
-        return config_lib.describe_fields(section)
+        return config_files.describe_fields(section)
     module_flags = flags.FLAGS.get_flags_for_module(sys.modules[__name__])
     flag_lines = [f"  --{f.name}: {f.help}" for f in sorted(module_flags, key=lambda f: f.name)]
     return "\n".join(
@@ -134,7 +134,7 @@ def help_text(section: str | None = None) -> str:
             "config fields (--config.<field>=<value>; defaults of medfed_jax.config.default_config(), "
             "which configs change):",
             "",
-            config_lib.describe_fields(),
+            config_files.describe_fields(),
         ]
     )
 

@@ -24,12 +24,38 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import optax
 from jax.sharding import PartitionSpec as P
 
 from medfed_jax.types import Array, Model, Params
 
 GradientFn = Callable[..., tuple[Array, Params]]
+CLIENT_OPTIMIZERS = ("sgd", "momentum", "adam")
+
+
+def default_config() -> ml_collections.ConfigDict:
+    """Local training: E epochs at batch B, or a fixed number of steps."""
+    return ml_collections.ConfigDict(
+        dict(
+            epochs=1,  # local epochs per round (0 when local.steps is set)
+            steps=0,  # > 0 selects a fixed number of steps instead of epochs
+            batch_size=32,  # examples per local step
+            optimizer="sgd",  # one of CLIENT_OPTIMIZERS
+            lr=0.05,  # client learning rate (numeric knob)
+            momentum=0.9,  # used by the 'momentum' optimizer only (numeric knob)
+            prox_mu=0.0,  # FedProx proximal strength; 0 = FedAvg (numeric knob)
+            sampling="shuffle",  # 'shuffle' (epochs), 'fixed' or 'poisson' (per step)
+        )
+    )
+
+
+class LocalHParams(NamedTuple):
+    """The ``local`` section's numeric settings (traced: sweeping them never recompiles)."""
+
+    lr: Array
+    momentum: Array
+    prox_mu: Array
 
 
 class LocalSpec(NamedTuple):
@@ -57,14 +83,6 @@ class LocalSpec(NamedTuple):
         return self.batch_size
 
 
-class LocalHParams(NamedTuple):
-    """Numeric (traced) settings of local training."""
-
-    lr: Array
-    momentum: Array
-    prox_mu: Array
-
-
 class Anchor(NamedTuple):
     """A pull of strength ``strength`` (lambda) toward fixed parameters ``params`` (Ditto's global model).
 
@@ -89,7 +107,7 @@ def make_client_optimizer(name: str, hparams: LocalHParams) -> optax.GradientTra
         return optax.sgd(hparams.lr, momentum=hparams.momentum)
     if name == "adam":
         return optax.adam(hparams.lr)
-    raise ValueError(f"local.optimizer={name!r} is unknown; choose one of ('sgd', 'momentum', 'adam').")
+    raise ValueError(f"local.optimizer={name!r} is unknown; choose one of {CLIENT_OPTIMIZERS}.")
 
 
 def cross_entropy(logits: Array, labels: Array) -> Array:

@@ -1,15 +1,18 @@
-"""Run configuration: defaults, validation, and the static / numeric split.
+"""Run configuration: defaults, validation, and the split into static settings, hparams and choices.
 
 A config is an ``ml_collections.ConfigDict`` with one section per part
 (``data``, ``model``, ``local``, ``server``, ``aggregator``, ``attack``,
 ``privacy``, ``personalization``) plus top-level run settings. Each part's module owns its section:
-it provides ``default_config()``, ``validate_config(section, context)`` and
-``NUMERIC_FIELDS``, the fields that are *numeric knobs*.
+it provides ``default_config()``, ``validate_config(section, context)`` and,
+beside them, a NamedTuple of the section's *numeric* fields (`HPARAMS`: e.g.
+`medfed_jax.client.LocalHParams`), whose fields are the list of them.
 
-Numeric knobs (learning rates, noise multiplier, attacker fraction, ...) are
-traced into the compiled program, so sweeping them never recompiles; every
-other field is *structural* (static): changing it changes shapes or code and
-compiles a new program.
+`split` gives the three views a program needs: ``static``, the structural
+fields (frozen, hashable: changing one changes shapes or code and compiles a
+new program); ``hparams``, an `HParams` pytree of float32 scalars (learning
+rates, noise multiplier, attacker fraction, ...), traced into the program, so
+sweeping them never recompiles (sweeps vmap it); and ``choices``, the int32
+indices of the run-time switches (`Choices`).
 
 Each field's meaning is the comment on the line that sets its default
 (`field_docs` reads them; ``python -m medfed_jax --help`` prints them with the
@@ -24,25 +27,18 @@ from __future__ import annotations
 
 import difflib
 import functools
-import inspect
-import io
 import json
 import math
-import re
-import textwrap
-import tokenize
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
 import jax
 import ml_collections
 import numpy as np
 
-from medfed_jax import aggregators, attacks, personalize, privacy
-from medfed_jax.types import Knobs
+from medfed_jax import aggregators, attacks, client, personalize, privacy, server_optimizer
+from medfed_jax.client import CLIENT_OPTIMIZERS
 
-CLIENT_OPTIMIZERS = ("sgd", "momentum", "adam")
-SERVER_OPTIMIZERS = ("fedavg", "fedavgm", "fedadam", "fedyogi", "fedadagrad")
 MODELS = ("logistic", "mlp", "cnn")
 PARALLELISM = ("auto", "vmap", "map")
 COHORT_SAMPLINGS = ("fixed", "poisson")
@@ -52,9 +48,7 @@ SEED_MAX = 2**32 - 1  # seeds are uint32
 SEED_FIELDS = ("seed", "data.seed")
 OPTIONAL_SEEDS = ("data.seed",)  # None (the default) follows the run seed
 FREE_FORM = ("sweep",)  # sections checked by their own parser (`medfed_jax.sweep.SWEEP_FIELDS`)
-
-LOCAL_NUMERIC = ("lr", "momentum", "prox_mu")
-SERVER_NUMERIC = ("lr", "momentum", "b1", "b2", "eps")
+HOST_ONLY = ("sweep", "seed", "name", "baselines")  # run-level fields that never change a program
 
 
 class BuildContext(NamedTuple):
@@ -71,36 +65,6 @@ class BuildContext(NamedTuple):
     def expected_cohort(self) -> float:
         """Clients expected per round: ``q C`` under Poisson sampling, else ``cohort_size``."""
         return self.sampling_rate * self.num_clients if self.sampling_rate else float(self.cohort_size)
-
-
-def local_config() -> ml_collections.ConfigDict:
-    """Local training: E epochs at batch B, or a fixed number of steps."""
-    return ml_collections.ConfigDict(
-        dict(
-            epochs=1,  # local epochs per round (0 when local.steps is set)
-            steps=0,  # > 0 selects a fixed number of steps instead of epochs
-            batch_size=32,  # examples per local step
-            optimizer="sgd",  # one of CLIENT_OPTIMIZERS
-            lr=0.05,  # client learning rate (numeric knob)
-            momentum=0.9,  # used by the 'momentum' optimizer only (numeric knob)
-            prox_mu=0.0,  # FedProx proximal strength; 0 = FedAvg (numeric knob)
-            sampling="shuffle",  # 'shuffle' (epochs), 'fixed' or 'poisson' (per step)
-        )
-    )
-
-
-def server_config() -> ml_collections.ConfigDict:
-    """Server optimizer applied to the aggregated update (pseudo-gradient)."""
-    return ml_collections.ConfigDict(
-        dict(
-            optimizer="fedavg",  # one of SERVER_OPTIMIZERS
-            lr=1.0,  # server learning rate; FedAvg uses 1.0 (numeric knob)
-            momentum=0.9,  # fedavgm: server momentum (numeric knob)
-            b1=0.9,  # fedadam / fedyogi: first-moment decay (numeric knob)
-            b2=0.99,  # fedadam / fedyogi / fedadagrad: second-moment decay (numeric knob)
-            eps=1e-3,  # adaptive server optimizers: adaptivity tau of Reddi et al. (numeric knob)
-        )
-    )
 
 
 def model_config() -> ml_collections.ConfigDict:
@@ -120,8 +84,8 @@ def sections() -> dict[str, Callable[[], ml_collections.ConfigDict]]:
     return {
         "data": data_lib.default_config,
         "model": model_config,
-        "local": local_config,
-        "server": server_config,
+        "local": client.default_config,
+        "server": server_optimizer.default_config,
         "aggregator": aggregators.default_config,
         "attack": attacks.default_config,
         "privacy": privacy.default_config,
@@ -239,78 +203,78 @@ def check_fields(cfg: Any) -> None:
         check_value(path, value, defaults[path])
 
 
-def _comments(make: Callable) -> dict[str, str]:
-    """``field -> comment`` from the source of a defaults function: the comment on the line that sets the field.
-
-    A line ``cfg.rounds = 50  # ...``, ``rounds=50,  # ...`` or ``"rounds": 50,  # ...``
-    documents ``rounds``; upper-case names of the function's module that hold
-    tuples of strings (``one of MODELS``) are spelled out.
-    """
-    module = inspect.getmodule(make)
-    source = textwrap.dedent(inspect.getsource(make))
-    docs, line = {}, []
-    for token in tokenize.generate_tokens(io.StringIO(source).readline):
-        if token.type == tokenize.COMMENT:
-            ops = [i for i, t in enumerate(line) if t.type == tokenize.OP and t.string in ("=", ":")]
-            if ops and ops[0] > 0 and line[ops[0] - 1].type in (tokenize.NAME, tokenize.STRING):
-                key = line[ops[0] - 1].string.strip("\"'")
-                docs[key] = _spell_out(token.string.lstrip("#").strip(), module)
-        elif token.type in (tokenize.NL, tokenize.NEWLINE):
-            line = []
-        else:
-            line.append(token)
-    return docs
-
-
-def _spell_out(text: str, module: Any) -> str:
-    def name(match: re.Match) -> str:
-        value = getattr(module, match.group(0), None)
-        ok = isinstance(value, tuple) and value and all(isinstance(v, str) for v in value)
-        return ", ".join(value) if ok else match.group(0)
-
-    return re.sub(r"\b[A-Z][A-Z_]{2,}\b", name, text)
-
-
-def field_docs() -> dict[str, dict[str, str]]:
-    """Section (``'run'`` for the top-level fields) -> field path -> its one line of meaning."""
-    docs = {"run": {k: v for k, v in _comments(default_config).items() if k not in sections()}}
-    for section, make in sections().items():
-        docs[section] = {f"{section}.{k}": v for k, v in _comments(make).items()}
-    return docs
-
-
-def describe_fields(section: str | None = None) -> str:
-    """Every config field (or one section's) with its default and meaning, grouped by section."""
-    docs, defaults = field_docs(), default_config()
-    titles = {"run": default_config, **sections()}
-    if section is not None and section not in titles:
-        raise ValueError(f"--help={section}: no such config section; choose one of {', '.join(titles)}.")
-    lines = []
-    for name in [section] if section else titles:
-        title = inspect.getdoc(titles[name]).splitlines()[0].replace("``", "'")
-        flags = {path: f"--config.{path}={format_default(get_path(defaults, path))}" for path in docs[name]}
-        width = min(max(map(len, flags.values())), 44)
-        lines += ["", f"[{name}] {title}", *(f"  {flags[p]:<{width}}  {doc}" for p, doc in docs[name].items())]
-    return "\n".join(lines[1:])
-
-
-def format_default(value: Any) -> str:
-    """A default as written on the command line (``(200, 200)``, ``'sgd'`` bare, ``{}`` for an empty section)."""
-    if isinstance(value, ml_collections.ConfigDict):
-        return json.dumps(value.to_dict())
-    return value if isinstance(value, str) else repr(value)
+HPARAMS: dict[str, type] = {  # section -> the NamedTuple of its numeric fields, declared beside its default_config
+    "local": client.LocalHParams,
+    "server": server_optimizer.ServerHParams,
+    "aggregator": aggregators.AggregatorHParams,
+    "attack": attacks.AttackHParams,
+    "privacy": privacy.PrivacyHParams,
+    "personalization": personalize.PersonalizationHParams,
+}
+HParams = NamedTuple("HParams", list(HPARAMS.items()))
+HParams.__doc__ = "Every numeric (traced) setting of a run, one NamedTuple per section (a pytree; sweeps vmap it)."
 
 
 def numeric_fields() -> tuple[str, ...]:
-    """Dotted paths of every numeric (traced) config field."""
-    return (
-        tuple(f"local.{f}" for f in LOCAL_NUMERIC)
-        + tuple(f"server.{f}" for f in SERVER_NUMERIC)
-        + tuple(f"aggregator.{f}" for f in aggregators.NUMERIC_FIELDS)
-        + tuple(f"attack.{f}" for f in attacks.NUMERIC_FIELDS)
-        + tuple(f"privacy.{f}" for f in privacy.NUMERIC_FIELDS)
-        + tuple(f"personalization.{f}" for f in personalize.NUMERIC_FIELDS)
-    )
+    """Dotted paths of every numeric (traced) config field: the fields of each section's NamedTuple."""
+    return tuple(f"{section}.{f}" for section, cls in HPARAMS.items() for f in cls._fields)
+
+
+class Choices(NamedTuple):
+    """The run-time switches' int32 indices (see `medfed_jax.server.build_engine`); 0 where nothing is switched."""
+
+    aggregator: Any = np.int32(0)  # index into the switched aggregator names
+    attack: Any = np.int32(0)  # index into the switched attack names
+
+    @classmethod
+    def of(cls, index: dict[str, int]) -> Choices:
+        """From ``{'aggregator.name': i, ...}``, the switched paths' indices."""
+        return cls(**{path.split(".")[0]: np.int32(i) for path, i in index.items()})
+
+
+NO_CHOICES = Choices()  # what an engine without switches is called with
+
+
+class Split(NamedTuple):
+    """A config as a program sees it (`split`)."""
+
+    static: ml_collections.FrozenConfigDict
+    hparams: HParams
+    choices: Choices
+
+
+def _static(cfg: Any, switched: Sequence[str]) -> ml_collections.FrozenConfigDict:
+    """The structural fields: each section's fields but its numeric ones and the ``switched`` ones."""
+    numeric, plain = set(numeric_fields()) | set(switched), {}
+    for key, value in cfg.items():
+        if key in HOST_ONLY:
+            continue
+        if isinstance(value, ml_collections.ConfigDict):
+            value = {k: v for k, v in value.to_dict().items() if f"{key}.{k}" not in numeric}
+        plain[key] = value
+    return ml_collections.FrozenConfigDict(plain)
+
+
+def split(cfg: Any, switches: Sequence[tuple[str, Sequence[str]]] = ()) -> Split:
+    """``(static, hparams, choices)`` of a config; see the module docstring.
+
+    ``switches``: ``(('aggregator.name', names), ...)``, the structural choices
+    a program picks at run time (`medfed_jax.server.build_engine`): they leave
+    ``static`` and their index into ``names`` is in ``choices``. Reading a
+    numeric field from ``static`` fails loudly, so code inside a program sees
+    numbers only through ``hparams``. The scalars are placed with
+    `jax.device_put`, which compiles nothing (``jnp.asarray`` of a Python
+    float compiles a small conversion program).
+    """
+    put = lambda value: jax.device_put(np.float32(float(value)))  # noqa: E731
+    hparams = HParams(**{s: cls(*(put(cfg[s][f]) for f in cls._fields)) for s, cls in HPARAMS.items()})
+    choices = Choices.of({path: list(names).index(get_path(cfg, path)) for path, names in switches})
+    return Split(_static(cfg, [path for path, _ in switches]), hparams, choices)
+
+
+def filled_hparams(leaf: Any) -> HParams:
+    """An `HParams` whose every leaf is ``leaf`` (e.g. a `jax.ShapeDtypeStruct` to compile for)."""
+    return HParams(**{section: cls(*(leaf for _ in cls._fields)) for section, cls in HPARAMS.items()})
 
 
 def get_path(cfg: Any, path: str) -> Any:
@@ -326,15 +290,6 @@ def set_path(cfg: Any, path: str, value: Any) -> None:
     for part in parents:
         cfg = cfg[part]
     cfg[leaf] = value
-
-
-def knobs_from_config(cfg: Any) -> Knobs:
-    """The numeric knobs of a config as float32 scalars (traced in programs).
-
-    Placed with `jax.device_put`, which compiles nothing (``jnp.asarray`` of a
-    Python float compiles a small conversion program).
-    """
-    return {path: jax.device_put(np.float32(float(get_path(cfg, path)))) for path in numeric_fields()}
 
 
 def _positive(name: str, value: Any, fix: str = "") -> None:
@@ -405,15 +360,7 @@ def validate_run_settings(cfg: Any, num_clients: int) -> None:
         raise ValueError(f"local.momentum={local.momentum!r} must lie in [0, 1).")
     if not local.prox_mu >= 0:
         raise ValueError(f"local.prox_mu={local.prox_mu!r} must be >= 0 (0 disables FedProx).")
-    server = cfg.server
-    _one_of("server.optimizer", server.optimizer, SERVER_OPTIMIZERS)
-    _positive("server.lr", server.lr, "FedAvg uses 1.0; FedAdam/FedYogi typically 0.01 to 0.1.")
-    if not 0 <= server.momentum < 1:
-        raise ValueError(f"server.momentum={server.momentum!r} must lie in [0, 1).")
-    for name in ("b1", "b2"):
-        if not 0 <= server[name] < 1:
-            raise ValueError(f"server.{name}={server[name]!r} must lie in [0, 1).")
-    _positive("server.eps", server.eps)
+    server_optimizer.validate_config(cfg.server)
 
 
 def cohort_slots(cfg: Any, num_clients: int) -> int:

@@ -17,10 +17,16 @@ from __future__ import annotations
 
 import ast
 import difflib
+import inspect
+import io
+import json
 import os
 import pathlib
 import re
+import textwrap
+import tokenize
 import traceback
+from collections.abc import Callable
 from typing import Any
 
 import ml_collections
@@ -136,7 +142,7 @@ def parse_value(path: str, text: str, default: Any) -> Any:
     except (KeyError, ValueError, SyntaxError):
         kind = "an integer seed or None" if path in config_lib.OPTIONAL_SEEDS else config_lib.kind_of(default)
         raise ConfigError(
-            f"{flag}: {path} takes {kind} (default {config_lib.format_default(default)}); {text!r} is not one."
+            f"{flag}: {path} takes {kind} (default {format_default(default)}); {text!r} is not one."
         ) from None
     if isinstance(default, (tuple, list)):
         value = tuple(value) if isinstance(value, (tuple, list)) else (value,)
@@ -161,3 +167,68 @@ def apply_override(cfg: ml_collections.ConfigDict, path: str, text: str) -> None
             config_lib.check_value(path, config_lib.get_path(cfg, path), leaves[path])
     except (TypeError, ValueError) as error:
         raise ConfigError(f"--config.{path}={text}: {error}") from None
+
+
+# --------------------------------------------------------------------------- --help: every field and its meaning
+
+
+def _comments(make: Callable) -> dict[str, str]:
+    """``field -> comment`` from the source of a defaults function: the comment on the line that sets the field.
+
+    A line ``cfg.rounds = 50  # ...``, ``rounds=50,  # ...`` or ``"rounds": 50,  # ...``
+    documents ``rounds``; upper-case names of the function's module that hold
+    tuples of strings (``one of MODELS``) are spelled out.
+    """
+    module = inspect.getmodule(make)
+    source = textwrap.dedent(inspect.getsource(make))
+    docs, line = {}, []
+    for token in tokenize.generate_tokens(io.StringIO(source).readline):
+        if token.type == tokenize.COMMENT:
+            ops = [i for i, t in enumerate(line) if t.type == tokenize.OP and t.string in ("=", ":")]
+            if ops and ops[0] > 0 and line[ops[0] - 1].type in (tokenize.NAME, tokenize.STRING):
+                key = line[ops[0] - 1].string.strip("\"'")
+                docs[key] = _spell_out(token.string.lstrip("#").strip(), module)
+        elif token.type in (tokenize.NL, tokenize.NEWLINE):
+            line = []
+        else:
+            line.append(token)
+    return docs
+
+
+def _spell_out(text: str, module: Any) -> str:
+    def name(match: re.Match) -> str:
+        value = getattr(module, match.group(0), None)
+        ok = isinstance(value, tuple) and value and all(isinstance(v, str) for v in value)
+        return ", ".join(value) if ok else match.group(0)
+
+    return re.sub(r"\b[A-Z][A-Z_]{2,}\b", name, text)
+
+
+def field_docs() -> dict[str, dict[str, str]]:
+    """Section (``'run'`` for the top-level fields) -> field path -> its one line of meaning."""
+    docs = {"run": {k: v for k, v in _comments(config_lib.default_config).items() if k not in config_lib.sections()}}
+    for section, make in config_lib.sections().items():
+        docs[section] = {f"{section}.{k}": v for k, v in _comments(make).items()}
+    return docs
+
+
+def describe_fields(section: str | None = None) -> str:
+    """Every config field (or one section's) with its default and meaning, grouped by section."""
+    docs, defaults = field_docs(), config_lib.default_config()
+    titles = {"run": config_lib.default_config, **config_lib.sections()}
+    if section is not None and section not in titles:
+        raise ValueError(f"--help={section}: no such config section; choose one of {', '.join(titles)}.")
+    lines = []
+    for name in [section] if section else titles:
+        title = inspect.getdoc(titles[name]).splitlines()[0].replace("``", "'")
+        flags = {path: f"--config.{path}={format_default(config_lib.get_path(defaults, path))}" for path in docs[name]}
+        width = min(max(map(len, flags.values())), 44)
+        lines += ["", f"[{name}] {title}", *(f"  {flags[p]:<{width}}  {doc}" for p, doc in docs[name].items())]
+    return "\n".join(lines[1:])
+
+
+def format_default(value: Any) -> str:
+    """A default as written on the command line (``(200, 200)``, ``'sgd'`` bare, ``{}`` for an empty section)."""
+    if isinstance(value, ml_collections.ConfigDict):
+        return json.dumps(value.to_dict())
+    return value if isinstance(value, str) else repr(value)

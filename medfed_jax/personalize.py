@@ -54,11 +54,18 @@ import jax.numpy as jnp
 import ml_collections
 
 from medfed_jax.client import Anchor, GradientFn, LocalSpec, make_local_update, map_clients, masked_mean_gradient
-from medfed_jax.types import Array, ClientData, Knobs, Model, Params
+from medfed_jax.types import Array, ClientData, Model, Params, hparams_of
 
 METHODS = ("none", "finetune", "ditto", "fedper", "apfl")
 PERSONAL_METHODS = METHODS[1:]
-NUMERIC_FIELDS = ("ditto_lambda", "alpha")
+LOCAL_ONLY = "local_only"  # the local-only baseline (`medfed_jax.baselines`): built here, not a user choice
+
+
+class PersonalizationHParams(NamedTuple):
+    """The ``personalization`` section's numeric settings (traced: sweeping them never recompiles)."""
+
+    ditto_lambda: Any  # ditto: pull of the personal model toward the global one
+    alpha: Any  # apfl: mixing weight of the local model, fixed or initial
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -224,6 +231,22 @@ def _federated(local_update: Callable, personal_params: Callable | None = None) 
     return _whole_model(lambda params, num_clients: (), client_update, personal_params)
 
 
+def _local_only(local_update: Callable) -> Personalizer:
+    """Local-only training: every client's own model, trained alone; nothing is shared (an empty tree)."""
+
+    def client_update(params, personal, data, key, hparams):
+        delta, metrics = local_update(personal, data, key, hparams)
+        return {}, _add(personal, delta), metrics
+
+    return Personalizer(
+        init=broadcast_to_clients,
+        shared=lambda params: {},
+        merge=lambda params, shared: params,
+        client_update=client_update,
+        personal_params=lambda params, clients, train, key, hparams: clients,
+    )
+
+
 def _finetune(cfg: Any, model: Model, spec: LocalSpec, parallelism: str, chunk: int) -> Callable[..., Params]:
     """``personal_params``: every client fine-tunes the global model for ``finetune_steps`` steps."""
     if cfg.finetune_steps == 0:
@@ -239,10 +262,9 @@ def _finetune(cfg: Any, model: Model, spec: LocalSpec, parallelism: str, chunk: 
     return personal_params
 
 
-def _ditto(knobs: Knobs, model: Model, spec: LocalSpec, local_update: Callable) -> Personalizer:
+def _ditto(strength: Any, model: Model, spec: LocalSpec, local_update: Callable) -> Personalizer:
     """Ditto: FedAvg plus a personal model per client pulled toward the round's global model."""
     personal_update = make_local_update(model, spec)  # exact gradients: the personal model never leaves
-    strength = knobs["personalization.ditto_lambda"]
 
     def client_update(params, personal, data, key, hparams):
         delta, metrics = local_update(params, data, key, hparams)
@@ -294,10 +316,9 @@ def mixture(v: Params, w: Params, alpha: Array) -> Params:
     return jax.tree.map(lambda vi, wi: alpha * vi + (1 - alpha) * wi, v, w)
 
 
-def _apfl(cfg: Any, knobs: Knobs, model: Model, spec: LocalSpec, gradient_fn: GradientFn | None) -> Personalizer:
+def _apfl(cfg: Any, initial: Any, model: Model, spec: LocalSpec, gradient_fn: GradientFn | None) -> Personalizer:
     """APFL: a local model and a mixing weight per client, trained beside the global model."""
     base = gradient_fn or masked_mean_gradient(model)
-    initial = knobs["personalization.alpha"]
     alpha_of = (lambda client: jnp.clip(client["alpha"], 0.0, 1.0)) if cfg.learn_alpha else (lambda client: initial)
 
     def joint_gradient(joint, xb, yb, valid, key, expected):
@@ -332,7 +353,7 @@ def _apfl(cfg: Any, knobs: Knobs, model: Model, spec: LocalSpec, gradient_fn: Gr
 
 def build_personalizer(
     cfg: Any,
-    knobs: Knobs,
+    hparams: PersonalizationHParams | None,
     model: Model,
     spec: LocalSpec,
     gradient_fn: GradientFn | None = None,
@@ -342,17 +363,21 @@ def build_personalizer(
     """The `Personalizer` of ``cfg.method`` (the config's ``personalization`` section).
 
     Called inside the traced program: ``ditto_lambda`` and ``alpha`` come from
-    ``knobs``; ``gradient_fn`` is the local gradient (DP-SGD's, or None for the
-    exact one) used for everything that leaves the client.
+    ``hparams`` (traced; the config's values when None); ``gradient_fn`` is the
+    local gradient (DP-SGD's, or None for the exact one) used for everything
+    that leaves the client.
     """
-    if cfg.method not in METHODS:
+    if cfg.method not in (*METHODS, LOCAL_ONLY):
         raise ValueError(f"personalization.method={cfg.method!r} is unknown; choose one of {METHODS}.")
+    hp = hparams_of(PersonalizationHParams, cfg) if hparams is None else hparams
     if cfg.method == "fedper":
         return _fedper(cfg, model, spec, gradient_fn)
     if cfg.method == "apfl":
-        return _apfl(cfg, knobs, model, spec, gradient_fn)
+        return _apfl(cfg, hp.alpha, model, spec, gradient_fn)
     local_update = make_local_update(model, spec, gradient_fn)
+    if cfg.method == LOCAL_ONLY:
+        return _local_only(local_update)
     if cfg.method == "ditto":
-        return _ditto(knobs, model, spec, local_update)
+        return _ditto(hp.ditto_lambda, model, spec, local_update)
     finetune = _finetune(cfg, model, spec, parallelism, chunk) if cfg.method == "finetune" else None
     return _federated(local_update, finetune)

@@ -1,9 +1,9 @@
 """Host side of a run: validate, build, loop over evaluation chunks, save, resume.
 
 A run trains exactly ``cfg.rounds`` rounds and evaluates after each of
-`medfed_jax.server.eval_rounds` (every ``eval_every`` rounds and the last).
+`medfed_jax.program.eval_rounds` (every ``eval_every`` rounds and the last).
 The device work of each chunk (its rounds, then one evaluation:
-`medfed_jax.server.make_chunk`) is one call of a program compiled ahead of
+`medfed_jax.program.make_chunk`) is one call of a program compiled ahead of
 time, once for every chunk length, for one seed or vmapped over seeds
 (`train_evaluations`, shared by single runs and ``--seeds``). Each seed
 trains on its own split (`seed_datasets`: ``data.seed`` None follows the run
@@ -38,17 +38,14 @@ from medfed_jax.data import base as data_base
 from medfed_jax.data import population
 from medfed_jax.eval import pooled_score
 from medfed_jax.models import check_input_fits, make_model, param_shapes
-from medfed_jax.server import (
-    Engine,
-    Switches,
-    build_engine,
+from medfed_jax.program import (
     chunk_lengths,
     eval_rounds,  # noqa: F401  (re-exported: the one schedule of evaluation rounds)
     jit_on,
     make_chunk,
-    static_config,
 )
-from medfed_jax.types import ClientData, FederatedDataset, Knobs
+from medfed_jax.server import Engine, Switches, build_engine
+from medfed_jax.types import ClientData, FederatedDataset
 
 # federated (as configured), the baselines, and the personalised methods of `medfed_jax.personalize`.
 METHODS = ("federated", "local_only", "pooled", *personalize.PERSONAL_METHODS)
@@ -61,7 +58,7 @@ class Prepared:
     cfg: Any
     dataset: FederatedDataset
     context: config_lib.BuildContext
-    knobs: Knobs
+    hparams: config_lib.HParams  # the numeric settings of ``cfg``, traced (`medfed_jax.config.split`)
     accounting: privacy.Accounting  # the (epsilon, delta) bookkeeping of the run's DP settings
     split_follows_seed: bool = False  # each seed draws its own split (data.seed None, data loaded here)
 
@@ -107,7 +104,7 @@ def prepare(cfg: Any, dataset: FederatedDataset | None = None) -> Prepared:
     if "fedper" in (cfg.personalization.method, *cfg.baselines):
         params = param_shapes(model, dataset.feature_shape)
         personalize.validate_local_paths(cfg.personalization, personalize.param_paths(params))
-    return Prepared(cfg, dataset, context, config_lib.knobs_from_config(cfg), accounting, follows)
+    return Prepared(cfg, dataset, context, config_lib.split(cfg).hparams, accounting, follows)
 
 
 def seed_datasets(prepared: Prepared, seeds: Sequence[int]) -> list[FederatedDataset]:
@@ -146,32 +143,38 @@ def method_view(method: str, dataset: FederatedDataset) -> FederatedDataset:
     return baselines.pooled_training_view(dataset) if method == "pooled" else dataset
 
 
-def engine_for(
-    method: str, prepared: Prepared, switches: Switches = (), mesh: jax.sharding.Mesh | None = None
-) -> tuple[Engine, FederatedDataset, Any]:
-    """The engine, data view and config of one method of a prepared run.
-
-    ``switches`` (`medfed_jax.server.build_engine`): structural choices the
-    program picks at run time from ``knobs``; pooled training ignores them (it
-    has no attack and a plain mean), local-only training has no use for them.
-    ``mesh``: the devices the cohort is split over (`build_engine`'s default: every device).
-    """
-    cfg, dataset = prepared.cfg, prepared.dataset
-    switched = [path for path, _ in switches]
+def method_config(method: str, cfg: Any) -> Any:
+    """The config a method runs: ``cfg`` (federated), the baselines' (`medfed_jax.baselines`), or ``cfg``
+    with ``personalization.method`` set (the personalised methods)."""
     if method == "federated":
-        return build_engine(static_config(cfg, switched), prepared.context, switches, mesh), dataset, cfg
+        return cfg
     if method == "local_only":
-        return baselines.build_local_only(static_config(cfg, switched), prepared.context), dataset, cfg
+        return baselines.local_only_config(cfg)
     if method == "pooled":
-        pooled_cfg = baselines.pooled_config(cfg)
-        view = method_view(method, dataset)
-        return build_engine(static_config(pooled_cfg), build_context(pooled_cfg, view), (), mesh), view, pooled_cfg
+        return baselines.pooled_config(cfg)
     if method in personalize.PERSONAL_METHODS:
         personal_cfg = cfg.copy_and_resolve_references()
         personal_cfg.personalization.method = method
-        engine = build_engine(static_config(personal_cfg, switched), prepared.context, switches, mesh)
-        return engine, dataset, personal_cfg
+        return personal_cfg
     raise ValueError(f"unknown method {method!r}; choose one of {METHODS}.")
+
+
+def engine_for(
+    method: str, prepared: Prepared, switches: Switches = (), mesh: jax.sharding.Mesh | None = None
+) -> tuple[Engine, FederatedDataset, Any]:
+    """The engine, data view and config (`method_config`) of one method of a prepared run.
+
+    ``switches`` (`medfed_jax.server.build_engine`): structural choices the
+    program picks at run time from its ``choices`` argument; the baselines
+    ignore them (no attack, a plain mean). ``mesh``: the devices the cohort is
+    split over (`build_engine`'s default: every device; local-only: one).
+    """
+    cfg, view = method_config(method, prepared.cfg), method_view(method, prepared.dataset)
+    if method == "local_only":
+        return baselines.build_local_only(config_lib.split(cfg).static, build_context(cfg, view)), view, cfg
+    if method == "pooled":
+        return build_engine(config_lib.split(cfg).static, build_context(cfg, view), (), mesh), view, cfg
+    return build_engine(config_lib.split(cfg, switches).static, prepared.context, switches, mesh), view, cfg
 
 
 class CorruptFile(ValueError):
@@ -191,9 +194,9 @@ class Evaluation:
 class DeviceLoop(NamedTuple):
     """The jitted functions the host loop calls: for one seed, or vmapped over a leading seed axis.
 
-    ``init(seed, train, knobs) -> state``;
-    ``chunk(state, train, test, knobs, num_rounds) -> (state, metrics)``
-    (`medfed_jax.server.make_chunk`, ``num_rounds`` traced: one compile for
+    ``init(seed, train, hparams) -> state``;
+    ``chunk(state, train, test, hparams, num_rounds) -> (state, metrics)``
+    (`medfed_jax.program.make_chunk`, ``num_rounds`` traced: one compile for
     every chunk length). ``split_axis``: train and test carry the seed axis
     too (each seed its own split), else every seed shares them.
     """
@@ -221,12 +224,12 @@ def device_loop(engine: Engine, seed_axis: bool, split_axis: bool = False) -> De
     return _device_loop(engine._replace(program=None), seed_axis, split_axis)
 
 
-def compile_loop(loop: DeviceLoop, seed: Any, train: ClientData, test: ClientData, knobs: Knobs):
+def compile_loop(loop: DeviceLoop, seed: Any, train: ClientData, test: ClientData, hparams: config_lib.HParams):
     """``(init, chunk)`` compiled ahead of time for these arguments' shapes, and the seconds it took."""
     start = time.perf_counter()
-    init = loop.init.lower(seed, train, knobs).compile()
-    state = jax.eval_shape(loop.init, seed, train, knobs)
-    chunk = loop.chunk.lower(state, train, test, knobs, jax.ShapeDtypeStruct((), np.int32)).compile()
+    init = loop.init.lower(seed, train, hparams).compile()
+    state = jax.eval_shape(loop.init, seed, train, hparams)
+    chunk = loop.chunk.lower(state, train, test, hparams, jax.ShapeDtypeStruct((), np.int32)).compile()
     return init, chunk, time.perf_counter() - start
 
 
@@ -338,7 +341,7 @@ def train_evaluations(
     checkpoint: str | None = None,
     log: Callable[[str], None] | None = print,
 ) -> list[Evaluation]:
-    """Train one method for every seed in evaluation chunks (`medfed_jax.server.eval_rounds`); the evaluations.
+    """Train one method for every seed in evaluation chunks (`medfed_jax.program.eval_rounds`); the evaluations.
 
     The host loop of every run: compile `device_loop` ahead of time (its own
     progress line), then one compiled call per chunk and a progress line (and
@@ -346,6 +349,7 @@ def train_evaluations(
     after each. ``seed_axis``: vmap over ``seeds`` (else exactly one seed, plain).
     """
     engine, _, cfg = engine_for(method, prepared)
+    hparams = config_lib.split(cfg).hparams
     if not seed_axis and len(seeds) != 1:
         raise ValueError(f"train_evaluations: without a seed axis give exactly one seed, got {list(seeds)}.")
     seed = np.asarray(seeds, np.uint32) if seed_axis else np.uint32(seeds[0])
@@ -357,15 +361,15 @@ def train_evaluations(
         train, test = place_data(engine, method_view(method, datasets[0]))
     start = time.perf_counter()
     loop = device_loop(engine, seed_axis, split_axis)
-    init, chunk, compile_s = compile_loop(loop, seed, train, test, prepared.knobs)
+    init, chunk, compile_s = compile_loop(loop, seed, train, test, hparams)
     if log:
         log(f"[{method}] compiled in {compile_s:.1f}s" + (f" ({len(seeds)} seeds vmapped)" if seed_axis else ""))
-    state, evaluations = _resume(method, checkpoint, init(seed, train, prepared.knobs), log)
+    state, evaluations = _resume(method, checkpoint, init(seed, train, hparams), log)
     done = evaluations[-1].round if evaluations else 0
     before = evaluations[-1].elapsed_s if evaluations else 0.0
     run_start, first = time.perf_counter(), done
     for num_rounds in chunk_lengths(cfg.rounds, cfg.eval_every, done):
-        state, metrics = chunk(state, train, test, prepared.knobs, np.int32(num_rounds))
+        state, metrics = chunk(state, train, test, hparams, np.int32(num_rounds))
         metrics = {k: np.asarray(v) if seed_axis else np.asarray(v)[None] for k, v in jax.device_get(metrics).items()}
         done += num_rounds
         now = time.perf_counter()

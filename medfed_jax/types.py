@@ -22,17 +22,12 @@ PRNGKey = jax.Array
 Params = Any  # a pytree of arrays (flax variables)
 Updates = Any  # a pytree whose leaves carry a leading client axis [C, ...]
 Metrics = dict[str, Array]
-Knobs = dict[str, Array]  # numeric, traced hyper-parameters keyed by config path
 
 
-def numeric_setting(section: str, cfg: Any, knobs: Knobs, field: str) -> Any:
-    """``section.field``: the traced knob when given, else the config's value.
-
-    The engine's static config drops numeric fields, so the config is read only
-    when no knob is given (a component built outside the engine).
-    """
-    path = f"{section}.{field}"
-    return knobs[path] if path in knobs else cfg[field]
+def hparams_of(cls: type, section: Any) -> Any:
+    """A section's numeric settings ``cls`` (a NamedTuple, e.g. `medfed_jax.client.LocalHParams`) read from a
+    config section: what a component built outside the engine uses (the engine passes traced ones)."""
+    return cls(*(section[field] for field in cls._fields))
 
 
 class ClientData(NamedTuple):

@@ -13,8 +13,9 @@ import numpy as np
 from medfed_jax import aggregators, runner, sweep
 from medfed_jax import config as config_lib
 from medfed_jax import mesh as mesh_lib
+from medfed_jax.config import split
 from medfed_jax.data.synthetic import linear_teacher
-from medfed_jax.server import build_engine, static_config
+from medfed_jax.server import build_engine
 
 RULES = {
     "weighted_mean": aggregators.weighted_mean,
@@ -58,9 +59,9 @@ def engine_results(out: dict) -> None:
         cfg.aggregator.name, cfg.cohort_size = aggregator, cohort
         prepared = runner.prepare(cfg, dataset)
         for devices, mesh in (("1", one_device()), ("4", mesh_lib.client_mesh(clients, 4))):
-            engine = build_engine(static_config(cfg), prepared.context, mesh=mesh)
+            engine = build_engine(split(cfg).static, prepared.context, mesh=mesh)
             train, test = runner.place_data(engine, dataset)
-            history = jax.device_get(engine.program(np.uint32(0), train, test, prepared.knobs))
+            history = jax.device_get(engine.program(np.uint32(0), train, test, prepared.hparams))
             for metric, value in history.items():
                 out[f"engine/{aggregator}-{clients}-{cohort}/{devices}/{metric}"] = value
 

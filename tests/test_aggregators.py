@@ -485,7 +485,7 @@ def test_built_chain_with_traced_knobs_matches_reference():
         return a.aggregate(tree, weights, mask, a.init(jax.tree.map(lambda x: x[0], tree)), jax.random.PRNGKey(0))
 
     for nu, clip_tau in ((1e-3, 0.0), (0.5, 1.2)):
-        knobs = {"aggregator.nu": jnp.float32(nu), "aggregator.tau": jnp.float32(1.0), "aggregator.clip_tau": clip_tau}
+        knobs = agg.AggregatorHParams(nu=jnp.float32(nu), tau=jnp.float32(1.0), clip_tau=clip_tau)
         out, _, _ = aggregate(to_tree(u, "two_leaves"), jnp.asarray(weights), jnp.asarray(mask), knobs)
         v = np_nnm(np_norm_clip(u[mask], clip_tau), 2)
         want = np_geometric_median(v, weights[mask].astype(float), nu, 3)
@@ -501,14 +501,14 @@ def test_nobody_taking_part_gives_a_zero_update(name):
 
 def test_every_name_builds_from_config():
     cfg = agg.default_config()
-    for field in agg.NUMERIC_FIELDS:
+    for field in agg.AggregatorHParams._fields:
         assert isinstance(cfg[field], float)
     tree = {"x": jnp.ones((9, 3))}
     common = {"nonfinite_clients", "norm_min", "norm_median", "norm_max"}
     specific = {"krum": {"selected", "selected_client"}, "multi_krum": {"selected"}, "bulyan": {"selected"}}
     specific |= {"geometric_median": {"gm_objective"}, "centered_clipping": {"clipped"}}
     for name in agg.AGGREGATOR_NAMES:
-        a = agg.build_aggregator(section(name=name, pre=("norm_clip",)), {})
+        a = agg.build_aggregator(section(name=name, pre=("norm_clip",)))
         args = (tree, jnp.ones(9), jnp.ones(9, bool), a.init({"x": jnp.ones(3)}), jax.random.PRNGKey(0))
         out, _, diag = jax.eval_shape(a.aggregate, *args)  # traces (wiring, shapes) without compiling
         assert out["x"].shape == (3,)

@@ -14,7 +14,7 @@ from scipy.stats import norm
 
 from medfed_jax import aggregators, attacks
 from medfed_jax.config import BuildContext
-from medfed_jax.types import AttackContext
+from medfed_jax.types import AttackContext, hparams_of
 
 C, K = 9, 4
 
@@ -167,11 +167,11 @@ def section(**fields) -> ml_collections.ConfigDict:
 
 
 def test_fraction_gives_round_fraction_times_c_clients_without_recompiling():
-    draw = jax.jit(lambda key, knobs: attacks.attack_mask(section(), key, knobs, 20))
+    draw = jax.jit(lambda key, fraction: attacks.attack_mask(section(), key, fraction, 20))
     seen = set()
     for fraction, want in ((0.0, 0), (0.1, 2), (0.25, 5), (0.33, 7), (0.5, 10)):
         for seed in range(3):
-            mask = np.asarray(draw(jax.random.PRNGKey(seed), {"attack.fraction": jnp.float32(fraction)}))
+            mask = np.asarray(draw(jax.random.PRNGKey(seed), jnp.float32(fraction)))
             assert mask.sum() == want
             seen.add(tuple(np.flatnonzero(mask)))
     assert len(seen) > 5  # the key places them
@@ -180,7 +180,7 @@ def test_fraction_gives_round_fraction_times_c_clients_without_recompiling():
 
 def test_explicit_clients_override_fraction():
     cfg = section(clients=(3, 0), fraction=0.5)
-    mask = attacks.attack_mask(cfg, jax.random.PRNGKey(0), {"attack.fraction": jnp.float32(0.5)}, 6)
+    mask = attacks.attack_mask(cfg, jax.random.PRNGKey(0), jnp.float32(0.5), 6)
     np.testing.assert_array_equal(mask, [True, False, False, True, False, False])
 
 
@@ -194,12 +194,13 @@ def test_built_attack_reads_traced_knobs():
         )
 
     for scale in (0.5, 3.0):
-        close(flat_rows(apply(to_tree(u), {"attack.scale": jnp.float32(scale)})), expect(u, mal, -scale * u[mal]))
+        knobs = hparams_of(attacks.AttackHParams, section())._replace(scale=jnp.float32(scale))
+        close(flat_rows(apply(to_tree(u), knobs)), expect(u, mal, -scale * u[mal]))
     assert apply._cache_size() == 1
 
 
 def test_every_name_builds():
-    for field in attacks.NUMERIC_FIELDS:
+    for field in attacks.AttackHParams._fields:
         assert isinstance(attacks.default_config()[field], float)
     u, mal, mask = setup()
     rule = aggregators.coordinate_median()
@@ -212,7 +213,7 @@ def test_every_name_builds():
         loss=lambda params, clients: sum(jnp.sum(jnp.square(p)) for p in jax.tree.leaves(params)),
     )
     for name in attacks.ATTACK_NAMES:
-        a = attacks.build_attack(section(name=name), {})
+        a = attacks.build_attack(section(name=name))
         out = jax.eval_shape(
             lambda *args, a=a: a.apply(*args, context), to_tree(u), jnp.asarray(mal), jax.random.PRNGKey(0)
         )

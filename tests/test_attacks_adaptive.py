@@ -16,8 +16,9 @@ from attack_inputs import updates_with_absent
 
 from medfed_jax import aggregators, attacks, runner, sweep
 from medfed_jax import config as config_lib
+from medfed_jax.config import split
 from medfed_jax.models import make_model
-from medfed_jax.server import build_engine, static_config
+from medfed_jax.server import build_engine
 from medfed_jax.types import AttackContext, ClientData
 
 C, P = 10, 12
@@ -473,9 +474,9 @@ def test_adaptive_attack_in_a_vmapped_sweep_equals_its_runs_alone(tmp_path, atta
     for cell in [c for c in result.plan.cells if c.values["attack.name"] == attack_name]:
         alone_cfg = sweep.with_overrides(cfg, cell.values)
         prepared = runner.prepare(alone_cfg)
-        engine = build_engine(static_config(alone_cfg), prepared.context)
+        engine = build_engine(split(alone_cfg).static, prepared.context)
         train, test = (ClientData(*map(jnp.asarray, d)) for d in (prepared.dataset.train, prepared.dataset.test))
-        alone = engine.program(alone_cfg.seed, train, test, config_lib.knobs_from_config(alone_cfg))
+        alone = engine.program(alone_cfg.seed, train, test, config_lib.split(alone_cfg).hparams)
         for name, value in alone.items():
             np.testing.assert_allclose(result.histories[cell.index][name], value, rtol=1e-5, atol=1e-5, err_msg=name)
         losses[tuple(sorted(cell.values.items()))] = float(np.asarray(alone["global_pooled_loss"])[-1])

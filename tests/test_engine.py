@@ -10,9 +10,10 @@ import pytest
 from medfed_jax import config as config_lib
 from medfed_jax import runner
 from medfed_jax.client import LocalHParams, LocalSpec, make_local_update
+from medfed_jax.config import split
 from medfed_jax.data.base import stack_clients
 from medfed_jax.models import make_model
-from medfed_jax.server import build_engine, static_config
+from medfed_jax.server import build_engine
 from medfed_jax.types import ClientData, FederatedDataset
 
 
@@ -50,10 +51,10 @@ def small_config(**overrides):
 
 def engine_and_data(cfg, dataset):
     prepared = runner.prepare(cfg, dataset)
-    engine = build_engine(static_config(cfg), prepared.context)
+    engine = build_engine(split(cfg).static, prepared.context)
     train = ClientData(*map(jnp.asarray, dataset.train))
     test = ClientData(*map(jnp.asarray, dataset.test))
-    return engine, train, test, prepared.knobs
+    return engine, train, test, prepared.hparams
 
 
 def hparams(lr=0.1, momentum=0.0, prox_mu=0.0):

@@ -16,9 +16,10 @@ import pytest
 from medfed_jax import aggregators, attacks, personalize, runner
 from medfed_jax import config as config_lib
 from medfed_jax.client import LocalHParams, LocalSpec
+from medfed_jax.config import split
 from medfed_jax.data.base import stack_clients
 from medfed_jax.models import make_model
-from medfed_jax.server import build_engine, static_config
+from medfed_jax.server import build_engine
 from medfed_jax.types import Aggregator, Attack, ClientData, FederatedDataset
 
 NUM_CLASSES, LR, ROUNDS = 3, 0.3, 3
@@ -56,8 +57,8 @@ def make_config(method, **overrides):
 
 def setup(cfg, dataset, build=build_engine):
     prepared = runner.prepare(cfg, dataset)
-    engine = build(static_config(cfg), prepared.context)
-    return engine, ClientData(*map(jnp.asarray, dataset.train)), prepared.knobs
+    engine = build(split(cfg).static, prepared.context)
+    return engine, ClientData(*map(jnp.asarray, dataset.train)), prepared.hparams
 
 
 def advance(engine, state, train, knobs, rounds):
@@ -67,8 +68,9 @@ def advance(engine, state, train, knobs, rounds):
     return state
 
 
-def with_knobs(knobs, **values):
-    return {**knobs, **{f"personalization.{k}": jnp.float32(v) for k, v in values.items()}}
+def with_knobs(hparams, **values):
+    personal = hparams.personalization._replace(**{k: jnp.float32(v) for k, v in values.items()})
+    return hparams._replace(personalization=personal)
 
 
 def changed_clients(before, after, num_clients):
@@ -140,7 +142,7 @@ def test_finetune_with_zero_steps_is_the_global_model():
     section.method, section.finetune_steps = "finetune", 0
     model = make_model("mlp", NUM_CLASSES, (6,))
     spec = LocalSpec(1, 0, 64, "sgd", "shuffle", dataset.train.max_count)
-    personal = personalize.build_personalizer(section, {}, model, spec)
+    personal = personalize.build_personalizer(section, None, model, spec)
     params = jax.jit(model.init)(jax.random.PRNGKey(0), jnp.zeros((1, 4)))
     hparams = LocalHParams(jnp.float32(LR), jnp.float32(0.0), jnp.float32(0.0))
     tuned = personal.personal_params(params, (), dataset.train, jax.random.PRNGKey(1), hparams)
@@ -290,7 +292,7 @@ def test_apfl_local_step_follows_the_paper():
     as_params = lambda m: {"params": {"head": {"kernel": jnp.float32(m[0]), "bias": jnp.float32(m[1])}}}  # noqa: E731
     section = personalize.default_config()
     section.method = "apfl"
-    knobs = {"personalization.alpha": jnp.float32(0.3), "personalization.ditto_lambda": jnp.float32(0.0)}
+    knobs = personalize.PersonalizationHParams(ditto_lambda=jnp.float32(0.0), alpha=jnp.float32(0.3))
     spec = LocalSpec(1, 0, 64, "sgd", "shuffle", 6)
     personal = personalize.build_personalizer(section, knobs, make_model("logistic", NUM_CLASSES), spec)
     hparams = LocalHParams(jnp.float32(0.2), jnp.float32(0.0), jnp.float32(0.0))

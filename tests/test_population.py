@@ -24,10 +24,11 @@ from medfed_jax import client as client_lib
 from medfed_jax import config as config_lib
 from medfed_jax import data as data_lib
 from medfed_jax.client import LocalHParams, LocalSpec, make_local_update, map_clients, masked_mean_gradient
+from medfed_jax.config import split
 from medfed_jax.data import population, synthetic
 from medfed_jax.data.base import stack_clients
 from medfed_jax.models import make_model
-from medfed_jax.server import build_engine, static_config
+from medfed_jax.server import build_engine
 from medfed_jax.types import ClientData, FederatedDataset, Population
 
 EPS = float(np.finfo(np.float32).eps)
@@ -261,17 +262,17 @@ def test_a_flat_round_computes_nothing_of_population_size(storage, sampling):
         }
     )
     prepared = runner.prepare(cfg)
-    engine = build_engine(static_config(cfg), prepared.context)
+    engine = build_engine(split(cfg).static, prepared.context)
     train = jax.device_put(prepared.dataset.train)
-    state = engine.init(0, train, prepared.knobs)
-    (call,) = jax.make_jaxpr(engine.round_step)(state, train, prepared.knobs).jaxpr.eqns  # the jitted round
+    state = engine.init(0, train, prepared.hparams)
+    (call,) = jax.make_jaxpr(engine.round_step)(state, train, prepared.hparams).jaxpr.eqns  # the jitted round
     jaxpr = call.params["jaxpr"].jaxpr  # its inputs and outputs (the state) may be population-sized
     big = [(p, s) for p, s in _intermediate_sizes(jaxpr) if math.prod(s) >= num_clients]
     if storage == "padded":
         assert big  # the padded path's permutation of the whole population, which the check detects
     else:
         assert not big, big  # the stored rows are inputs; the round only builds cohort-sized values
-        new, metrics = engine.round_step(state, train, prepared.knobs)
+        new, metrics = engine.round_step(state, train, prepared.hparams)
         assert int(new.round) == 1 and np.isfinite(float(metrics["train_loss"]))
         if sampling:  # Poisson cohorts: a binomial count in max_cohort slots
             assert 0 <= int(metrics["participants"]) <= sampling["max_cohort"]
@@ -378,10 +379,10 @@ def test_the_while_loop_gives_the_masked_scans_params(sampling, epochs, steps, o
 
 def _round(cfg, dataset):
     prepared = runner.prepare(cfg, dataset)
-    engine = build_engine(static_config(cfg), prepared.context)
+    engine = build_engine(split(cfg).static, prepared.context)
     train = jax.device_put(dataset.train)
-    state = engine.init(0, train, prepared.knobs)
-    return state, *engine.round_step(state, train, prepared.knobs)
+    state = engine.init(0, train, prepared.hparams)
+    return state, *engine.round_step(state, train, prepared.hparams)
 
 
 def test_flat_round_equals_the_padded_round_when_sizes_are_sorted():

@@ -37,9 +37,9 @@ def _numpy_clip(rows, clip):
 
 
 def _knobs(sigma, clip, **extra):
-    knobs = {"privacy.noise_multiplier": jnp.float32(sigma), "privacy.clip_norm": jnp.float32(clip)}
-    knobs.update({f"privacy.{k}": jnp.float32(v) for k, v in extra.items()})
-    return knobs
+    values = {"noise_multiplier": sigma, "clip_norm": clip, **extra}
+    defaults = privacy.default_config()
+    return privacy.PrivacyHParams(*(jnp.float32(values.get(f, defaults[f])) for f in privacy.PrivacyHParams._fields))
 
 
 def _cfg(**privacy_fields):

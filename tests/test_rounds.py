@@ -27,7 +27,8 @@ from dp_accounting import rdp
 
 from medfed_jax import cli, runner, sweep
 from medfed_jax import config as config_lib
-from medfed_jax.server import build_engine, static_config
+from medfed_jax.config import split
+from medfed_jax.server import build_engine
 
 logging.getLogger("absl").setLevel(logging.ERROR)  # RDP order warnings
 
@@ -86,8 +87,8 @@ def prepared_by_combo():
 def reference(prepared_by_combo):
     """seed -> metric -> ``[max(ROUNDS) + 1]`` values after each number of rounds (index 0 unused)."""
     prepared = prepared_by_combo(max(ROUNDS), 1)
-    engine = build_engine(static_config(prepared.cfg), prepared.context)
-    train, test, knobs = prepared.dataset.train, prepared.dataset.test, prepared.knobs
+    engine = build_engine(split(prepared.cfg).static, prepared.context)
+    train, test, knobs = prepared.dataset.train, prepared.dataset.test, prepared.hparams
     out = {}
     for seed in SEEDS:
         state = engine.init(np.uint32(seed), train, knobs)
@@ -147,8 +148,8 @@ SWEEP_ROUNDS = (3, 7, 25)
 @pytest.mark.parametrize("rounds,every", PROGRAM_COMBOS)
 def test_program_trains_rounds_and_evaluates_on_schedule(rounds, every, prepared_by_combo, reference):
     prepared = prepared_by_combo(rounds, every)
-    engine = build_engine(static_config(prepared.cfg), prepared.context)
-    history = engine.program(np.uint32(SEEDS[1]), prepared.dataset.train, prepared.dataset.test, prepared.knobs)
+    engine = build_engine(split(prepared.cfg).static, prepared.context)
+    history = engine.program(np.uint32(SEEDS[1]), prepared.dataset.train, prepared.dataset.test, prepared.hparams)
     expect(reference, SEEDS[1], rounds, every, {k: np.asarray(history[k]) for k in COMPARED}, "program")
 
 

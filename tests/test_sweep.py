@@ -13,7 +13,8 @@ import scipy.stats
 
 from medfed_jax import config as config_lib
 from medfed_jax import runner, sweep, tabular
-from medfed_jax.server import build_engine, static_config
+from medfed_jax.config import split
+from medfed_jax.server import build_engine
 from medfed_jax.types import ClientData
 
 SEEDS, LRS, NOISES, FRACTIONS = (0, 1), (0.05, 0.3), (0.1, 2.0), (0.0, 0.25)
@@ -82,10 +83,10 @@ def _alone(cell_values, base=tiny_config):
     """The cell's whole run as one un-vmapped program, built by the engine directly."""
     cfg = sweep.with_overrides(base(), cell_values)
     prepared = runner.prepare(cfg)
-    engine = build_engine(static_config(cfg), prepared.context)
+    engine = build_engine(split(cfg).static, prepared.context)
     train = ClientData(*map(jnp.asarray, prepared.dataset.train))
     test = ClientData(*map(jnp.asarray, prepared.dataset.test))
-    return engine.program(cfg.seed, train, test, config_lib.knobs_from_config(cfg))
+    return engine.program(cfg.seed, train, test, config_lib.split(cfg).hparams)
 
 
 def test_each_vmapped_cell_equals_the_cell_run_alone(finished):

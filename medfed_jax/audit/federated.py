@@ -112,6 +112,7 @@ def federated_audit(
     """
     from jax_privacy import auditing
 
+    from medfed_jax import config as config_lib
     from medfed_jax import runner, server
 
     check_audit_config(cfg)
@@ -122,13 +123,13 @@ def federated_audit(
     trains = jax.vmap(included_block, in_axes=(None, 0))(pool, member)
     target_view = dataclasses.replace(dataset, train=jax.tree.map(lambda a: np.asarray(a[0]), trains))
     prepared = runner.prepare(cfg, target_view)
-    engine = server.build_engine(server.static_config(cfg), prepared.context)
-    knobs, model = prepared.knobs, make_model(cfg.model.name, dataset.num_classes, tuple(cfg.model.widths))
+    engine = server.build_engine(config_lib.split(cfg).static, prepared.context)
+    hparams, model = prepared.hparams, make_model(cfg.model.name, dataset.num_classes, tuple(cfg.model.widths))
     personal = cfg.personalization.method != "none"
 
     def statistics(run_seed, train):
-        state, _ = engine.run_rounds(engine.init(run_seed, train, knobs), train, knobs, cfg.rounds)
-        params = engine.eval_params(state, train, knobs)
+        state, _ = engine.run_rounds(engine.init(run_seed, train, hparams), train, hparams, cfg.rounds)
+        params = engine.eval_params(state, train, hparams)
         if personal:  # client c's records under client c's model
             logits = jax.vmap(model.apply)(params, pool.x)
         else:

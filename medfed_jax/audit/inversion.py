@@ -147,13 +147,14 @@ def engine_round(width: int, batch_size: int, local_steps: int, lr: float, seed:
     cfg.privacy.mode, cfg.privacy.clip_norm = "local", 1.0
     cfg.privacy.delta = 0.5  # one client: delta < 1/units; the epsilon rows use their own delta
     prepared = runner.prepare(cfg, dataset)
-    engine = server.build_engine(server.static_config(cfg), prepared.context)
+    engine = server.build_engine(config_lib.split(cfg).static, prepared.context)
 
     def round_update(x, y, sigma, clip):
         train = ClientData(x[None], y[None], jnp.asarray([batch_size], jnp.int32))
-        knobs = {**prepared.knobs, "privacy.noise_multiplier": sigma, "privacy.clip_norm": clip}
-        state = engine.init(seed, train, knobs)
-        stepped, _ = engine.round_step(state, train, knobs)
+        hp = prepared.hparams
+        hp = hp._replace(privacy=hp.privacy._replace(noise_multiplier=sigma, clip_norm=clip))
+        state = engine.init(seed, train, hp)
+        stepped, _ = engine.round_step(state, train, hp)
         return state.params, jax.tree.map(jnp.subtract, state.params, stepped.params)
 
     def round_fn(x, y, sigma):

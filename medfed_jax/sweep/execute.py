@@ -51,15 +51,12 @@ def effective_chunk_size(plan: Plan, devices: int = 1) -> int:
     return plan.chunk_size or AUTO_CHUNK.get(jax.default_backend(), AUTO_CHUNK_DEFAULT) * devices
 
 
-def vmapped_program(
-    program: Callable, switched: tuple[str, ...], cells: jax.sharding.Mesh | None = None, own_splits: bool = False
-) -> Callable:
-    """The program vmapped over cells: seeds and numeric knobs batched, switch indices shared, data shared (or
-    batched too: ``own_splits``, each cell its own split); with a ``cells`` mesh, the cells split over its
+def vmapped_program(program: Callable, cells: jax.sharding.Mesh | None = None, own_splits: bool = False) -> Callable:
+    """The program vmapped over cells: seeds and hparams batched, switch indices (choices) shared, data shared
+    (or batched too: ``own_splits``, each cell its own split); with a ``cells`` mesh, the cells split over its
     devices (`medfed_jax.mesh.over_cells`)."""
-    knob_axes = {**{k: 0 for k in config_lib.numeric_fields()}, **{k: None for k in switched}}
     data = 0 if own_splits else None
-    in_axes = (0, data, data, knob_axes)
+    in_axes = (0, data, data, 0, None)
     batched = jax.vmap(program, in_axes=in_axes)
     return jax.jit(batched) if cells is None else mesh_lib.over_cells(batched, cells, in_axes)
 
@@ -102,15 +99,15 @@ class ProgramCache:
         if key in self._compiled:
             return self._compiled[key], False
         seeds = jax.ShapeDtypeStruct((batch,), jnp.uint32)
-        knobs = {k: jax.ShapeDtypeStruct((batch,), jnp.float32) for k in config_lib.numeric_fields()}
-        knobs.update({k: jax.ShapeDtypeStruct((), jnp.int32) for k in switched})
+        hparams = config_lib.filled_hparams(jax.ShapeDtypeStruct((batch,), jnp.float32))
+        choices = config_lib.Choices(*(jax.ShapeDtypeStruct((), jnp.int32) for _ in config_lib.Choices._fields))
         if own_splits:
             train_spec, test_spec = (
                 jax.tree.map(lambda a: jax.ShapeDtypeStruct((batch, *a.shape[1:]), a.dtype), spec)
                 for spec in (train_spec, test_spec)
             )
-        program = vmapped_program(engine.program, switched, cells, own_splits)
-        self._compiled[key] = program.lower(seeds, train_spec, test_spec, knobs).compile()
+        program = vmapped_program(engine.program, cells, own_splits)
+        self._compiled[key] = program.lower(seeds, train_spec, test_spec, hparams, choices).compile()
         return self._compiled[key], True
 
     def clear(self) -> None:
@@ -123,12 +120,12 @@ PROGRAMS = ProgramCache()  # the process's compiled programs (`run_prepared`'s d
 def run_chunk(program: PreparedProgram, start: int, stop: int, batch: int, compiled: Any) -> dict[str, np.ndarray]:
     """Histories of the program's cells ``[start, stop)``, padded to ``batch`` with the last cell (dropped)."""
     take = np.minimum(np.arange(start, start + batch), stop - 1)
-    knobs = {k: v[take] for k, v in program.knobs.items()}
-    knobs.update({k: np.int32(i) for k, i in program.switch_index.items()})
+    hparams = jax.tree.map(lambda v: v[take], program.hparams)
+    choices = config_lib.Choices.of(program.switch_index)
     train, test = program.train, program.test
     if program.split_index is not None:  # each cell's own split, gathered from the host stacks
         train, test = (type(d)(*(np.asarray(a)[program.split_index[take]] for a in d)) for d in (train, test))
-    history = jax.device_get(compiled(program.seeds[take], train, test, knobs))
+    history = jax.device_get(compiled(program.seeds[take], train, test, hparams, choices))
     return {k: np.asarray(v)[: stop - start] for k, v in history.items()}
 
 

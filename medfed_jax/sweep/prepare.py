@@ -13,11 +13,12 @@ import dataclasses
 from collections.abc import Mapping
 from typing import Any
 
+import jax
 import numpy as np
 
-from medfed_jax import baselines, privacy, runner
 from medfed_jax import config as config_lib
 from medfed_jax import data as data_lib
+from medfed_jax import privacy, runner
 from medfed_jax.data import base as data_base
 from medfed_jax.server import Engine
 from medfed_jax.sweep.devices import Execution, execution, place_program_data
@@ -44,7 +45,7 @@ class PreparedProgram:
     client_names: tuple[str, ...]
     rounds: tuple[int, ...]  # the round of each evaluation
     seeds: np.ndarray  # [n] uint32
-    knobs: dict[str, np.ndarray]  # path -> [n] float32
+    hparams: config_lib.HParams  # leaves [n] float32, one per cell
     epsilon: tuple[dict[str, tuple[float, ...]] | None, ...]  # per cell: `PRIVACY_COLUMNS` -> the value after
     # each evaluation; None without DP
     privacy_note: str  # how epsilon is accounted (unit, delta, accountant); '' without DP
@@ -117,7 +118,7 @@ def prepare_program(cfg: Any, plan: Plan, spec: ProgramSpec, datasets: dict, run
         raise ValueError(f"sweep program {spec.label()}: {e}") from None
     engine, view, _ = runner.engine_for(method, prepared, plan.switches, run_on.program_mesh())
     rounds = runner.eval_rounds(struct_cfg.rounds, struct_cfg.eval_every)
-    seeds, knobs, epsilons, client_epsilons, notes, splits, cell_split = [], [], [], [], [], [], []
+    seeds, hparams, epsilons, client_epsilons, notes, splits, cell_split = [], [], [], [], [], [], []
     for index in spec.cells:
         cell = plan.cells[index]
         cell_cfg = with_overrides(cfg, cell.values)
@@ -135,8 +136,7 @@ def prepare_program(cfg: Any, plan: Plan, spec: ProgramSpec, datasets: dict, run
         splits.extend([dataset] if all(d is not dataset for d in splits) else [])
         cell_split.append(next(i for i, d in enumerate(splits) if d is dataset))
         seeds.append(cell_cfg.seed)
-        knob_cfg = baselines.pooled_config(cell_cfg) if method == "pooled" else cell_cfg
-        knobs.append({k: float(config_lib.get_path(knob_cfg, k)) for k in config_lib.numeric_fields()})
+        hparams.append(config_lib.split(runner.method_config(method, cell_cfg)).hparams)
     if len(splits) == 1:
         (train, test), split_index = place_program_data(run_on, engine, view), None
     else:  # host arrays [S, ...]: `run_chunk` gathers each chunk's splits and the program places them
@@ -151,7 +151,7 @@ def prepare_program(cfg: Any, plan: Plan, spec: ProgramSpec, datasets: dict, run
         client_names=tuple(prepared.dataset.client_names),
         rounds=rounds,
         seeds=np.asarray(seeds, np.uint32),
-        knobs={k: np.asarray([kn[k] for kn in knobs], np.float32) for k in config_lib.numeric_fields()},
+        hparams=jax.tree.map(lambda *cells: np.asarray(cells, np.float32), *hparams),
         epsilon=tuple(epsilons),
         privacy_note="; ".join(notes),
         switch_index={knob: choices.index(spec.structural[knob]) for knob, choices in plan.switches},
