@@ -50,7 +50,10 @@ def initial_state(config: str, method: str):
     engine, view, method_cfg = runner.engine_for(method, prepared)
     train, _ = runner.place_data(engine, view)
     state = jax.block_until_ready(engine.init(np.uint32(0), train, config_lib.split(method_cfg).hparams))
-    metrics = {"test_accuracy": np.asarray([0.5], np.float32), "client_accuracy": np.full((1, 20), 0.5, np.float32)}
+    metrics = {
+        "global_pooled_accuracy": np.asarray([0.5], np.float32),
+        "client_accuracy": np.full((1, 20), 0.5, np.float32),
+    }
     return state, [runner.Evaluation(r, 1.0 * r, metrics) for r in (10, 20)]
 
 

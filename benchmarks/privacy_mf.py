@@ -23,7 +23,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 from configs import privacy_mf  # noqa: E402
 from medfed_jax import host_devices, privacy, sweep  # noqa: E402
 
-ACCURACY = "test_accuracy"
+ACCURACY = "global_pooled_accuracy"
 
 
 def row_key(row: dict) -> tuple[str, float, str]:

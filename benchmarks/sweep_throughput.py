@@ -120,7 +120,10 @@ def time_loop(cfg, plan: sweep.Plan, cells: list[int], result: sweep.SweepResult
     for index in cells:
         prepared = runner.prepare(sweep.with_overrides(cfg, plan.cells[index].values))
         history = runner.train_method("federated", prepared, log=None)
-        gap = max(gap, abs(history[-1]["test_accuracy"] - float(result.histories[index]["test_accuracy"][-1])))
+        gap = max(
+            gap,
+            abs(history[-1]["global_pooled_accuracy"] - float(result.histories[index]["global_pooled_accuracy"][-1])),
+        )
     return time.perf_counter() - start, gap
 
 
@@ -133,7 +136,10 @@ def time_per_choice_sweep(cfg, plan: sweep.Plan, cells: list[int], result) -> tu
     own = sweep.run_sweep(subset, log=None)
     seconds = time.perf_counter() - start
     gap = max(
-        abs(float(own.histories[j]["test_accuracy"][-1]) - float(result.histories[i]["test_accuracy"][-1]))
+        abs(
+            float(own.histories[j]["global_pooled_accuracy"][-1])
+            - float(result.histories[i]["global_pooled_accuracy"][-1])
+        )
         for j, i in enumerate(cells)
     )
     return seconds, gap
@@ -154,8 +160,8 @@ def time_cli(plan: sweep.Plan, cells: list[int], result: sweep.SweepResult) -> t
                 capture_output=True,
             )
             with open(os.path.join(workdir, "summary.json")) as f:
-                accuracy = json.load(f)["final"]["federated"]["test_accuracy_mean"]
-        gap = max(gap, abs(accuracy - float(result.histories[index]["test_accuracy"][-1])))
+                accuracy = json.load(f)["final"]["federated"]["global_pooled_accuracy_mean"]
+        gap = max(gap, abs(accuracy - float(result.histories[index]["global_pooled_accuracy"][-1])))
     return time.perf_counter() - start, gap
 
 

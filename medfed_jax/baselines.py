@@ -9,8 +9,10 @@
 - *pooled*: centralised training on the union of all clients' training rows
   (the federated engine with a single client), same epochs and rounds.
 
-Both are evaluated on every client's own test split and on the pooled test
-set, like the federated model.
+Both are evaluated on every client's own test split and on all clients' test
+rows together: pooled training's one model as the federated model
+(``global_pooled_*``), local-only's client models each on all rows and then
+averaged (``mean_client_model_*``; `medfed_jax.eval`).
 """
 
 from __future__ import annotations

@@ -50,6 +50,7 @@ from absl import app, flags
 from medfed_jax import client_results, compilation_cache, config_files, host_devices, report, runner, sweep, tabular
 from medfed_jax import config as config_lib
 from medfed_jax import mesh as mesh_lib
+from medfed_jax.eval import pooled_score
 
 _CONFIG = flags.DEFINE_string(
     "config", None, "A shipped config name (e.g. heart_fedavg) or a config file path (e.g. configs/heart_fedavg.py)."
@@ -264,8 +265,10 @@ def finite_mean_std(values: np.ndarray) -> tuple[float, float]:
 def final_accuracy_table(
     finals: dict[str, dict[str, np.ndarray]], client_names: tuple[str, ...], max_width: int = MAX_TABLE_WIDTH
 ) -> str:
-    """Methods x (each client's own test split, their mean and worst, pooled test set) in %, and the pooled
-    ROC AUC; mean +- sample std (ddof 1) over seeds.
+    """Methods x (each client's own test split, their mean and worst, all clients' test rows) in %, and the
+    ROC AUC on those rows; mean +- sample std (ddof 1) over seeds. "pooled test" is each method's own pooled
+    score (`medfed_jax.eval.pooled_score`): the global model's, local-only's mean client model's, a
+    personalised method's own-client one.
 
     A diverged model (`medfed_jax.eval`) is not scored: a cell shows the mean
     +- std over the seeds whose value is finite, ``diverged`` when none is, and
@@ -291,6 +294,7 @@ def final_accuracy_table(
         rows = []
         for method, final in finals.items():
             per_client = np.asarray(final["client_accuracy"]).reshape(-1, len(client_names))
+            score = pooled_score(final)
             seed_diverged = np.asarray(final["diverged"]).reshape(-1) > 0
             diverged_note = f" ({seed_diverged.sum()}/{seed_diverged.size} diverged)" if seed_diverged.any() else ""
             rows.append(
@@ -299,8 +303,8 @@ def final_accuracy_table(
                     *(finite_cell(column(per_client)) for column in client_columns.values()),
                     finite_cell(per_client.mean(1)),
                     finite_cell(per_client.min(1)),
-                    cell(final["test_accuracy"], seed_diverged),
-                    cell(final["test_auc"], seed_diverged, scale=1, digits=3),
+                    cell(final[f"{score}_accuracy"], seed_diverged),
+                    cell(final[f"{score}_auc"], seed_diverged, scale=1, digits=3),
                 ]
             )
         header = ["method", *client_columns, "mean of clients", "worst client", "pooled test", "pooled AUC"]
@@ -318,7 +322,11 @@ def final_accuracy_table(
     )
 
 
-FINAL_METRICS = ("test_accuracy", "test_auc", "client_accuracy", "diverged")
+def final_metrics(metrics: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """What `final_accuracy_table` and `final_summary` read of a method's last evaluation: its score on all test
+    rows (`medfed_jax.eval.pooled_score`: accuracy and AUC), the client accuracies, ``diverged``."""
+    score = pooled_score(metrics)
+    return {k: metrics[k] for k in (f"{score}_accuracy", f"{score}_auc", "client_accuracy", "diverged")}
 
 
 def _run_methods(prepared: runner.Prepared, workdir: str | None, seeds: list[int], seed_axis: bool) -> dict:
@@ -328,7 +336,7 @@ def _run_methods(prepared: runner.Prepared, workdir: str | None, seeds: list[int
         checkpoint = os.path.join(workdir, f"checkpoint_{method}.npz") if workdir else None
         evaluations = runner.train_evaluations(method, prepared, seeds, seed_axis, checkpoint)
         rows.extend(runner.history_rows(method, prepared, evaluations, seeds if seed_axis else None))
-        finals[method] = {k: evaluations[-1].metrics[k] for k in FINAL_METRICS}
+        finals[method] = final_metrics(evaluations[-1].metrics)
     return _finish(workdir, prepared, rows, finals, seeds)
 
 
@@ -345,13 +353,14 @@ def run_many_seeds(prepared: runner.Prepared, workdir: str | None, num_seeds: in
 def final_summary(final: dict[str, np.ndarray], num_clients: int) -> dict:
     """summary.json's ``final`` entry of one method: mean and std over the seeds with finite values."""
     per_client = np.asarray(final["client_accuracy"]).reshape(-1, num_clients)
-    accuracy, auc = (finite_mean_std(final[k]) for k in ("test_accuracy", "test_auc"))
+    score = pooled_score(final)
+    accuracy, auc = (finite_mean_std(final[f"{score}_{k}"]) for k in ("accuracy", "auc"))
     clients = [finite_mean_std(per_client[:, c]) for c in range(num_clients)]
     return {
-        "test_accuracy_mean": accuracy[0],
-        "test_accuracy_std": accuracy[1],
-        "test_auc_mean": auc[0],
-        "test_auc_std": auc[1],
+        f"{score}_accuracy_mean": accuracy[0],
+        f"{score}_accuracy_std": accuracy[1],
+        f"{score}_auc_mean": auc[0],
+        f"{score}_auc_std": auc[1],
         "client_accuracy_mean": [c[0] for c in clients],
         "client_accuracy_std": [c[1] for c in clients],
         "diverged_seeds": int(np.sum(np.asarray(final["diverged"]) > 0)),

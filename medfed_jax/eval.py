@@ -1,5 +1,16 @@
 """Evaluation: per-client and pooled accuracy, loss and ROC AUC, padding excluded.
 
+Metric names say which model scored which rows (README "Metrics"):
+
+- ``client_accuracy`` / ``client_loss`` ``[C]``: each client's own test split, scored by the model
+  that client uses (the global model, or its personal one); ``worst_client_accuracy`` their minimum.
+- ``global_pooled_{accuracy,loss,auc}``: the global model on every client's test rows together
+  (federated training, pooled training).
+- ``own_client_{accuracy,loss,auc}``: every client's test rows together, each row scored by its own
+  client's model (personalised methods; local-only reports the accuracy).
+- ``mean_client_model_{accuracy,loss,auc}``: the mean over the client models of each model's score on
+  every client's test rows (local-only; ``client_model_pooled_accuracy`` ``[C]`` per model).
+
 A model with any non-finite parameter has *diverged*: it is not scored (its
 logits are NaN and argmax would report the class-0 share as accuracy).
 Its accuracy, loss and AUC are NaN, and ``diverged`` is 1.0. With one model
@@ -9,13 +20,29 @@ metric (``diverged`` = 1.0 when any client model diverged).
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 import jax
 import jax.numpy as jnp
 
 from medfed_jax.client import cross_entropy, map_clients
 from medfed_jax.types import Array, ClientData, Model, Params
+
+GLOBAL_POOLED, OWN_CLIENT, MEAN_CLIENT_MODEL = "global_pooled", "own_client", "mean_client_model"
+POOLED_SCORES = (GLOBAL_POOLED, MEAN_CLIENT_MODEL, OWN_CLIENT)  # a method's score on all test rows: the first it has
+
+
+def pooled_score(names: Iterable[str]) -> str:
+    """The pooled score (`POOLED_SCORES`) that metrics or CSV columns named ``names`` give for all clients'
+    test rows: the global model's, else the mean client model's, else each row's own client model's."""
+    stems = {name.removesuffix("_mean") for name in names}
+    for score in POOLED_SCORES:
+        if f"{score}_accuracy" in stems:
+            return score
+    raise ValueError(
+        f"none of {[f'{s}_accuracy' for s in POOLED_SCORES]} among the {len(stems)} metrics given: results "
+        "written before these names (test_accuracy) must be rerun."
+    )
 
 
 def has_diverged(params: Params) -> Array:
@@ -67,11 +94,12 @@ def roc_auc(probs: Array, labels: Array, valid: Array) -> Array:
     )
 
 
-def summarize(sums: dict[str, Array]) -> dict[str, Array]:
+def summarize(sums: dict[str, Array], pooled: str) -> dict[str, Array]:
     """Per-client and pooled accuracy/loss from per-client sums (leaves ``[C]``).
 
-    ``worst_client_accuracy`` is the lowest ``client_accuracy`` among clients
-    with at least one test row; ``test_auc`` the `roc_auc` of all real rows.
+    The pooled scores are named ``<pooled>_accuracy``, ``_loss`` and ``_auc``
+    (the `roc_auc` of all real rows); ``worst_client_accuracy`` is the lowest
+    ``client_accuracy`` among clients with at least one test row.
     A client whose model diverged (``sums['diverged']``) gets NaN, and so does
     every pooled metric when any did; ``diverged`` is 1.0 then, else 0.0.
     """
@@ -81,16 +109,16 @@ def summarize(sums: dict[str, Array]) -> dict[str, Array]:
     diverged = sums["diverged"]
     any_diverged = jnp.any(diverged)
     per_client = lambda value: jnp.where(diverged, jnp.nan, value / jnp.maximum(count, 1.0))  # noqa: E731
-    pooled = lambda value: jnp.where(any_diverged, jnp.nan, value)  # noqa: E731
+    unless_diverged = lambda value: jnp.where(any_diverged, jnp.nan, value)  # noqa: E731
     client_accuracy = per_client(sums["correct"])
     auc = roc_auc(probs.reshape(-1, probs.shape[-1]), sums["labels"].reshape(-1), sums["valid"].reshape(-1))
     return {
-        "test_accuracy": pooled(jnp.sum(sums["correct"]) / total),
-        "test_loss": pooled(jnp.sum(sums["loss"]) / total),
+        f"{pooled}_accuracy": unless_diverged(jnp.sum(sums["correct"]) / total),
+        f"{pooled}_loss": unless_diverged(jnp.sum(sums["loss"]) / total),
         "client_accuracy": client_accuracy,
         "client_loss": per_client(sums["loss"]),
-        "worst_client_accuracy": pooled(jnp.min(jnp.where(count > 0, client_accuracy, jnp.inf))),
-        "test_auc": pooled(auc),
+        "worst_client_accuracy": unless_diverged(jnp.min(jnp.where(count > 0, client_accuracy, jnp.inf))),
+        f"{pooled}_auc": unless_diverged(auc),
         "diverged": any_diverged.astype(jnp.float32),
     }
 
@@ -98,7 +126,7 @@ def summarize(sums: dict[str, Array]) -> dict[str, Array]:
 def make_evaluate(model: Model, parallelism: str = "vmap", chunk: int = 1) -> Callable[[Params, ClientData], dict]:
     """``evaluate(params, test) -> metrics`` for one global model.
 
-    ``test_accuracy``/``test_loss``/``test_auc`` are over the pooled test set
+    ``global_pooled_accuracy``/``_loss``/``_auc`` are over the pooled test set
     (every real row of every client); ``client_accuracy``/``client_loss`` are
     ``[C]``, each client's own test split.
     """
@@ -106,7 +134,7 @@ def make_evaluate(model: Model, parallelism: str = "vmap", chunk: int = 1) -> Ca
     def evaluate(params: Params, test: ClientData) -> dict[str, Array]:
         fn = lambda x, y, n: client_sums(model, params, x, y, n)  # noqa: E731
         sums = map_clients(fn, tuple(test), (0, 0, 0), parallelism, chunk)
-        return summarize(sums)
+        return summarize(sums, GLOBAL_POOLED)
 
     return evaluate
 
@@ -116,15 +144,15 @@ def make_evaluate_personal(model: Model, parallelism: str = "vmap", chunk: int =
 
     ``client_params`` has a leading client axis; client ``c``'s model is
     evaluated on client ``c``'s own test split only. ``client_accuracy`` /
-    ``client_loss`` are ``[C]``; ``test_accuracy`` / ``test_loss`` pool every
-    client's own test rows, each predicted by its own client's model (the
-    count-weighted mean of ``client_accuracy``); ``worst_client_accuracy`` is
-    the lowest client.
+    ``client_loss`` are ``[C]``; ``own_client_accuracy`` / ``_loss`` / ``_auc`` pool
+    every client's own test rows, each predicted by its own client's model (the
+    accuracy is the count-weighted mean of ``client_accuracy``);
+    ``worst_client_accuracy`` is the lowest client.
     """
 
     def evaluate(client_params: Params, test: ClientData) -> dict[str, Array]:
         fn = lambda p, x, y, n: client_sums(model, p, x, y, n)  # noqa: E731
-        return summarize(map_clients(fn, (client_params, *test), (0, 0, 0, 0), parallelism, chunk))
+        return summarize(map_clients(fn, (client_params, *test), (0, 0, 0, 0), parallelism, chunk), OWN_CLIENT)
 
     return evaluate
 
@@ -133,9 +161,10 @@ def make_evaluate_per_client_models(model: Model) -> Callable[[Params, ClientDat
     """Evaluate one model per client (leading client axis on ``params``).
 
     Returns each client's accuracy on its own test split (``client_accuracy``,
-    their count-weighted pool ``own_test_accuracy`` and the lowest
+    their count-weighted pool ``own_client_accuracy`` and the lowest
     ``worst_client_accuracy``) and each client model's accuracy on the pooled
-    test set (``pooled_accuracy``, ``[C]``), plus their means.
+    test set (``client_model_pooled_accuracy``, ``[C]``), plus the means over the
+    models (``mean_client_model_accuracy``, ``_loss``, ``_auc``).
     """
     evaluate_own = make_evaluate_personal(model)
 
@@ -144,18 +173,18 @@ def make_evaluate_per_client_models(model: Model) -> Callable[[Params, ClientDat
 
         def on_pooled(p):
             sums = jax.vmap(lambda x, y, n: client_sums(model, p, x, y, n))(*test)
-            return summarize(sums)
+            return summarize(sums, "client_model_pooled")
 
         pooled = jax.lax.map(on_pooled, client_params)
         return {
             "client_accuracy": own_metrics["client_accuracy"],
             "client_loss": own_metrics["client_loss"],
-            "own_test_accuracy": own_metrics["test_accuracy"],
+            f"{OWN_CLIENT}_accuracy": own_metrics[f"{OWN_CLIENT}_accuracy"],
             "worst_client_accuracy": own_metrics["worst_client_accuracy"],
-            "pooled_accuracy": pooled["test_accuracy"],
-            "test_accuracy": jnp.mean(pooled["test_accuracy"]),
-            "test_loss": jnp.mean(pooled["test_loss"]),
-            "test_auc": jnp.mean(pooled["test_auc"]),
+            "client_model_pooled_accuracy": pooled["client_model_pooled_accuracy"],
+            f"{MEAN_CLIENT_MODEL}_accuracy": jnp.mean(pooled["client_model_pooled_accuracy"]),
+            f"{MEAN_CLIENT_MODEL}_loss": jnp.mean(pooled["client_model_pooled_loss"]),
+            f"{MEAN_CLIENT_MODEL}_auc": jnp.mean(pooled["client_model_pooled_auc"]),
             "diverged": own_metrics["diverged"],
         }
 

@@ -36,6 +36,7 @@ from medfed_jax import data as data_lib
 from medfed_jax import mesh as mesh_lib
 from medfed_jax.data import base as data_base
 from medfed_jax.data import population
+from medfed_jax.eval import pooled_score
 from medfed_jax.models import check_input_fits, make_model, param_shapes
 from medfed_jax.program import (
     chunk_lengths,
@@ -288,14 +289,16 @@ def _spread(values: np.ndarray, digits: int = 4) -> str:
 def progress_line(method: str, evaluation: Evaluation, cfg: Any, accounting: privacy.Accounting, rate: float) -> str:
     """``[method] round r/R`` with accuracy, losses, epsilon, elapsed, rounds/s after compiling and the ETA.
 
-    Over several seeds each metric is ``mean±std``; diverged seeds are counted.
+    ``acc`` and ``loss`` are the method's score on all test rows (`medfed_jax.eval.pooled_score`). Over
+    several seeds each metric is ``mean±std``; diverged seeds are counted.
     """
     m, left = evaluation.metrics, cfg.rounds - evaluation.round
-    seeds = len(m["test_accuracy"])
+    score = pooled_score(m)
+    seeds = len(m["diverged"])
     diverged = int(np.sum(m["diverged"] > 0))
     return (
-        f"[{method}] round {evaluation.round:4d}/{cfg.rounds}  acc {_spread(m['test_accuracy'])}  "
-        f"loss {_spread(m['test_loss'])}  train_loss {_spread(m['train_loss'])}  "
+        f"[{method}] round {evaluation.round:4d}/{cfg.rounds}  acc {_spread(m[f'{score}_accuracy'])}  "
+        f"loss {_spread(m[f'{score}_loss'])}  train_loss {_spread(m['train_loss'])}  "
         + (
             f"eps {accounting.epsilon_after(evaluation.round):.3g} (delta {cfg.privacy.delta:g})  "
             if _is_private(cfg, method)

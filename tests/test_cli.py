@@ -322,11 +322,13 @@ def history_without_times(workdir: pathlib.Path) -> list[dict]:
 def test_corrupt_checkpoints_name_the_file_and_the_remedy(tmp_path, damage):
     path = str(tmp_path / "checkpoint_federated.npz")
     state = {"w": np.arange(6.0).reshape(2, 3), "round": np.int32(4)}
-    evaluation = runner.Evaluation(round=4, elapsed_s=1.5, metrics={"test_accuracy": np.asarray([0.75], np.float32)})
+    evaluation = runner.Evaluation(
+        round=4, elapsed_s=1.5, metrics={"global_pooled_accuracy": np.asarray([0.75], np.float32)}
+    )
     runner.save_checkpoint(path, state, [evaluation])
     restored, history = runner.load_checkpoint(path, state)
     np.testing.assert_array_equal(restored["w"], state["w"])
-    assert [(e.round, e.elapsed_s, e.metrics["test_accuracy"].tolist()) for e in history] == [(4, 1.5, [0.75])]
+    assert [(e.round, e.elapsed_s, e.metrics["global_pooled_accuracy"].tolist()) for e in history] == [(4, 1.5, [0.75])]
     if damage == "truncated":
         data = pathlib.Path(path).read_bytes()
         pathlib.Path(path).write_bytes(data[: len(data) // 2])
@@ -403,8 +405,8 @@ def test_a_wide_final_table_shows_client_quartiles_and_keeps_narrow_ones_whole()
     finals = {
         "federated": {
             "client_accuracy": acc,
-            "test_accuracy": acc.mean(1),
-            "test_auc": acc.mean(1),
+            "global_pooled_accuracy": acc.mean(1),
+            "global_pooled_auc": acc.mean(1),
             "diverged": np.zeros(3),
         }
     }

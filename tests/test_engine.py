@@ -104,7 +104,7 @@ def test_garbage_padding_changes_nothing():
     cfg = small_config(**{"local.sampling": "fixed", "local.steps": 3, "local.epochs": 0})
     a = runner.run_seeds(runner.prepare(cfg, dataset), "federated", [0])
     b = runner.run_seeds(runner.prepare(cfg, padded), "federated", [0])
-    for key in ("test_accuracy", "test_loss", "train_loss"):
+    for key in ("global_pooled_accuracy", "global_pooled_loss", "train_loss"):
         np.testing.assert_allclose(a[key], b[key], rtol=1e-5, atol=1e-6)
 
 
@@ -258,8 +258,10 @@ def test_program_equals_chunked_run():
     prepared = runner.prepare(cfg, dataset)
     rows = runner.train_method("federated", prepared, seed=4, log=None)
     program = runner.run_seeds(prepared, "federated", [4])
-    np.testing.assert_allclose([r["test_accuracy"] for r in rows], program["test_accuracy"][0], atol=1e-6)
-    np.testing.assert_allclose([r["test_loss"] for r in rows], program["test_loss"][0], rtol=1e-5)
+    np.testing.assert_allclose(
+        [r["global_pooled_accuracy"] for r in rows], program["global_pooled_accuracy"][0], atol=1e-6
+    )
+    np.testing.assert_allclose([r["global_pooled_loss"] for r in rows], program["global_pooled_loss"][0], rtol=1e-5)
 
 
 @pytest.mark.parametrize("num_classes", [2, 4])

@@ -12,12 +12,12 @@ import numpy as np
 import pytest
 
 from medfed_jax import cli
-from medfed_jax.eval import make_evaluate, make_evaluate_per_client_models, make_evaluate_personal
+from medfed_jax.eval import make_evaluate, make_evaluate_per_client_models, make_evaluate_personal, pooled_score
 from medfed_jax.models import make_model
 from medfed_jax.types import ClientData
 
 NUM_CLASSES, COUNTS, FEATURES = 3, (6, 4, 5), 4
-POOLED = ("test_accuracy", "test_loss", "test_auc", "worst_client_accuracy")
+POOLED = ("global_pooled_accuracy", "global_pooled_loss", "global_pooled_auc", "worst_client_accuracy")
 
 
 @pytest.fixture(scope="module")
@@ -53,7 +53,7 @@ def test_finite_global_model_is_scored_by_argmax(setup):
     correct = [numpy_correct(params, test.x[c], test.y[c], n) for c, n in enumerate(COUNTS)]
     assert float(metrics["diverged"]) == 0.0
     np.testing.assert_allclose(metrics["client_accuracy"], [c.mean() for c in correct], rtol=1e-6)
-    assert float(metrics["test_accuracy"]) == pytest.approx(np.concatenate(correct).mean(), rel=1e-6)
+    assert float(metrics["global_pooled_accuracy"]) == pytest.approx(np.concatenate(correct).mean(), rel=1e-6)
     assert float(metrics["worst_client_accuracy"]) == pytest.approx(min(c.mean() for c in correct), rel=1e-6)
 
 
@@ -67,8 +67,10 @@ def test_non_finite_global_model_is_diverged_not_scored(setup, bad):
         assert np.all(np.isnan(metrics[name])), name
 
 
-@pytest.mark.parametrize("evaluator", [make_evaluate_personal, make_evaluate_per_client_models])
-def test_one_diverged_client_model(setup, evaluator):
+@pytest.mark.parametrize(
+    "evaluator,score", [(make_evaluate_personal, "own_client"), (make_evaluate_per_client_models, "mean_client_model")]
+)
+def test_one_diverged_client_model(setup, evaluator, score):
     model, _, per_client, test = setup
     metrics = jax.jit(evaluator(model))(with_nan(per_client, client=1), test)
     for c, n in enumerate(COUNTS):
@@ -80,27 +82,27 @@ def test_one_diverged_client_model(setup, evaluator):
             assert float(metrics["client_accuracy"][c]) == pytest.approx(want, rel=1e-6)
             assert np.isfinite(metrics["client_loss"][c])
     assert float(metrics["diverged"]) == 1.0
-    for name in ("test_accuracy", "test_loss", "test_auc", "worst_client_accuracy"):
+    for name in (f"{score}_accuracy", f"{score}_loss", f"{score}_auc", "worst_client_accuracy"):
         assert np.isnan(metrics[name]), name
-    if "pooled_accuracy" in metrics:  # local-only: each client model on the pooled test set
+    if "client_model_pooled_accuracy" in metrics:  # local-only: each client model on the pooled test set
         model_0 = jax.tree.map(lambda p: p[0], per_client)
         pooled = np.concatenate([numpy_correct(model_0, test.x[c], test.y[c], n) for c, n in enumerate(COUNTS)])
-        assert float(metrics["pooled_accuracy"][0]) == pytest.approx(pooled.mean(), rel=1e-6)
-        assert np.isnan(metrics["pooled_accuracy"][1])
+        assert float(metrics["client_model_pooled_accuracy"][0]) == pytest.approx(pooled.mean(), rel=1e-6)
+        assert np.isnan(metrics["client_model_pooled_accuracy"][1])
 
 
 def test_final_table_and_summary_leave_diverged_seeds_out():
     nan = float("nan")
     finals = {
         "federated": {
-            "test_accuracy": np.array([0.5, nan, 0.7]),
-            "test_auc": np.array([0.6, nan, 0.8]),
+            "global_pooled_accuracy": np.array([0.5, nan, 0.7]),
+            "global_pooled_auc": np.array([0.6, nan, 0.8]),
             "client_accuracy": np.array([[0.4, 0.6], [nan, nan], [0.6, 0.8]]),
             "diverged": np.array([0.0, 1.0, 0.0]),
         },
         "pooled": {
-            "test_accuracy": np.array([nan]),
-            "test_auc": np.array([nan]),
+            "global_pooled_accuracy": np.array([nan]),
+            "global_pooled_auc": np.array([nan]),
             "client_accuracy": np.array([[nan, nan]]),
             "diverged": np.array([1.0]),
         },
@@ -121,8 +123,17 @@ def test_final_table_and_summary_leave_diverged_seeds_out():
     pooled = [c.strip() for c in lines[3].strip("|").split("|")]
     assert pooled == ["pooled (1/1 diverged)"] + ["diverged"] * 6
     summary = cli.final_summary(finals["federated"], 2)
-    assert summary["test_accuracy_mean"] == pytest.approx(0.6) and summary["test_accuracy_std"] == pytest.approx(
-        0.1 * 2**0.5
-    )
+    assert summary["global_pooled_accuracy_mean"] == pytest.approx(0.6) and summary[
+        "global_pooled_accuracy_std"
+    ] == pytest.approx(0.1 * 2**0.5)
     assert summary["diverged_seeds"] == 1
-    assert np.isnan(cli.final_summary(finals["pooled"], 2)["test_accuracy_mean"])
+    assert np.isnan(cli.final_summary(finals["pooled"], 2)["global_pooled_accuracy_mean"])
+
+
+def test_pooled_score_is_what_each_method_reports_on_all_test_rows():
+    assert pooled_score(["client_accuracy", "global_pooled_accuracy", "global_pooled_loss"]) == "global_pooled"
+    local_only = ["own_client_accuracy", "mean_client_model_accuracy", "client_model_pooled_accuracy"]
+    assert pooled_score(local_only) == "mean_client_model"  # the mean client model, as the tables show it
+    assert pooled_score(["worst_client_accuracy_mean", "own_client_accuracy_mean"]) == "own_client"  # summary.csv
+    with pytest.raises(ValueError, match="global_pooled_accuracy.*rerun"):
+        pooled_score(["test_accuracy"])

@@ -48,7 +48,7 @@ def expected(values) -> str:
 def client_row(rng, **knobs) -> dict:
     accuracy = rng.uniform(0.5, 0.95, len(CLIENTS))
     row = {**knobs, **{f"client_accuracy[{c}]": a for c, a in zip(CLIENTS, accuracy)}}
-    return {**row, "test_accuracy": rng.uniform(0.5, 0.95)}
+    return {**row, "global_pooled_accuracy": rng.uniform(0.5, 0.95)}
 
 
 def table_row(table: str, *first: str) -> list[str]:
@@ -75,7 +75,11 @@ def test_collaboration_table_scores_both_test_sets_at_the_last_round(tmp_path):
         for m in ("local_only", "federated"):
             final = [r for r in rows if r["data.name"] == d and r["method"] == m and r["round"] == 50]
             clients = np.asarray([[r[f"client_accuracy[{c}]"] for c in CLIENTS] for r in final])
-            want = [expected(clients.mean(1)), expected(clients.min(1)), expected([r["test_accuracy"] for r in final])]
+            want = [
+                expected(clients.mean(1)),
+                expected(clients.min(1)),
+                expected([r["global_pooled_accuracy"] for r in final]),
+            ]
             assert table_row(table, d, m)[2:] == want
 
 
@@ -94,7 +98,7 @@ def test_security_table_reads_both_budgets_and_counts_where_the_median_wins(tmp_
                                 "aggregator.name": aggregator,
                                 "seed": s,
                                 "round": r,
-                                "test_accuracy": rng.random(),
+                                "global_pooled_accuracy": rng.random(),
                             }
                         )
     knobs = ["data.partition", "attack.name", "attack.scale", "aggregator.name", "seed"]
@@ -109,7 +113,7 @@ def test_security_table_reads_both_budgets_and_counts_where_the_median_wins(tmp_
                 cells = table_row(section, partition, label)[2:]
                 for aggregator, cell in zip(("mean", "coordinate_median"), cells):
                     values = [
-                        r["test_accuracy"]
+                        r["global_pooled_accuracy"]
                         for r in rows
                         if (r["data.partition"], r["attack.name"], r["attack.scale"], r["aggregator.name"])
                         == (partition, attack, scale, aggregator)
@@ -128,7 +132,7 @@ def test_personalization_table_counts_the_splits_a_method_beats_local_only(tmp_p
         [[0.05, 0.05, 0.01], [0.05, 0.05, 0.01], [0.1, 0.0, -0.01], [0.1, 0, -0.05], [-0.1, 0, 0.02]]
     )
     rows = [
-        {"model.name": "logistic", "method": m, "seed": s, "round": 50, "test_accuracy": 0.5,
+        {"model.name": "logistic", "method": m, "seed": s, "round": 50, "global_pooled_accuracy": 0.5,
          **{f"client_accuracy[{c}]": v for c, v in zip(CLIENTS, values[s])}}
         for m, values in (("local_only", local), ("fedper", fedper))
         for s in SEEDS

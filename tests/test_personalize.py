@@ -334,9 +334,9 @@ def test_personalised_methods_in_the_runner_report_own_split_accuracy():
     rows_ = runner.train_method("apfl", prepared, seed=2, log=None)
     accuracy = history["client_accuracy"][0]
     assert accuracy.shape == (2, 4)
-    np.testing.assert_allclose(history["test_accuracy"][0], accuracy.mean(1), atol=1e-6)  # equal test splits
+    np.testing.assert_allclose(history["own_client_accuracy"][0], accuracy.mean(1), atol=1e-6)  # equal test splits
     np.testing.assert_allclose(history["worst_client_accuracy"][0], accuracy.min(1), atol=1e-7)
-    np.testing.assert_allclose([r["test_accuracy"] for r in rows_], history["test_accuracy"][0], atol=1e-6)
+    np.testing.assert_allclose([r["own_client_accuracy"] for r in rows_], history["own_client_accuracy"][0], atol=1e-6)
     np.testing.assert_allclose([r["accuracy[c3]"] for r in rows_], accuracy[:, 3], atol=1e-6)
 
     # client c's accuracy is its mixture alpha v_c + (1 - alpha) w on its own test rows, recomputed in numpy

@@ -44,7 +44,8 @@ def test_report_on_a_tiny_sweep_writes_its_figures_and_tables(tiny_workdir):
     final = tabular.read_csv(os.path.join(tiny_workdir, "final.csv"))
     assert len(final) == 8 and {r["round"] for r in final} == {"4"}
     first = final[0]
-    cell = f"{100 * float(first['test_accuracy_mean']):.1f} ± {100 * float(first['test_accuracy_std']):.1f}"
+    mean, std = (100 * float(first[f"global_pooled_accuracy_{stat}"]) for stat in ("mean", "std"))
+    cell = f"{mean:.1f} ± {std:.1f}"
     assert cell in text
 
 
@@ -74,7 +75,7 @@ def _synthetic_workdir(path: str, diverged: tuple = (), attacks=("sign_flip", "i
                             "aggregator.name": aggregator,
                             "seed": str(seed),
                             "round": str(round_done),
-                            "test_accuracy": sweep.format_float(value),
+                            "global_pooled_accuracy": sweep.format_float(value),
                             "diverged": str(int(broken)),
                         }
                     )

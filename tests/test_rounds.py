@@ -42,7 +42,7 @@ NOISE, DELTA = 0.5, 1e-5
 # values after 25 rounds. The reference's consecutive rounds differ by far more than these tolerances
 # (checked in `reference`), so a round too many or too few fails.
 RTOL, ATOL = 1e-4, 1e-5
-COMPARED = ("test_loss", "train_loss", "update_norm")
+COMPARED = ("global_pooled_loss", "train_loss", "update_norm")
 
 
 def schedule(rounds: int, every: int) -> list[int]:
@@ -135,7 +135,7 @@ def test_single_run_trains_rounds_and_evaluates_on_schedule(rounds, every, prepa
 def test_seeds_train_rounds_and_evaluate_on_schedule(rounds, every, prepared_by_combo, reference):
     history = runner.run_seeds(prepared_by_combo(rounds, every), "federated", list(SEEDS))
     for s, seed in enumerate(SEEDS):
-        assert history["test_loss"].shape == (len(SEEDS), len(schedule(rounds, every)))
+        assert history["global_pooled_loss"].shape == (len(SEEDS), len(schedule(rounds, every)))
         expect(reference, seed, rounds, every, {k: history[k][s] for k in COMPARED}, "run_seeds")
 
 

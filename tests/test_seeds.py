@@ -74,10 +74,10 @@ def test_seeds_train_each_on_its_own_split_and_a_pinned_seed_shares_one():
     vmapped = runner.run_seeds(prepared, "federated", [0, 1])
     for s in (0, 1):
         alone = runner.train_method("federated", prepared, seed=s, log=None)[-1]
-        for metric in ("test_loss", "train_loss", "test_accuracy"):
+        for metric in ("global_pooled_loss", "train_loss", "global_pooled_accuracy"):
             np.testing.assert_allclose(vmapped[metric][s, -1], alone[metric], rtol=RTOL, atol=ATOL)
     # The two seeds' results differ by more than rounding (they see other patients).
-    assert abs(vmapped["test_loss"][0, -1] - vmapped["test_loss"][1, -1]) > 100 * ATOL
+    assert abs(vmapped["global_pooled_loss"][0, -1] - vmapped["global_pooled_loss"][1, -1]) > 100 * ATOL
 
     pinned = runner.prepare(heart_config(**{"data.seed": 0}))
     assert not pinned.split_follows_seed
@@ -93,7 +93,7 @@ def test_a_sweeps_seed_axis_draws_a_split_per_seed_in_one_program():
     for cell in result.plan.cells:
         alone = runner.train_method("federated", prepared, seed=cell.values["seed"], log=None)[-1]
         np.testing.assert_allclose(
-            result.histories[cell.index]["test_loss"][-1], alone["test_loss"], rtol=RTOL, atol=ATOL
+            result.histories[cell.index]["global_pooled_loss"][-1], alone["global_pooled_loss"], rtol=RTOL, atol=ATOL
         )
     pinned = heart_config(**{"data.seed": 0})
     pinned.sweep.grid = {"seed": (0, 1)}
@@ -121,7 +121,7 @@ cfg.sweep.grid = {"seed": (0, 1, 2)}
 runs = [sweep.run_sweep(cfg, log=None, sweep_devices=mode) for mode in ("cells", "threads")]
 for a, b in zip(*(r.histories for r in runs)):
     assert runs[0].histories[a].keys() == runs[1].histories[b].keys()
-    for name in ("test_loss", "test_accuracy"):
+    for name in ("global_pooled_loss", "global_pooled_accuracy"):
         np.testing.assert_allclose(runs[0].histories[a][name], runs[1].histories[b][name], rtol=1e-5, atol=1e-6)
 print("same")
 """

@@ -120,7 +120,7 @@ def test_sharded_mean_run_matches_one_device(results, case):
     model's SGD (lr 0.2, 3 steps per round) grow that by well under 3x, so losses and norms agree to
     1e-5 relative. 10 clients on 4 devices are padded to 12 with count-0 clients."""
     one, four = _histories(results, case)
-    for metric in ("test_loss", "update_norm", "norm_median", "norm_max"):
+    for metric in ("global_pooled_loss", "update_norm", "norm_median", "norm_max"):
         np.testing.assert_allclose(four[metric], one[metric], rtol=1e-5, atol=0, err_msg=metric)
     _check_train_loss(one, four, int(case.split("-")[1]))
 
@@ -181,7 +181,7 @@ def test_sweep_over_four_devices_matches_the_threaded_run(results, mode):
         assert history.keys() == split[cell].keys()
         for metric, value in history.items():
             np.testing.assert_allclose(split[cell][metric], value, rtol=1e-5, atol=1e-5, err_msg=f"{cell} {metric}")
-    finals = {float(h["test_loss"][-1]) for h in split.values()}
+    finals = {float(h["global_pooled_loss"][-1]) for h in split.values()}
     assert len(finals) == 6  # every cell its own (a misplaced or padded cell would repeat one)
 
 

@@ -114,7 +114,9 @@ def test_every_swept_knob_changes_the_result(finished, knob):
             if c.values[knob] != a.values[knob]
             and all(c.values[k] == a.values[k] for k in result.plan.knobs if k != knob)
         )
-        assert not np.array_equal(result.histories[a.index]["test_loss"], result.histories[b.index]["test_loss"])
+        assert not np.array_equal(
+            result.histories[a.index]["global_pooled_loss"], result.histories[b.index]["global_pooled_loss"]
+        )
 
 
 def test_results_and_summary_tables(finished):
@@ -124,21 +126,23 @@ def test_results_and_summary_tables(finished):
         assert f.read() == rows
     header = rows.splitlines()[0].split(",")
     assert header[:7] == ["cell", "attack.fraction", "local.lr", "privacy.noise_multiplier", "seed", "round", "epsilon"]
-    assert "test_accuracy" in header and not any("[" in column for column in header)  # per-client: clients.csv
+    assert "global_pooled_accuracy" in header and not any("[" in column for column in header)  # per-client: clients.csv
     assert len(result.rows) == 16 * 2  # cells x evaluations
     # One summary row per (knobs without seed, round), over the 2 seeds: mean, ddof-1 std, t-based CI.
     assert len(result.summary) == 8 * 2
     row = result.summary[-1]
     values = [
-        float(r["test_accuracy"])
+        float(r["global_pooled_accuracy"])
         for r in result.rows
         if all(r[k] == row[k] for k in ("attack.fraction", "local.lr", "privacy.noise_multiplier", "round"))
     ]
     assert len(values) == 2 and row["n"] == "2"
     mean, std = sum(values) / 2, abs(values[0] - values[1]) / math.sqrt(2)
-    assert float(row["test_accuracy_mean"]) == pytest.approx(mean, rel=1e-5)
-    assert float(row["test_accuracy_std"]) == pytest.approx(std, rel=1e-5, abs=1e-9)
-    assert float(row["test_accuracy_ci95"]) == pytest.approx(12.7062047 * std / math.sqrt(2), rel=1e-5, abs=1e-9)
+    assert float(row["global_pooled_accuracy_mean"]) == pytest.approx(mean, rel=1e-5)
+    assert float(row["global_pooled_accuracy_std"]) == pytest.approx(std, rel=1e-5, abs=1e-9)
+    assert float(row["global_pooled_accuracy_ci95"]) == pytest.approx(
+        12.7062047 * std / math.sqrt(2), rel=1e-5, abs=1e-9
+    )
     assert scipy.stats.t.ppf(0.975, 1) == pytest.approx(12.7062047)
 
 
@@ -358,7 +362,7 @@ def test_switched_matrix_compiles_once_and_each_cell_equals_the_cell_run_alone()
         swept = result.histories[cell.index]
         for name, value in alone.items():
             np.testing.assert_allclose(swept[name], np.asarray(value), rtol=1e-5, atol=1e-5, err_msg=name)
-        finals.add(float(swept["test_loss"][-1]))
+        finals.add(float(swept["global_pooled_loss"][-1]))
     assert len(finals) == len(result.plan.cells)  # every aggregator x attack x seed differs
 
 

@@ -233,7 +233,7 @@ def _partition(cfg: Any, y: np.ndarray, groups: np.ndarray | None):
 def _generate(cfg: Any) -> FederatedDataset:
     if cfg.storage == "generated":
         features, classes = (784, 10) if cfg.name == "mnist_like" else (cfg.num_features, cfg.num_classes)
-        return synthetic.generated_linear_teacher(
+        return synthetic.linear_teacher(
             cfg.num_clients,
             cfg.samples_per_client,
             features,
@@ -242,6 +242,7 @@ def _generate(cfg: Any) -> FederatedDataset:
             cfg.test_fraction,
             cfg.name,
             cfg.size_sigma,
+            generated=True,
         )
     if cfg.name == "random":
         return synthetic.linear_teacher(

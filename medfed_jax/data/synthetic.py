@@ -97,19 +97,23 @@ def linear_teacher(
     test_fraction: float = 0.2,
     name: str = "random",
     size_sigma: float = 0.0,
+    generated: bool = False,
 ) -> FederatedDataset:
     """IID clients: ``x ~ N(0, I)``, label ``argmax(x @ W)`` with ``W = teacher_weights(..., seed)``.
 
     ``size_sigma > 0``: log-normal training sizes ``max(1, round(n * exp(size_sigma * z)))``,
     ``z ~ N(0, 1)`` (median ``n = samples_per_client``), stored flat (`lognormal_sizes`).
+    ``generated``: the same clients, sizes and teacher, rows generated on device each round
+    (`_generated_linear_teacher`).
     """
     _check(num_clients, samples_per_client, test_fraction)
     if num_features < 1 or num_classes < 2:
         raise ValueError(f"need num_features >= 1 and num_classes >= 2, got {num_features}, {num_classes}")
+    shape = (num_clients, samples_per_client, num_features, num_classes, seed, test_fraction, name, size_sigma)
+    if generated:
+        return _generated_linear_teacher(*shape)
     if size_sigma > 0:
-        return _flat_linear_teacher(
-            num_clients, samples_per_client, num_features, num_classes, seed, test_fraction, name, size_sigma
-        )
+        return _flat_linear_teacher(*shape)
     n_test = int(test_rows(samples_per_client, test_fraction))
     _check_memory(num_clients, samples_per_client + n_test, num_features)
     rng = np.random.default_rng(seed)
@@ -169,25 +173,15 @@ def _flat_linear_teacher(num_clients, median, num_features, num_classes, seed, t
     return dataset
 
 
-def generated_linear_teacher(
-    num_clients: int,
-    samples_per_client: int,
-    num_features: int,
-    num_classes: int,
-    seed: int,
-    test_fraction: float = 0.2,
-    name: str = "random",
-    size_sigma: float = 0.0,
-) -> FederatedDataset:
+def _generated_linear_teacher(num_clients, median, num_features, num_classes, seed, test_fraction, name, sigma):
     """`linear_teacher`'s clients, sizes and teacher, with rows generated on device each round (none stored).
 
     The teacher and the sizes are the flat generator's for ``seed``; the rows
     come from per-client keys (`medfed_jax.types.GeneratedPopulation`), the
     test splits from a second key.
     """
-    _check(num_clients, samples_per_client, test_fraction)
     _, w, n_train, n_test = _teacher_and_sizes(
-        num_clients, samples_per_client, num_features, num_classes, seed, test_fraction, size_sigma
+        num_clients, median, num_features, num_classes, seed, test_fraction, sigma
     )
     key = np.asarray(jax.random.PRNGKey(seed))
     train, test = (

@@ -51,7 +51,6 @@ from medfed_jax.report.pages import END, START, machine, results_section, sweep_
 from medfed_jax.report.plotting import DIVERGED_LEGEND, DPI, MAX_WIDTH_INCHES, save_figure
 from medfed_jax.report.rows import (
     DIVERGED_TEXT,
-    METRIC,
     NAMES,
     SweepTables,
     client_values,
@@ -59,6 +58,7 @@ from medfed_jax.report.rows import (
     diverged,
     final_rows,
     load,
+    pooled,
     results,
     seed_groups,
     value,
@@ -89,7 +89,6 @@ __all__ = [
     "EXPERIMENT_TABLES",
     "FIGURES",
     "MAX_WIDTH_INCHES",
-    "METRIC",
     "NAMES",
     "NO_ATTACK_TEXT",
     "SECURITY_BUDGETS",
@@ -117,6 +116,7 @@ __all__ = [
     "machine",
     "mean_std_text",
     "personalization_table",
+    "pooled",
     "privacy_table",
     "record_dp_table",
     "results",

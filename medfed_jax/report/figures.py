@@ -26,13 +26,13 @@ from medfed_jax.report.plotting import (
 )
 from medfed_jax.report.rows import (
     DIVERGED_TEXT,
-    METRIC,
     SweepTables,
     _groups,
     _pct,
     _reference,
     describe,
     diverged,
+    pooled,
     value,
 )
 from medfed_jax.report.tables import SECURITY_BUDGETS, _worst_case_applies, worst_case
@@ -176,7 +176,7 @@ def draw_fraction(tables: SweepTables):
         for key, points in _groups(rows, lines).items():
             points = sorted(points, key=lambda r: float(r["attack.fraction"]) * (not _reference(r, "attack.name")))
             x = [100 * float(r["attack.fraction"]) * (not _reference(r, "attack.name")) for r in points]
-            mean, err = _bars([(r, METRIC) for r in points])
+            mean, err = _bars([(r, pooled(r)) for r in points])
             label = _label(points[0], lines) if lines else None
             ax.errorbar(x, mean, yerr=err, marker="o", capsize=3, color=colors[key], label=label)
             _mark_diverged(ax, x, points, colors[key])
@@ -206,7 +206,7 @@ def draw_worst_case(tables: SweepTables):
         points = sorted(points, key=lambda r: float(r["attack.fraction"]))
         points = ([clean[key[0]]] if key[0] in clean else []) + points
         x = [100 * float(r["attack.fraction"]) * (not _reference(r, "attack.name")) for r in points]
-        mean, err = _bars([(r, METRIC) for r in points])
+        mean, err = _bars([(r, pooled(r)) for r in points])
         ax.errorbar(x, mean, yerr=err, marker="o", capsize=3, color=colors[key], label=key[0])
         _mark_diverged(ax, x, points, colors[key])
     if clean:
@@ -235,7 +235,7 @@ def draw_epsilon(tables: SweepTables):
         points = sorted((r for r in rows if math.isfinite(value(r, "epsilon"))), key=lambda r: value(r, "epsilon"))
         label = _label(rows[0], lines) if lines else "all runs"
         if points:
-            mean, err = _bars([(r, METRIC) for r in points])
+            mean, err = _bars([(r, pooled(r)) for r in points])
             x = [value(r, "epsilon") for r in points]
             ax.errorbar(x, mean, yerr=err, marker="o", capsize=3, color=colors[key], label=label)
             _mark_diverged(ax, x, points, colors[key])

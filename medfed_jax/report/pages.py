@@ -76,8 +76,10 @@ def write_report(workdir: str) -> tuple[str, list[str]]:
             *([f"Privacy accounting: {tables.meta['privacy']}.", ""] if tables.meta.get("privacy") else []),
             "## Final results",
             "",
-            "Final evaluation round; test accuracy on the pooled test set, mean ± sample std over seeds, "
-            "t-based 95% confidence half-width, n seeds (from `summary.csv`; all rows in `final.csv`).",
+            "Final evaluation round; test accuracy on all clients' test rows together (the global model's "
+            "`global_pooled_accuracy`; local-only: `mean_client_model_accuracy`; personalised methods: "
+            "`own_client_accuracy`), mean ± sample std over seeds, t-based 95% confidence half-width, n seeds "
+            "(from `summary.csv`; all rows in `final.csv`).",
             "",
             final_table(tables.summary, tables.meta["knobs"]),
             "",

@@ -13,8 +13,8 @@ from collections.abc import Sequence
 import numpy as np
 
 from medfed_jax import tabular
+from medfed_jax.eval import pooled_score
 
-METRIC = "test_accuracy"
 NAMES = {
     "aggregator.name": "aggregator",
     "attack.name": "attack",
@@ -91,8 +91,14 @@ def _groups(rows: Sequence[dict], knobs: Sequence[str]) -> dict[tuple, list[dict
     return groups
 
 
-def _pct(row: dict, stat: str, metric: str = METRIC) -> float:
-    return 100 * value(row, f"{metric}_{stat}")
+def pooled(row: dict) -> str:
+    """The column of the row's accuracy on all clients' test rows, ``<score>_accuracy``: the score its method
+    reports there (`medfed_jax.eval.pooled_score`; empty cells are other methods' columns)."""
+    return f"{pooled_score(k for k, v in row.items() if v not in ('', None))}_accuracy"
+
+
+def _pct(row: dict, stat: str, metric: str | None = None) -> float:
+    return 100 * value(row, f"{metric or pooled(row)}_{stat}")
 
 
 def results(tables: SweepTables) -> list[dict]:
@@ -120,9 +126,9 @@ def _last_round(rows: Sequence[dict]) -> int:
 DIVERGED_TEXT = "diverged"
 
 
-def diverged(row: dict, metric: str = METRIC) -> bool:
+def diverged(row: dict, metric: str | None = None) -> bool:
     """Whether a summary row's setting diverged: a seed flagged ``diverged``, or a mean that is nan (not missing)."""
-    return value(row, "diverged_mean") > 0 or row.get(f"{metric}_mean") == "nan"
+    return value(row, "diverged_mean") > 0 or row.get(f"{metric or pooled(row)}_mean") == "nan"
 
 
 def _reference(row: dict, attack_knob: str) -> bool:

@@ -17,7 +17,6 @@ import numpy as np
 from medfed_jax import sweep, tabular
 from medfed_jax.report.rows import (
     DIVERGED_TEXT,
-    METRIC,
     NAMES,
     SweepTables,
     _last_round,
@@ -26,13 +25,14 @@ from medfed_jax.report.rows import (
     client_values,
     diverged,
     final_rows,
+    pooled,
     results,
     seed_groups,
     value,
 )
 
 
-def format_mean_std(row: dict, metric: str = METRIC) -> str:
+def format_mean_std(row: dict, metric: str | None = None) -> str:
     """``mean ± std`` in percent; ``diverged (k/n)`` where seeds diverged, ``—`` where missing."""
     mean, std = _pct(row, "mean", metric), _pct(row, "std", metric)
     if diverged(row, metric):
@@ -107,14 +107,15 @@ def collaboration_table(tables: SweepTables) -> str:
             *key,
             mean_std_text([client_values(r).mean() for r in members]),
             mean_std_text([client_values(r).min() for r in members]),
-            mean_std_text([value(r, METRIC) for r in members]),
+            mean_std_text([value(r, pooled(r)) for r in members]),
         ]
         for key, members in groups.items()
     ]
     header = ["dataset", "method", "own clients' test splits: mean of clients", "worst client", "all clients' test set"]
     return (
         f"Test accuracy (%) after {_last_round(rows)} rounds, {_n(groups)}. Local-only: each client's own "
-        "model; on all clients' test set, the mean over those models.\n\n" + tabular.markdown_table(header, body)
+        "model; on all clients' test set, the mean over those models (`mean_client_model_accuracy`; the others: "
+        "the global model, `global_pooled_accuracy`).\n\n" + tabular.markdown_table(header, body)
     )
 
 
@@ -134,10 +135,13 @@ def security_table(tables: SweepTables) -> str:
         at = [r for r in rows if int(r["round"]) == budget]
         cells = {}
         for r in at:
-            cells.setdefault((r["data.partition"], _attack_label(r), r["aggregator.name"]), []).append(value(r, METRIC))
+            cells.setdefault((r["data.partition"], _attack_label(r), r["aggregator.name"]), []).append(
+                value(r, pooled(r))
+            )
         body = [[p, a, *(mean_std_text(cells.get((p, a, g), [])) for g in aggregators)] for p, a in settings]
         parts.append(
-            f"After {budget} rounds: test accuracy (%), {spread_note([len(v) for v in cells.values()])}.\n\n"
+            f"After {budget} rounds: the global model's test accuracy (%), "
+            f"{spread_note([len(v) for v in cells.values()])}.\n\n"
             + tabular.markdown_table(["partition", "attack (25% of clients)", *aggregators], body)
         )
         for partition in dict.fromkeys(p for p, _ in settings):
@@ -177,15 +181,15 @@ def privacy_table(tables: SweepTables) -> str:
             "none" if key[1] == "none" else key[2],
             _epsilon_cell(members[0], "epsilon") if key[1] != "none" else "∞ (no DP)",
             _epsilon_cell(members[0], "epsilon_replace_one") if key[1] != "none" else "∞ (no DP)",
-            mean_std_text([value(r, METRIC) for r in members]),
+            mean_std_text([value(r, pooled(r)) for r in members]),
         ]
         for key, members in groups.items()
     ]
     header = ["dataset", "noise multiplier", "ε add/remove one client", "ε replace one client", "test accuracy (%)"]
     return (
         f"Unit: one client (hospital); every client in every round, {last} rounds, δ = "
-        f"{_delta(tables)}. Test accuracy (%) on all clients' test set, {_n(groups)}.\n\n"
-        + tabular.markdown_table(header, body)
+        f"{_delta(tables)}. Test accuracy (%) of the global model on all clients' test set "
+        f"(`global_pooled_accuracy`), {_n(groups)}.\n\n" + tabular.markdown_table(header, body)
     )
 
 
@@ -207,12 +211,18 @@ def record_dp_table(tables: SweepTables) -> str:
             [
                 "none" if mode == "none" else sigma,
                 *eps,
-                mean_std_text([value(r, METRIC) for r in members]),
+                mean_std_text([value(r, pooled(r)) for r in members]),
                 mean_std_text([client_values(r).mean() for r in members]),
                 mean_std_text([client_values(r).min() for r in members]),
             ]
         )
-    header = ["noise multiplier", *(f"ε {c}" for c in clients), "all test rows", "mean of hospitals", "worst"]
+    header = [
+        "noise multiplier",
+        *(f"ε {c}" for c in clients),
+        "all test rows (global model)",
+        "mean of hospitals",
+        "worst",
+    ]
     return (
         f"Unit: one patient, within each hospital (DP-SGD); δ = {_delta(tables)}, {last} rounds. Each "
         f"hospital's ε from its own Poisson sampling rate. Accuracy (%), {_n(groups)}.\n\n"
