@@ -1,7 +1,8 @@
 """The README's utility-frontier table from a `configs/utility_frontier.py` sweep's summary.csv.
 
-Test accuracy (mean ± std over the seeds, n each) after the first and the last evaluated round, one row
-per algorithm, one column pair per dataset.
+The global model's accuracy on all clients' test rows (``global_pooled_accuracy``, mean ± std over the
+seeds, n each) after the first and the last evaluated round, one row per algorithm, one column pair per
+dataset.
 
     python -m medfed_jax --config=utility_frontier --workdir=runs/utility_frontier
     python benchmarks/utility_frontier_table.py runs/utility_frontier
@@ -46,10 +47,14 @@ def table(workdir: str) -> str:
         for d in datasets:
             for t in rounds:
                 r = cell[(name, d, t)]
-                values.append(f"{100 * float(r['test_accuracy_mean']):.1f} ± {100 * float(r['test_accuracy_std']):.1f}")
+                mean, std = (100 * float(r[f"global_pooled_accuracy_{s}"]) for s in ("mean", "std"))
+                values.append(f"{mean:.1f} ± {std:.1f}")
         body.append([name, *values])
     n = sorted({r["n"] for r in rows})
-    return tabular.markdown_table(header, body) + f"\n\nTest accuracy (%), mean ± std over n = {', '.join(n)} seeds."
+    return (
+        tabular.markdown_table(header, body)
+        + f"\n\nGlobal model, all clients' test rows: accuracy (%), mean ± std over n = {', '.join(n)} seeds."
+    )
 
 
 if __name__ == "__main__":
