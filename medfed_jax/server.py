@@ -10,8 +10,8 @@ terms and per-client state, `medfed_jax.drift`), privatise (local DP),
 compress the uploads (`medfed_jax.compression`; metric ``uploaded_bytes``),
 replace malicious updates (model attacks), aggregate (through a drift
 method's server step), and apply the server optimizer. Every optional stage
-is skipped in Python when not configured. ``parts`` are the round's `Components`; ``spec`` the static facts
-(`RoundSpec`). Personalisation (`medfed_jax.personalize`) hooks in through a
+is skipped in Python when not configured. ``parts`` are the round's
+`Components`; ``spec`` the static facts (`RoundSpec`). Personalisation (`medfed_jax.personalize`) hooks in through a
 `Personalizer`: the cohort's personal state is gathered from
 ``FedState.clients``, updated by the local step and scattered back, and only
 the *shared* part of each update reaches the privatizer, attack, aggregator and
