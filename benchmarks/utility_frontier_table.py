@@ -1,8 +1,11 @@
-"""The README's utility-frontier table from a `configs/utility_frontier.py` sweep's summary.csv.
+"""The README's issue-18 tables from a sweep's summary.csv: `configs/utility_frontier.py` (drift
+corrections under unreliable clients) or `configs/compression_frontier.py` (compressors), by the
+sweep's config name.
 
-The global model's accuracy on all clients' test rows (``global_pooled_accuracy``, mean ± std over the
-seeds, n each) after the first and the last evaluated round, one row per algorithm, one column pair per
-dataset.
+Accuracy is the global model's on all clients' test rows (``global_pooled_accuracy``), mean ± std over
+the seeds (n each). Drift table: after the first and the last evaluated round, one row per algorithm,
+one column pair per dataset. Compression table: after the last round, with the bytes every client
+uploaded per round (``uploaded_bytes``) and over the whole run.
 
     python -m medfed_jax --config=utility_frontier --workdir=runs/utility_frontier
     python benchmarks/utility_frontier_table.py runs/utility_frontier
@@ -11,50 +14,69 @@ dataset.
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import pathlib
 import sys
+from typing import Any
 
 from medfed_jax import tabular
 
-_CONFIG = pathlib.Path(__file__).resolve().parents[1] / "configs" / "utility_frontier.py"
-_SPEC = importlib.util.spec_from_file_location("utility_frontier", _CONFIG)
-_MODULE = importlib.util.module_from_spec(_SPEC)
-_SPEC.loader.exec_module(_MODULE)
-ALGORITHMS = _MODULE.ALGORITHMS  # name -> the fields that select it (the config's one declaration)
+
+def _config_module(name: str) -> Any:
+    """The shipped config module ``configs/<name>.py`` (for its one declaration of the cells)."""
+    path = pathlib.Path(__file__).resolve().parents[1] / "configs" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
-def dataset_label(row: dict) -> str:
+def _accuracy(row: dict) -> str:
+    mean, std = (100 * float(row[f"global_pooled_accuracy_{s}"]) for s in ("mean", "std"))
+    return f"{mean:.1f} ± {std:.1f}"
+
+
+def _chosen(row: dict, choices: dict[str, dict]) -> str:
+    """The name in ``choices`` whose fields the row's cell has."""
+    return next(name for name, fields in choices.items() if all(row[k] == str(v) for k, v in fields.items()))
+
+
+def _dataset(row: dict) -> str:
     return "heart" if row["data.name"] == "heart" else f"digits Dir({float(row['data.alpha']):g})"
 
 
-def algorithm_of(row: dict) -> str:
-    fields = {"drift.method": row["drift.method"], "local.prox_mu": float(row["local.prox_mu"])}
-    return next(name for name, chosen in ALGORITHMS.items() if chosen == fields)
+def drift_table(rows: list[dict]) -> str:
+    algorithms = _config_module("utility_frontier").ALGORITHMS
+    datasets = list(dict.fromkeys(_dataset(r) for r in rows))
+    evaluated = sorted({int(r["round"]) for r in rows})
+    rounds = (evaluated[0], evaluated[-1])
+    cell = {(_chosen(r, algorithms), _dataset(r), int(r["round"])): r for r in rows}
+    header = ["algorithm", *(f"{d}, r{t}" for d in datasets for t in rounds)]
+    body = [[name, *(_accuracy(cell[(name, d, t)]) for d in datasets for t in rounds)] for name in algorithms]
+    return tabular.markdown_table(header, body)
+
+
+def compression_table(rows: list[dict]) -> str:
+    compressors = _config_module("compression_frontier").COMPRESSORS
+    last = max(int(r["round"]) for r in rows)
+    final = {_chosen(r, compressors): r for r in rows if int(r["round"]) == last}
+    header = ["compressor", f"accuracy, r{last}", "kB per round", "MB in the run"]
+    body = []
+    for name in compressors:
+        per_round = float(final[name]["uploaded_bytes_mean"])
+        body.append([name, _accuracy(final[name]), f"{per_round / 1e3:.1f}", f"{per_round * last / 1e6:.2f}"])
+    return tabular.markdown_table(header, body)
 
 
 def table(workdir: str) -> str:
-    """The markdown table of a utility_frontier sweep's summary.csv."""
+    """The markdown table of a utility_frontier or compression_frontier sweep, with its n."""
     rows = tabular.read_csv(os.path.join(workdir, "summary.csv"))
-    datasets = list(dict.fromkeys(dataset_label(r) for r in rows))
-    evaluated = sorted({int(r["round"]) for r in rows})
-    rounds = (evaluated[0], evaluated[-1])
-    cell = {(algorithm_of(r), dataset_label(r), int(r["round"])): r for r in rows}
-    header = ["algorithm", *(f"{d}, r{t}" for d in datasets for t in rounds)]
-    body = []
-    for name in ALGORITHMS:
-        values = []
-        for d in datasets:
-            for t in rounds:
-                r = cell[(name, d, t)]
-                mean, std = (100 * float(r[f"global_pooled_accuracy_{s}"]) for s in ("mean", "std"))
-                values.append(f"{mean:.1f} ± {std:.1f}")
-        body.append([name, *values])
-    n = sorted({r["n"] for r in rows})
-    return (
-        tabular.markdown_table(header, body)
-        + f"\n\nGlobal model, all clients' test rows: accuracy (%), mean ± std over n = {', '.join(n)} seeds."
-    )
+    with open(os.path.join(workdir, "config.json")) as f:
+        name = json.load(f)["name"]
+    text = {"utility_frontier": drift_table, "compression_frontier": compression_table}[name](rows)
+    n = ", ".join(sorted({r["n"] for r in rows}))
+    return text + f"\n\nGlobal model, all clients' test rows: accuracy (%), mean ± std over n = {n} seeds."
 
 
 if __name__ == "__main__":
