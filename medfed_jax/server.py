@@ -11,9 +11,10 @@ compress the uploads (`medfed_jax.compression`; metric ``uploaded_bytes``),
 replace malicious updates (model attacks), aggregate (through a drift
 method's server step), and apply the server optimizer. Every optional stage
 is skipped in Python when not configured. ``parts`` are the round's
-`Components`; ``spec`` the static facts (`RoundSpec`). Personalisation (`medfed_jax.personalize`) hooks in through a
-`Personalizer`: the cohort's personal state is gathered from
-``FedState.clients``, updated by the local step and scattered back, and only
+`Components`; ``spec`` the static facts (`medfed_jax.cohort.RoundSpec`).
+Personalisation (`medfed_jax.personalize`) hooks in through a `Personalizer`:
+the cohort's personal state is gathered from ``FedState.clients``, updated by
+the local step and scattered back, and only
 the *shared* part of each update reaches the privatizer, attack, aggregator and
 server optimizer. ``train`` is the full population: padded `ClientData`, or a
 flat (or generated) population whose cohort is drawn in O(cohort) and gathered
@@ -42,13 +43,13 @@ from medfed_jax import aggregators, attacks, compression, drift, personalize, pr
 from medfed_jax import config as config_lib
 from medfed_jax import mesh as mesh_lib
 from medfed_jax.client import LocalHParams, LocalSpec, example_loss_fn, make_local_update, map_clients
+from medfed_jax.cohort import RoundSpec, draw_cohort, gather_clients, scatter_clients
 from medfed_jax.config import NO_CHOICES, Choices, HParams
-from medfed_jax.data import population
 from medfed_jax.eval import make_evaluate, make_evaluate_per_client_models, make_evaluate_personal
 from medfed_jax.models import make_model
 from medfed_jax.program import global_params, jit_on, make_program
 from medfed_jax.server_optimizer import make_server_optimizer
-from medfed_jax.types import Aggregator, Array, Attack, AttackContext, ClientData, Metrics, Model, Params
+from medfed_jax.types import Aggregator, Array, Attack, AttackContext, Metrics, Params
 
 # Structural fields a program can switch between at run time (see `build_engine`).
 SWITCHABLE = ("aggregator.name", "attack.name")
@@ -150,71 +151,6 @@ class Components(NamedTuple):
     compressor: compression.Compressor | None = None  # of each upload, after local DP and before the attack
 
 
-class RoundSpec(NamedTuple):
-    """The static facts of a round besides its components: the data's shape, the model, the client mapping."""
-
-    context: config_lib.BuildContext
-    model: Model
-    parallelism: str  # 'vmap' or 'map' (`default_parallelism`)
-    chunk: int  # clients per vmapped chunk under 'map'
-    mesh: jax.sharding.Mesh | None  # the 'clients' mesh local training is split over; None: one device
-    by_coordinate: bool  # re-split updates over coordinates before aggregating (`mesh.spread_coordinates`)
-    own_keys: bool = False  # local-only: client i trains with fold_in(round key, i), its key stream (no purpose)
-    unreliable: unreliable.Unreliable | None = None  # dropout, stragglers, compute budgets; None: every client sends
-
-    @property
-    def poisson(self) -> bool:
-        """Poisson cohorts in ``cohort_size`` slots (`population.poisson_cohort`)."""
-        return self.context.sampling_rate > 0
-
-    @property
-    def flat(self) -> bool:
-        """A flat or generated population, in ``[cohort, cohort_cap]`` blocks."""
-        return self.context.cohort_cap > 0
-
-    @property
-    def sampled(self) -> bool:
-        return self.context.cohort_size < self.context.num_clients or self.poisson
-
-    @property
-    def indexed(self) -> bool:
-        """The round's clients are ``train[index]``, not ``train`` itself."""
-        return self.sampled or self.flat
-
-    def block_rows(self, train: Any) -> int:
-        """Rows per client of a round's cohort block."""
-        return self.context.cohort_cap if self.flat else train.y.shape[1]
-
-
-def draw_cohort(spec: RoundSpec, key_for: Callable, train: Any) -> tuple[Array, Array | None, ClientData]:
-    """``(index [cohort], taking [cohort] or None, data)``: the round's clients, which slots take part
-    (Poisson cohorts; None: all), and their data block (slots not taking part hold no rows)."""
-    context, taking = spec.context, None
-    num_clients, cohort = context.num_clients, context.cohort_size
-    if spec.poisson:
-        index, taking = population.poisson_cohort(key_for(_SAMPLE), num_clients, context.sampling_rate, cohort)
-        if spec.flat:
-            index, taking = population.by_size(train, index, taking)
-    elif spec.flat:
-        sampled = spec.sampled
-        index = (
-            population.draw_cohort(key_for(_SAMPLE), train, cohort)
-            if sampled
-            else jnp.argsort(train.count, stable=True)
-        )
-    elif spec.sampled:
-        index = jax.random.choice(key_for(_SAMPLE), num_clients, (cohort,), replace=False)
-    else:
-        index = jnp.arange(num_clients)
-    if spec.flat:
-        data = population.cohort_block(train, index, context.cohort_cap, key_for(_SUBSAMPLE))
-    else:
-        data = train.take(index) if spec.sampled else train
-    if taking is not None:
-        data = data._replace(count=jnp.where(taking, data.count, 0))
-    return index, taking, data
-
-
 def _client_step(parts: Components, state: FedState) -> tuple[Callable, Any, Any]:
     """The mapped per-client function, its shared argument, and the per-client state it updates: the
     personaliser's, or a drift method's (drift methods refuse personal state)."""
@@ -223,27 +159,13 @@ def _client_step(parts: Components, state: FedState) -> tuple[Callable, Any, Any
     return parts.drift.client_update, (state.params, state.drift.server), state.drift.clients
 
 
-def _gather(spec: RoundSpec, index: Array, tree: Any) -> Any:
-    """The cohort's rows of per-client state ``[N, ...]``."""
-    return jax.tree.map(lambda s: s[index], tree) if spec.indexed else tree
-
-
-def _scatter(spec: RoundSpec, index: Array, taking: Array | None, tree: Any, new: Any) -> Any:
-    """Per-client state ``[N, ...]`` with the cohort's ``new`` rows; clients outside it, or not taking part, keep
-    theirs."""
-    if not spec.indexed and taking is None:
-        return new
-    kept = index if taking is None else jnp.where(taking, index, spec.context.num_clients)
-    return jax.tree.map(lambda s, n: s.at[kept].set(n, mode="drop"), tree, new)
-
-
 def round_step(
     spec: RoundSpec, parts: Components, hparams: LocalHParams, state: FedState, train: Any
 ) -> tuple[FedState, Metrics]:
     """One federated round (see the module docstring); ``hparams``: local training's traced settings."""
     round_key = jax.random.fold_in(state.key, state.round)
     key_for = lambda purpose: jax.random.fold_in(round_key, purpose)  # noqa: E731
-    index, taking, data = draw_cohort(spec, key_for, train)
+    index, taking, data = draw_cohort(spec, key_for(_SAMPLE), key_for(_SUBSAMPLE), train)
     steps = ()  # each client's local steps, when unreliable clients cut them (else `client.client_steps`)
     if spec.unreliable is not None:
         keys = unreliable.CohortWork(key_for(_DROPOUT), key_for(_STRAGGLE), jax.random.fold_in(state.key, BUDGET_ROUND))
@@ -252,8 +174,8 @@ def round_step(
     if taking is not None:  # a slot not taking part is masked out of training, attacks and aggregation
         malicious = malicious & taking
     client_update, shared_args, per_client = _client_step(parts, state)
-    gather = functools.partial(_gather, spec, index)
-    scatter = functools.partial(_scatter, spec, index, taking)
+    gather = functools.partial(gather_clients, spec, index)
+    scatter = functools.partial(scatter_clients, spec, index, taking)
     before = gather(per_client)
     labels = parts.attack.poison_labels(data.y, malicious, spec.context.num_classes)
     local_key = round_key if spec.own_keys else key_for(_LOCAL)

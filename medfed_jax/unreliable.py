@@ -167,7 +167,7 @@ def compute_budgets(key: PRNGKey, clients: Array, low: int, high: int) -> Array:
 
 
 def unreliable_cohort(settings: Unreliable, keys: CohortWork, clients: Array, taking: Array | None, data: Any):
-    """A drawn cohort's ``(taking, data)`` (`medfed_jax.server.draw_cohort`) after `cohort_work`, and ``(steps,)``:
+    """A drawn cohort's ``(taking, data)`` (`medfed_jax.cohort.draw_cohort`) after `cohort_work`, and ``(steps,)``:
     a dropped client is a slot not taking part (no rows, no steps); ``steps [C]`` each client's local steps."""
     sent, steps = cohort_work(settings, keys, clients, data.count)
     taking = sent if taking is None else taking & sent
