@@ -73,10 +73,9 @@ def test_engine_participants_per_round_follow_binomial():
     assert chi_square_p(np.bincount(counts, minlength=num_clients + 1), binomial_pmf(num_clients, q)) > P_MIN
 
 
-def test_engine_clients_outside_the_poisson_cohort_leave_no_trace():
-    """A client changes the round iff it took part, and the slots are masked otherwise (client-perturbation test)."""
-    num_clients = 8
-    cfg = small_config(cohort_sampling="poisson", sampling_rate=0.5, max_cohort=6)
+def influential_and_participants(cfg, num_clients: int) -> tuple[int, int]:
+    """Client-perturbation test of round 0: how many clients change the new model when their rows are
+    replaced by large noise, and the round's ``participants`` metric (equal when absent clients leave no trace)."""
     engine, train, _, knobs = engine_and_data(cfg, federation([4] * num_clients))
     state = engine.init(0, train, knobs)
     reference, metrics = engine.round_step(state, train, knobs)
@@ -87,8 +86,15 @@ def test_engine_clients_outside_the_poisson_cohort_leave_no_trace():
         perturbed, _ = engine.round_step(state, train._replace(x=jnp.asarray(x)), knobs)
         leaves = zip(jax.tree.leaves(reference.params), jax.tree.leaves(perturbed.params))
         influential += any(not np.allclose(a, b) for a, b in leaves)
-    assert 0 < int(metrics["participants"]) <= 6
-    assert influential == int(metrics["participants"])
+    return influential, int(metrics["participants"])
+
+
+def test_engine_clients_outside_the_poisson_cohort_leave_no_trace():
+    """A client changes the round iff it took part, and the slots are masked otherwise (client-perturbation test)."""
+    cfg = small_config(cohort_sampling="poisson", sampling_rate=0.5, max_cohort=6)
+    influential, participants = influential_and_participants(cfg, num_clients=8)
+    assert 0 < participants <= 6
+    assert influential == participants
 
 
 def _central(q: float, max_cohort: int, accountant: str = "pld", rounds: int = 40):

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from medfed_jax import config, runner, server, unreliable
-from tests.test_cohorts import P_MIN, binomial_pmf, chi_square_p
+from tests.test_cohorts import P_MIN, binomial_pmf, chi_square_p, influential_and_participants
 from tests.test_engine import engine_and_data, federation, small_config
 
 
@@ -29,20 +29,10 @@ def test_participants_per_round_follow_binomial_of_the_dropout_rate():
 
 def test_a_dropped_client_leaves_no_trace():
     """A client changes the round iff it sent (client-perturbation test), under a sampled cohort with dropout."""
-    num_clients = 8
     cfg = small_config(cohort_size=6, **{"unreliable.dropout": 0.4})
-    engine, train, _, knobs = engine_and_data(cfg, federation([4] * num_clients))
-    state = engine.init(0, train, knobs)
-    reference, metrics = engine.round_step(state, train, knobs)
-    influential = 0
-    for c in range(num_clients):
-        x = np.array(train.x)
-        x[c] = 100.0 * np.random.default_rng(c).normal(size=x[c].shape)
-        perturbed, _ = engine.round_step(state, train._replace(x=jnp.asarray(x)), knobs)
-        leaves = zip(jax.tree.leaves(reference.params), jax.tree.leaves(perturbed.params))
-        influential += any(not np.allclose(a, b) for a, b in leaves)
-    assert 0 < int(metrics["participants"]) < 6
-    assert influential == int(metrics["participants"])
+    influential, participants = influential_and_participants(cfg, num_clients=8)
+    assert 0 < participants < 6
+    assert influential == participants
 
 
 @pytest.mark.parametrize(
