@@ -61,7 +61,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from medfed_jax.types import Array, Params, PRNGKey
+from medfed_jax.types import Array, Params, PRNGKey, broadcast_to_clients, per_client_keys
 
 FLOAT_BITS = 32  # a float32 value (top-k values, quantisation scales)
 NORMS = ("l2", "max")
@@ -263,8 +263,7 @@ def error_feedback(inner: Compressor) -> Compressor:
 
 def init_clients(compressor: Compressor, params: Params, num_clients: int) -> Any:
     """Every client's initial state, stacked on a leading client axis ``[num_clients, ...]``."""
-    one = compressor.init(params)
-    return jax.tree.map(lambda s: jnp.broadcast_to(s, (num_clients, *jnp.shape(s))), one)
+    return broadcast_to_clients(compressor.init(params), num_clients)
 
 
 def compress_clients(compressor: Compressor, updates: Any, states: Any, keys: Array) -> tuple[Any, Any, Array]:
@@ -277,6 +276,5 @@ def compress_cohort(
 ) -> tuple[Any, Any, Array]:
     """A round's uploads: `compress_clients` with client ``c``'s key ``fold_in(key, c)`` (population index),
     and ``uploaded_bytes``, the bytes of the clients that ``sent``."""
-    keys = jax.vmap(lambda c: jax.random.fold_in(key, c))(clients)
-    uploads, states, sizes = compress_clients(compressor, updates, states, keys)
+    uploads, states, sizes = compress_clients(compressor, updates, states, per_client_keys(key, clients))
     return uploads, states, jnp.sum(jnp.where(sent, sizes, 0.0))

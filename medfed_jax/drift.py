@@ -71,7 +71,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from medfed_jax.aggregators import broadcast_clients
-from medfed_jax.types import Array, Params, Updates
+from medfed_jax.types import Array, Params, Updates, broadcast_to_clients
 
 DRIFT_METHODS = ("none", "scaffold", "fednova", "feddyn")
 
@@ -224,11 +224,6 @@ def _zeros_like(params: Params) -> Params:
     return jax.tree.map(lambda p: jnp.zeros(jnp.shape(p), jnp.float32), params)
 
 
-def _per_client(params: Params, num_clients: int) -> Params:
-    """Zeros ``[num_clients, ...]`` for every leaf of ``params``."""
-    return jax.tree.map(lambda p: jnp.zeros((num_clients, *jnp.shape(p)), jnp.float32), params)
-
-
 def _masked_sum(mask: Array, tree: Updates) -> Params:
     """``sum_i mask_i tree_i`` over the client axis (NaN-safe: masked rows are selected away)."""
     return jax.tree.map(lambda u: jnp.sum(jnp.where(broadcast_clients(mask, u), u, 0.0), axis=0), tree)
@@ -245,7 +240,8 @@ def _check_positive(name: str, field: str, value: Any, hint: str) -> None:
 
 def _zero_state(params: Params, num_clients: int) -> DriftState:
     """A server tree and ``[num_clients, ...]`` client trees of zeros shaped like ``params``."""
-    return DriftState(_zeros_like(params), _per_client(params, num_clients))
+    zeros = _zeros_like(params)
+    return DriftState(zeros, broadcast_to_clients(zeros, num_clients))
 
 
 def _stateless_init(params: Params, num_clients: int) -> DriftState:

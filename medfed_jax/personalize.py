@@ -54,7 +54,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from medfed_jax.client import Anchor, GradientFn, LocalSpec, make_local_update, map_clients, masked_mean_gradient
-from medfed_jax.types import Array, ClientData, Model, Params, hparams_of
+from medfed_jax.types import Array, ClientData, Model, Params, broadcast_to_clients, hparams_of, per_client_keys
 
 METHODS = ("none", "finetune", "ditto", "fedper", "apfl")
 PERSONAL_METHODS = METHODS[1:]
@@ -207,11 +207,6 @@ class Personalizer(NamedTuple):
     personal_params: Callable[..., Params] | None
 
 
-def broadcast_to_clients(tree: Any, num_clients: int) -> Any:
-    """``tree`` repeated along a new leading client axis."""
-    return jax.tree.map(lambda x: jnp.broadcast_to(x, (num_clients, *jnp.shape(x))), tree)
-
-
 def _add(tree: Any, delta: Any) -> Any:
     return jax.tree.map(jnp.add, tree, delta)
 
@@ -254,7 +249,7 @@ def _finetune(cfg: Any, model: Model, spec: LocalSpec, parallelism: str, chunk: 
     tune = make_local_update(model, spec._replace(epochs=0, steps=cfg.finetune_steps, sampling="fixed"))
 
     def personal_params(params, clients, train: ClientData, key, hparams):
-        keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(jnp.arange(train.count.shape[0]))
+        keys = per_client_keys(key, jnp.arange(train.count.shape[0]))
         plain = hparams._replace(prox_mu=0.0)
         deltas, _ = map_clients(tune, (params, tuple(train), keys, plain), (None, 0, 0, None), parallelism, chunk)
         return jax.tree.map(jnp.add, params, deltas)

@@ -49,7 +49,7 @@ from medfed_jax.eval import make_evaluate, make_evaluate_per_client_models, make
 from medfed_jax.models import make_model
 from medfed_jax.program import global_params, jit_on, make_program
 from medfed_jax.server_optimizer import make_server_optimizer
-from medfed_jax.types import Aggregator, Array, Attack, AttackContext, Metrics, Params
+from medfed_jax.types import Aggregator, Array, Attack, AttackContext, Metrics, Params, per_client_keys
 
 # Structural fields a program can switch between at run time (see `build_engine`).
 SWITCHABLE = ("aggregator.name", "attack.name")
@@ -179,7 +179,7 @@ def round_step(
     before = gather(per_client)
     labels = parts.attack.poison_labels(data.y, malicious, spec.context.num_classes)
     local_key = round_key if spec.own_keys else key_for(_LOCAL)
-    client_keys = jax.vmap(lambda i: jax.random.fold_in(local_key, i))(index)
+    client_keys = per_client_keys(local_key, index)
     deltas, cohort_clients, local_metrics = map_clients(
         client_update,
         (shared_args, before, (data.x, labels, data.count, *steps), client_keys, hparams),

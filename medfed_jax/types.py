@@ -15,6 +15,7 @@ from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 Array = jax.Array
@@ -22,6 +23,17 @@ PRNGKey = jax.Array
 Params = Any  # a pytree of arrays (flax variables)
 Updates = Any  # a pytree whose leaves carry a leading client axis [C, ...]
 Metrics = dict[str, Array]
+
+
+def per_client_keys(key: PRNGKey, clients: Array) -> Array:
+    """``[C]`` keys ``fold_in(key, c)``, one per population index ``c`` in ``clients``: a client's key for one
+    purpose does not depend on the cohort it was drawn into, nor on its slot."""
+    return jax.vmap(lambda c: jax.random.fold_in(key, c))(clients)
+
+
+def broadcast_to_clients(tree: Any, num_clients: int) -> Any:
+    """``tree`` repeated along a new leading client axis ``[num_clients, ...]``."""
+    return jax.tree.map(lambda x: jnp.broadcast_to(x, (num_clients, *jnp.shape(x))), tree)
 
 
 def hparams_of(cls: type, section: Any) -> Any:

@@ -43,7 +43,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from medfed_jax.types import Array, PRNGKey
+from medfed_jax.types import Array, PRNGKey, per_client_keys
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -128,8 +128,8 @@ def cohort_work(settings: Unreliable, keys: CohortWork, clients: Array, count: A
 
 
 def _per_client(key: PRNGKey, clients: Array, draw) -> Array:
-    """``draw(fold_in(key, c))`` for every population index ``c`` in ``clients`` (``[C]`` results)."""
-    return jax.vmap(lambda c: draw(jax.random.fold_in(key, c)))(clients)
+    """``draw`` of each client's key (`per_client_keys`) for every population index in ``clients``."""
+    return jax.vmap(draw)(per_client_keys(key, clients))
 
 
 def _check_rate(name: str, rate) -> None:

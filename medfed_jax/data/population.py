@@ -47,7 +47,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from medfed_jax.types import Array, ClientData, FederatedDataset, GeneratedPopulation, Population
+from medfed_jax.types import Array, ClientData, FederatedDataset, GeneratedPopulation, Population, per_client_keys
 
 STORAGES = ("auto", "padded", "flat", "generated")
 FLAT_FROM_CLIENTS = 10_000  # 'auto' storage: flat from this many clients on
@@ -121,7 +121,7 @@ def gather(population: Population, index: Array, cap: int, key: Array) -> Client
     over = count > cap
 
     def subsets():
-        keys = jax.vmap(lambda c: jax.random.fold_in(key, c))(index)
+        keys = per_client_keys(key, index)
         return jax.vmap(lambda k, n: sample_without_replacement(k, n, cap))(keys, count)
 
     within = jax.lax.cond(jnp.any(over), subsets, lambda: jnp.broadcast_to(slots, (index.shape[0], cap)))
