@@ -70,7 +70,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from medfed_jax.aggregators import broadcast_clients
+from medfed_jax.aggregators import broadcast_clients, zero_masked
 from medfed_jax.types import Array, Params, Updates, broadcast_to_clients
 
 DRIFT_METHODS = ("none", "scaffold", "fednova", "feddyn")
@@ -226,7 +226,7 @@ def _zeros_like(params: Params) -> Params:
 
 def _masked_sum(mask: Array, tree: Updates) -> Params:
     """``sum_i mask_i tree_i`` over the client axis (NaN-safe: masked rows are selected away)."""
-    return jax.tree.map(lambda u: jnp.sum(jnp.where(broadcast_clients(mask, u), u, 0.0), axis=0), tree)
+    return jax.tree.map(lambda u: jnp.sum(u, axis=0), zero_masked(tree, mask))
 
 
 def _keep_unsent(sent: Array, old: Any, new: Any) -> Any:
