@@ -38,8 +38,8 @@ def federated_main(args: argparse.Namespace) -> dict[str, Any]:
         print(f"{released:>10} {dp:>22}: " + ", ".join(f"{k}={v:.4g}" for k, v in overall.items()))
     tabular.write_csv(os.path.join(args.out, "federated_membership.csv"), rows)
     summary = {"config": args.federated, "shadows": args.shadows, "seed": args.seed, "settings": summaries}
-    with open(os.path.join(args.out, "summary.json"), "w") as f:
-        json.dump(config_lib.json_safe(summary), f, indent=2)
+    text = json.dumps(config_lib.json_safe(summary), indent=2)
+    tabular.write_text_atomic(os.path.join(args.out, "summary.json"), text)
     table = federated_table(rows, summaries)
     tabular.write_text_atomic(os.path.join(args.out, "federated_membership.md"), table + "\n")
     print(table)
