@@ -139,12 +139,17 @@ def example_loss_fn(model: Model) -> Callable[[Params, Array, Array], Array]:
     return example_loss
 
 
+def epoch_steps(count: Array, epochs: Array | int, batch_size: int) -> Array:
+    """Optimizer steps of ``epochs`` epochs over ``count`` rows at batch size ``batch_size``: ``ceil(count E / B)``."""
+    return (count * epochs + batch_size - 1) // batch_size
+
+
 def client_steps(spec: LocalSpec, count: Array) -> Array:
-    """Optimizer steps of a client with ``count`` rows: ``ceil(count * E / B)`` epochs' worth, or
-    ``spec.steps``; none without rows."""
+    """Optimizer steps of a client with ``count`` rows: `epoch_steps` of ``spec.epochs``, or ``spec.steps``;
+    none without rows."""
     if spec.steps > 0:
         return jnp.where(count > 0, spec.steps, 0)
-    return (count * spec.epochs + spec.batch_size - 1) // spec.batch_size
+    return epoch_steps(count, spec.epochs, spec.batch_size)
 
 
 def _shuffled_order(key: Array, count: Array, max_count: int) -> Array:

@@ -43,6 +43,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
+from medfed_jax.client import epoch_steps
 from medfed_jax.types import Array, PRNGKey, per_client_keys
 
 
@@ -122,7 +123,7 @@ def cohort_work(settings: Unreliable, keys: CohortWork, clients: Array, count: A
     budget = jnp.full(clients.shape, work, jnp.int32)
     if settings.min_local:
         budget = compute_budgets(keys.budget, clients, settings.min_local, work)
-    steps = (count * budget + settings.batch_size - 1) // settings.batch_size if settings.epochs else budget
+    steps = epoch_steps(count, budget, settings.batch_size) if settings.epochs else budget
     steps = straggler_steps(keys.straggle, clients, steps, settings.straggler_rate)
     return sent, jnp.where(sent, steps, 0).astype(jnp.int32)
 
