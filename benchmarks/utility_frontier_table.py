@@ -16,25 +16,22 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
-import pathlib
 import sys
 from typing import Any
 
-from medfed_jax import tabular
+from medfed_jax import config_files, tabular
+from medfed_jax.report import format_mean_std
 
 
 def _config_module(name: str) -> Any:
-    """The shipped config module ``configs/<name>.py`` (for its one declaration of the cells)."""
-    path = pathlib.Path(__file__).resolve().parents[1] / "configs" / f"{name}.py"
-    spec = importlib.util.spec_from_file_location(name, path)
+    """The shipped config module ``<name>`` (for its one declaration of the cells)."""
+    spec = importlib.util.spec_from_file_location(name, config_files.config_path(name))
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
 
 
-def _accuracy(row: dict) -> str:
-    mean, std = (100 * float(row[f"global_pooled_accuracy_{s}"]) for s in ("mean", "std"))
-    return f"{mean:.1f} ± {std:.1f}"
+METRIC = "global_pooled_accuracy"
 
 
 def _chosen(row: dict, choices: dict[str, dict]) -> str:
@@ -53,7 +50,8 @@ def drift_table(rows: list[dict]) -> str:
     rounds = (evaluated[0], evaluated[-1])
     cell = {(_chosen(r, algorithms), _dataset(r), int(r["round"])): r for r in rows}
     header = ["algorithm", *(f"{d}, r{t}" for d in datasets for t in rounds)]
-    body = [[name, *(_accuracy(cell[(name, d, t)]) for d in datasets for t in rounds)] for name in algorithms]
+    accuracy = lambda name: [format_mean_std(cell[(name, d, t)], METRIC) for d in datasets for t in rounds]  # noqa: E731
+    body = [[name, *accuracy(name)] for name in algorithms]
     return tabular.markdown_table(header, body)
 
 
@@ -65,7 +63,8 @@ def compression_table(rows: list[dict]) -> str:
     body = []
     for name in compressors:
         per_round = float(final[name]["uploaded_bytes_mean"])
-        body.append([name, _accuracy(final[name]), f"{per_round / 1e3:.1f}", f"{per_round * last / 1e6:.2f}"])
+        accuracy = format_mean_std(final[name], METRIC)
+        body.append([name, accuracy, f"{per_round / 1e3:.1f}", f"{per_round * last / 1e6:.2f}"])
     return tabular.markdown_table(header, body)
 
 
