@@ -63,7 +63,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from medfed_jax.types import Aggregator, Metrics, hparams_of, no_precondition
+from medfed_jax.types import Aggregator, Metrics, hparams_of, no_precondition, no_state
 
 _HIGHEST = jax.lax.Precision.HIGHEST
 _TINY = float(jnp.finfo(jnp.float32).tiny)
@@ -295,17 +295,12 @@ def norm_stats(updates: Any, valid: jax.Array) -> Metrics:
     }
 
 
-def _stateless_init(params: Any) -> tuple:
-    del params
-    return ()
-
-
 # A rule over finite inputs: (updates, weights, valid, state, key) -> (update, state, diag).
 Rule = Callable[..., tuple[Any, Any, Metrics]]
 
 
 def robust(
-    rule: Rule, init: Callable[[Any], Any] = _stateless_init, check: Callable[[int], None] = no_precondition
+    rule: Rule, init: Callable[[Any], Any] = no_state, check: Callable[[int], None] = no_precondition
 ) -> Aggregator:
     """Wrap a rule so non-finite clients are dropped and the common diagnostics added.
 
@@ -351,7 +346,7 @@ def weighted_mean() -> Aggregator:
         diag = {"nonfinite_clients": jnp.sum(mask & ~finite), **norm_stats(updates, mask & finite)}
         return update, state, diag
 
-    return make_aggregator(_stateless_init, aggregate)
+    return make_aggregator(no_state, aggregate)
 
 
 def mean() -> Aggregator:
@@ -361,7 +356,7 @@ def mean() -> Aggregator:
     def aggregate(updates, weights, mask, state, key):
         return inner.aggregate(updates, jnp.ones_like(weights), mask, state, key)
 
-    return make_aggregator(_stateless_init, aggregate)
+    return make_aggregator(no_state, aggregate)
 
 
 # --------------------------------------------------------------------------
@@ -499,7 +494,7 @@ def krum(f: int, num_clients: int | None = None) -> Aggregator:
         update, state, diag = inner.aggregate(updates, weights, mask, state, key)
         return update, state, {**diag, "selected_client": jnp.argmax(diag["selected"]).astype(jnp.int32)}
 
-    return _check_now(make_aggregator(_stateless_init, aggregate, bound_check("krum", f)), num_clients)
+    return _check_now(make_aggregator(no_state, aggregate, bound_check("krum", f)), num_clients)
 
 
 def geometric_median(nu: Any = 1e-5, iters: int = 4) -> Aggregator:

@@ -61,7 +61,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from medfed_jax.types import Array, Params, PRNGKey, broadcast_to_clients, per_client_keys
+from medfed_jax.types import Array, Params, PRNGKey, broadcast_to_clients, no_state, per_client_keys
 
 FLOAT_BITS = 32  # a float32 value (top-k values, quantisation scales)
 NORMS = ("l2", "max")
@@ -118,11 +118,6 @@ class Compressor(NamedTuple):
     compress: Callable[[Params, Any, PRNGKey], tuple[Params, Any, Array]]
 
 
-def _stateless_init(params: Params) -> tuple:
-    del params
-    return ()
-
-
 def _message_bytes(bits: int) -> Array:
     """Whole bytes of a ``bits``-bit message, as the float32 scalar every compressor returns."""
     return jnp.asarray(-(-bits // 8), jnp.float32)
@@ -139,7 +134,7 @@ def identity() -> Compressor:
         del key
         return update, state, _message_bytes(FLOAT_BITS * sum(_sizes(update)))
 
-    return Compressor("none", _stateless_init, compress)
+    return Compressor("none", no_state, compress)
 
 
 def bfloat16() -> Compressor:
@@ -150,7 +145,7 @@ def bfloat16() -> Compressor:
         sent = jax.tree.map(lambda u: u.astype(jnp.bfloat16).astype(u.dtype), update)
         return sent, state, _message_bytes(16 * sum(_sizes(update)))
 
-    return Compressor("bfloat16", _stateless_init, compress)
+    return Compressor("bfloat16", no_state, compress)
 
 
 def _check_bits(bits: Any) -> None:
@@ -201,7 +196,7 @@ def stochastic_quantization(bits: int, per_tensor: bool = True, norm: str = "l2"
         message = bits * sum(_sizes(update)) + FLOAT_BITS * num_scales
         return jax.tree.unflatten(treedef, sent), state, _message_bytes(message)
 
-    return Compressor(f"qsgd{bits}", _stateless_init, compress)
+    return Compressor(f"qsgd{bits}", no_state, compress)
 
 
 def top_k_count(size: int, fraction: float) -> int:
@@ -236,7 +231,7 @@ def top_k(fraction: float) -> Compressor:
         message = sum(top_k_count(d, fraction) * (FLOAT_BITS + index_bits(d)) for d in _sizes(update))
         return jax.tree.map(keep_largest, update), state, _message_bytes(message)
 
-    return Compressor(f"top_k{fraction:g}", _stateless_init, compress)
+    return Compressor(f"top_k{fraction:g}", no_state, compress)
 
 
 def error_feedback(inner: Compressor) -> Compressor:

@@ -171,6 +171,12 @@ class FederatedDataset:
         return self.train.feature_shape
 
 
+def no_state(params: Params) -> tuple:
+    """The state of a stateless component (aggregator, compressor): none, whatever the model."""
+    del params
+    return ()
+
+
 def no_precondition(num_clients: int) -> None:
     """A rule that runs on any number of clients."""
     del num_clients
