@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: demo test lint format bench reproduce readme clean
+.PHONY: demo test lint format bench reproduce readme frontier clean
 
 $(STAMP): setup.cfg pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -52,6 +52,21 @@ reproduce: $(STAMP)
 readme: $(STAMP)
 	@test -f $(REPRO)/wall_seconds || { echo "error: no finished 'make reproduce' in $(REPRO): run it first." >&2; exit 2; }
 	$(REPORT) --wall_seconds=$$(cat $(REPRO)/wall_seconds) --readme=README.md --assets=benchmarks/figures
+
+# The README's experiments of section "Unreliable clients, drift corrections, compressed uploads" from scratch:
+# the sweeps configs/utility_frontier.py and configs/compression_frontier.py into $(FRONTIER)/<sweep> (wall
+# seconds in $(FRONTIER)/<sweep>.wall_s), then benchmarks/frontier.py: both tables, printed and written with the
+# figure links to $(FRONTIER)/frontier.md, and the figures benchmarks/figures/frontier_rounds.png, frontier_bytes.png.
+FRONTIER := runs/frontier
+FRONTIER_SWEEPS := utility_frontier compression_frontier
+frontier: $(STAMP)
+	rm -rf $(FRONTIER)
+	for name in $(FRONTIER_SWEEPS); do \
+	  start=$$(date +%s) && \
+	  $(PY) -m medfed_jax --config=configs/$$name.py --workdir=$(FRONTIER)/$$name || exit 1; \
+	  echo $$(( $$(date +%s) - start )) > $(FRONTIER)/$$name.wall_s; \
+	done
+	$(PY) benchmarks/frontier.py --workdir=$(FRONTIER) --figures=benchmarks/figures
 
 clean:
 	rm -rf runs build *.egg-info .pytest_cache

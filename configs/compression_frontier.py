@@ -1,11 +1,12 @@
 """Compressed uploads (issue 18): accuracy vs bytes uploaded for the compressors, as one sweep.
 
 Digits over 20 clients with Dirichlet(0.5) label skew (`digits_dirichlet.py`), FedAvg, every client
-every round, 30 rounds, 3 seeds (each its own split): float32, bfloat16, QSGD at 4 and 2 bits (L2
-scale per tensor), and top-10% with error feedback (``compression.*``). 5 programs.
+every round, 30 rounds evaluated every 2, 3 seeds (each its own split): float32, bfloat16, QSGD at 4
+and 2 bits (L2 scale per tensor), and top-10% with error feedback (``compression.*``). 5 programs.
 
-    python -m medfed_jax --config=compression_frontier --workdir=runs/compression_frontier
-    python benchmarks/utility_frontier_table.py runs/compression_frontier
+    make frontier   # this sweep and utility_frontier.py from scratch, tables and figures
+    python -m medfed_jax --config=compression_frontier --workdir=runs/frontier/compression_frontier
+    python benchmarks/frontier.py --workdir=runs/frontier
 """
 
 from medfed_jax import config_files
@@ -26,7 +27,7 @@ COMPRESSORS = {  # name -> the fields that select it
 def get_config():
     cfg = config_files.load_config("digits_dirichlet")
     cfg.name = "compression_frontier"
-    cfg.rounds, cfg.eval_every = 30, 10
+    cfg.rounds, cfg.eval_every = 30, 2
     cfg.baselines = ()
     cfg.compression.fraction = 0.1
     cfg.sweep.cells = list(COMPRESSORS.values())
