@@ -31,7 +31,7 @@ from typing import Any
 
 import numpy as np
 
-from medfed_jax import config_files, report, sweep, tabular
+from medfed_jax import config, config_files, report, sweep, tabular
 from medfed_jax.report.plotting import _axes, _finish, _mark_diverged
 from medfed_jax.report.rows import _pct
 
@@ -49,9 +49,14 @@ def _config_module(name: str) -> Any:
 
 
 def choices(name: str) -> dict[str, dict]:
-    """The named cells of a sweep: ``utility_frontier``'s algorithms or ``compression_frontier``'s compressors."""
+    """The named cells of a sweep, ``utility_frontier``'s algorithms or ``compression_frontier``'s compressors,
+    each with every field another entry sets (at the config's value where it sets none, as the sweep fills a
+    cell), so that a row matches exactly one."""
     module = _config_module(name)
-    return module.algorithm_cells() if name == "utility_frontier" else module.COMPRESSORS
+    named = module.ALGORITHMS if name == "utility_frontier" else module.COMPRESSORS
+    base = module.get_config()
+    fields = list(dict.fromkeys(k for chosen in named.values() for k in chosen))
+    return {n: {k: chosen.get(k, config.get_path(base, k)) for k in fields} for n, chosen in named.items()}
 
 
 def chosen(row: dict, named: dict[str, dict]) -> str:

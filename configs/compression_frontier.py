@@ -6,7 +6,7 @@ and 2 bits (L2 scale per tensor), and top-10% with error feedback (``compression
 
     make frontier   # this sweep and utility_frontier.py from scratch, tables and figures
     python -m medfed_jax --config=compression_frontier --workdir=runs/frontier/compression_frontier
-    python benchmarks/frontier.py --workdir=runs/frontier
+    python benchmarks/frontier.py --workdir=runs/frontier   # once both sweeps are there
 """
 
 from medfed_jax import config_files

@@ -13,31 +13,22 @@ own partition and train/test split. FedAvg and FedProx share a program
 
     make frontier   # this sweep and compression_frontier.py from scratch, tables and figures
     python -m medfed_jax --config=utility_frontier --workdir=runs/frontier/utility_frontier
-    python benchmarks/frontier.py --workdir=runs/frontier
+    python benchmarks/frontier.py --workdir=runs/frontier   # once both sweeps are there
 
-An algorithm is one entry of `ALGORITHMS`: the fields that select it, the
-others at their defaults (`algorithm_cells`).
+An algorithm is one entry of `ALGORITHMS`: the fields that select it; a field
+that another entry sets is at this config's value otherwise (the sweep fills
+it, `benchmarks/frontier.py` names the rows the same way).
 """
 
-from medfed_jax import config, config_files, sweep
+from medfed_jax import config_files, sweep
 
-ALGORITHMS = {  # name -> the fields that select it; every field another entry sets is at its default here
+ALGORITHMS = {  # name -> the fields that select it (every other field at this config's value)
     "fedavg": {},
     "fedprox": {"local.prox_mu": 1.0},
     "scaffold": {"drift.method": "scaffold"},
     "fednova": {"drift.method": "fednova"},
     "feddyn": {"drift.method": "feddyn"},
 }
-
-
-def algorithm_cells() -> dict[str, dict]:
-    """Each algorithm's cell: every field any entry of `ALGORITHMS` sets, at this entry's value or the default
-    (`medfed_jax.config.default_config`), so that a row of the sweep names exactly one algorithm."""
-    defaults = config.default_config()
-    fields = list(dict.fromkeys(k for chosen in ALGORITHMS.values() for k in chosen))
-    return {
-        name: {k: chosen.get(k, config.get_path(defaults, k)) for k in fields} for name, chosen in ALGORITHMS.items()
-    }
 
 
 def get_config():
@@ -52,7 +43,6 @@ def get_config():
     cfg = heart.copy_and_resolve_references()
     cfg.name = "utility_frontier"
     cfg.baselines = ()
-    cells = algorithm_cells().values()
-    cfg.sweep.cells = [{**variant, **fields} for variant in sweep.variant_cells(variants) for fields in cells]
+    cfg.sweep.cells = [{**cell, **fields} for cell in sweep.variant_cells(variants) for fields in ALGORITHMS.values()]
     cfg.sweep.grid = {"seed": (0, 1, 2)}
     return cfg
