@@ -71,11 +71,17 @@ class BuildContext(NamedTuple):
     feature_shape: tuple[int, ...]
     cohort_cap: int = 0  # rows per client of a flat population's cohort block (0: padded storage)
     sampling_rate: float = 0.0  # Poisson cohorts: each client's probability per round (0: fixed-size cohorts)
+    dropout: float = 0.0  # unreliable.dropout: a sampled client's probability of not sending
 
     @property
     def expected_cohort(self) -> float:
         """Clients expected per round: ``q C`` under Poisson sampling, else ``cohort_size``."""
         return self.sampling_rate * self.num_clients if self.sampling_rate else float(self.cohort_size)
+
+    @property
+    def expected_senders(self) -> float:
+        """Updates expected per round: `expected_cohort` times ``1 - dropout`` (each sampled client sends or not)."""
+        return self.expected_cohort * (1.0 - self.dropout)
 
 
 def model_config() -> ml_collections.ConfigDict:
