@@ -166,3 +166,24 @@ def test_synchronous_mode_is_the_default_and_costs_nothing():
     dataset = federation(SIZES, num_classes=NUM_CLASSES)
     engine, train, _, knobs = engine_and_data(_config(), dataset)
     assert engine.init(0, train, knobs).asynchronous == ()
+
+
+def test_a_killed_fedbuff_run_resumes_its_clients_in_flight(tmp_path):
+    cfg = _fedbuff(cohort_size=4, rounds=7, eval_every=5, **{"asynchronous.buffer_size": 2})
+    prepared = runner.prepare(cfg, federation(SIZES, num_classes=NUM_CLASSES))
+    checkpoint = str(tmp_path / "checkpoint.npz")
+
+    def killed_after_first_chunk(line):
+        if "/7" in line:
+            raise KeyboardInterrupt
+
+    def run(log, path=checkpoint):
+        return runner.train_evaluations("federated", prepared, [0], False, path, log)
+
+    with pytest.raises(KeyboardInterrupt):
+        run(killed_after_first_chunk)
+    resumed = run(lambda line: None)
+    straight = run(lambda line: None, str(tmp_path / "straight.npz"))
+    assert [e.round for e in resumed] == [5, 7]
+    for key in ("global_pooled_loss", "virtual_time", "staleness", "update_norm"):  # the same program: bit for bit
+        np.testing.assert_array_equal(resumed[-1].metrics[key], straight[-1].metrics[key])
