@@ -59,7 +59,7 @@ def pooled_training_view(dataset: FederatedDataset) -> FederatedDataset:
 
 def pooled_config(cfg: Any) -> Any:
     """The run config for centralised training: one client, no attack, no DP, plain mean, no personalisation,
-    every client reliable, no drift correction, no compression."""
+    every client reliable, no drift correction, no compression, synchronous rounds."""
     cfg = cfg.copy_and_resolve_references()
     cfg.cohort_size, cfg.cohort_sampling, cfg.sampling_rate, cfg.max_cohort = 0, "fixed", 0.0, 0
     defaults = config_lib.default_config()
@@ -70,4 +70,5 @@ def pooled_config(cfg: Any) -> Any:
     cfg.unreliable = defaults.unreliable
     cfg.drift = defaults.drift
     cfg.compression = defaults.compression
+    cfg.asynchronous = defaults.asynchronous
     return cfg

@@ -14,8 +14,8 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
+from medfed_jax import asynchronous, unreliable
 from medfed_jax import config as config_lib
-from medfed_jax import unreliable
 from medfed_jax.data import population
 from medfed_jax.types import Array, ClientData, Model
 
@@ -31,6 +31,7 @@ class RoundSpec(NamedTuple):
     by_coordinate: bool  # re-split updates over coordinates before aggregating (`mesh.spread_coordinates`)
     own_keys: bool = False  # local-only: client i trains with fold_in(round key, i), its key stream (no purpose)
     unreliable: unreliable.Unreliable | None = None  # dropout, stragglers, compute budgets; None: every client sends
+    asynchronous: asynchronous.FedBuff | None = None  # FedBuff server steps (`medfed_jax.server.fedbuff_step`)
 
     @property
     def poisson(self) -> bool:

@@ -2,7 +2,7 @@
 
 A config is an ``ml_collections.ConfigDict`` with one section per part
 (``data``, ``model``, ``local``, ``server``, ``aggregator``, ``attack``,
-``privacy``, ``personalization``, ``unreliable``, ``drift``, ``compression``) plus top-level
+``privacy``, ``personalization``, ``unreliable``, ``drift``, ``compression``, ``asynchronous``) plus top-level
 run settings. Each part's module owns its section:
 it provides ``default_config()``, ``validate_config(section, context)`` and,
 beside them, a NamedTuple of the section's *numeric* fields (`HPARAMS`: e.g.
@@ -39,6 +39,7 @@ import numpy as np
 
 from medfed_jax import (
     aggregators,
+    asynchronous,
     attacks,
     client,
     compression,
@@ -71,11 +72,17 @@ class BuildContext(NamedTuple):
     feature_shape: tuple[int, ...]
     cohort_cap: int = 0  # rows per client of a flat population's cohort block (0: padded storage)
     sampling_rate: float = 0.0  # Poisson cohorts: each client's probability per round (0: fixed-size cohorts)
+    dropout: float = 0.0  # unreliable.dropout: a sampled client's probability of not sending
 
     @property
     def expected_cohort(self) -> float:
         """Clients expected per round: ``q C`` under Poisson sampling, else ``cohort_size``."""
         return self.sampling_rate * self.num_clients if self.sampling_rate else float(self.cohort_size)
+
+    @property
+    def expected_senders(self) -> float:
+        """Updates expected per round: `expected_cohort` times ``1 - dropout`` (each sampled client sends or not)."""
+        return self.expected_cohort * (1.0 - self.dropout)
 
 
 def model_config() -> ml_collections.ConfigDict:
@@ -104,6 +111,7 @@ def sections() -> dict[str, Callable[[], ml_collections.ConfigDict]]:
         "unreliable": unreliable.default_config,
         "drift": drift.default_config,
         "compression": compression.default_config,
+        "asynchronous": asynchronous.default_config,
     }
 
 
@@ -407,8 +415,10 @@ def validate(cfg: Any, context: BuildContext) -> None:
     """
     validate_run_settings(cfg, context.num_clients)
     check_max_cohort(cfg, context.num_clients)
-    aggregators.validate_config(cfg.aggregator, context)
-    attacks.validate_config(cfg.attack, context)
+    asynchronous.validate_config(cfg, context)
+    aggregated = asynchronous.aggregation_context(cfg, context)  # a FedBuff step aggregates its buffer
+    aggregators.validate_config(cfg.aggregator, aggregated)
+    attacks.validate_config(cfg.attack, aggregated)
     privacy.validate_config(cfg.privacy, context)
     personalize.validate_config(cfg.personalization, context)
     unreliable.validate_config(cfg.unreliable, cfg.local)

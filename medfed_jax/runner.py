@@ -73,6 +73,7 @@ def build_context(cfg: Any, dataset: FederatedDataset) -> config_lib.BuildContex
         feature_shape=dataset.feature_shape,
         cohort_cap=population.resolve_cap(cfg.data, dataset.train.count) if flat else 0,
         sampling_rate=cfg.sampling_rate if cfg.cohort_sampling == "poisson" else 0.0,
+        dropout=float(cfg.unreliable.dropout),
     )
 
 

@@ -39,7 +39,7 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
-from medfed_jax import aggregators, attacks, compression, drift, personalize, privacy, unreliable
+from medfed_jax import aggregators, asynchronous, attacks, compression, drift, personalize, privacy, unreliable
 from medfed_jax import config as config_lib
 from medfed_jax import mesh as mesh_lib
 from medfed_jax.client import LocalHParams, LocalSpec, example_loss_fn, make_local_update, map_clients
@@ -59,9 +59,13 @@ Switches = tuple[tuple[str, tuple[str, ...]], ...]
 MEANS = {"mean", "weighted_mean"}
 
 # Purposes of the per-round keys, folded into the round key (new ones appended: existing keys never move).
-_SAMPLE, _LOCAL, _PRIVACY, _ATTACK, _AGGREGATE, _PERSONAL, _SUBSAMPLE, _DROPOUT, _STRAGGLE, _COMPRESS = range(10)
+_SAMPLE, _LOCAL, _PRIVACY, _ATTACK, _AGGREGATE, _PERSONAL, _SUBSAMPLE, _DROPOUT, _STRAGGLE, _COMPRESS, _ASYNC = range(
+    11
+)
 # The run's per-client compute budgets: fold_in(run key, BUDGET_ROUND), a round number no run reaches (int32).
 BUDGET_ROUND = 2**31
+# FedBuff's per-client median latencies and first dispatch: fold_in(run key, FEDBUFF_START), likewise.
+FEDBUFF_START = 2**31 + 1
 
 
 class FedState(NamedTuple):
@@ -80,6 +84,8 @@ class FedState(NamedTuple):
         and per-client state ``[C, ...]``), or ().
       compression: each client's compressor state ``[C, ...]`` (error
         feedback's residual, `medfed_jax.compression`), or ().
+      asynchronous: FedBuff's clients in flight and their pending updates
+        (`medfed_jax.asynchronous.FedBuffState`), or ().
     """
 
     params: Params
@@ -91,6 +97,7 @@ class FedState(NamedTuple):
     clients: Any = ()
     drift: Any = ()
     compression: Any = ()
+    asynchronous: Any = ()
 
 
 # Clients per vmapped chunk under 'map' when ``client_chunk`` is 0: the fastest of 1, 2, 3, 4, 5, 8, 10
@@ -159,6 +166,29 @@ def _client_step(parts: Components, state: FedState) -> tuple[Callable, Any, Any
     return parts.drift.client_update, (state.params, state.drift.server), state.drift.clients
 
 
+def server_step(parts: Components, state: FedState, update: Any) -> tuple[Params, Any]:
+    """The aggregated (gathered, whole) shared ``update`` applied by the server optimizer: ``(params, opt state)``."""
+    shared = parts.personalizer.shared(state.params)
+    pseudo_gradient = jax.tree.map(jnp.negative, update)
+    server_updates, opt_state = parts.server_optimizer.update(pseudo_gradient, state.server_opt_state, shared)
+    return parts.personalizer.merge(state.params, optax.apply_updates(shared, server_updates)), opt_state
+
+
+def _attack_context(spec: RoundSpec, parts: Components, state: FedState, data: Any, aggregate: Callable):
+    """What an attack may query about the updates it joins: the cohort's ``data``, the round's ``aggregate``
+    (``updates -> (update, agg_state, diagnostics)``), the server step and the model's loss."""
+    return AttackContext(
+        data.count,
+        data.count > 0,
+        spec.context.num_classes,
+        aggregate=lambda u: aggregate(u)[0],
+        step=lambda update: server_step(parts, state, mesh_lib.gather(update, spec.mesh))[0],
+        loss=lambda p, clients: attacks.mean_loss(
+            spec.model.apply, p, data.x, data.y, data.valid_mask() & clients[:, None]
+        ),
+    )
+
+
 def round_step(
     spec: RoundSpec, parts: Components, hparams: LocalHParams, state: FedState, train: Any
 ) -> tuple[FedState, Metrics]:
@@ -207,22 +237,7 @@ def round_step(
         )
         compressed, uploaded = scatter(state.compression, states), {"uploaded_bytes": uploaded}
     aggregate = lambda u: parts.aggregator.aggregate(u, weights, mask, state.agg_state, key_for(_AGGREGATE))  # noqa: E731
-
-    def server_step(update):  # the gathered (whole) update -> (params, server optimizer state)
-        pseudo_gradient = jax.tree.map(jnp.negative, update)
-        server_updates, opt_state = parts.server_optimizer.update(pseudo_gradient, state.server_opt_state, shared)
-        return parts.personalizer.merge(state.params, optax.apply_updates(shared, server_updates)), opt_state
-
-    attack_context = AttackContext(
-        weights,
-        mask,
-        spec.context.num_classes,
-        aggregate=lambda u: aggregate(u)[0],
-        step=lambda update: server_step(mesh_lib.gather(update, spec.mesh))[0],
-        loss=lambda p, clients: attacks.mean_loss(
-            spec.model.apply, p, data.x, data.y, data.valid_mask() & clients[:, None]
-        ),
-    )
+    attack_context = _attack_context(spec, parts, state, data, aggregate)
     deltas = parts.attack.apply(deltas, malicious, key_for(_ATTACK), attack_context)
     if parts.drift is None:
         (update, agg_state, diagnostics), drift_state = aggregate(deltas), state.drift
@@ -234,7 +249,7 @@ def round_step(
             parts.drift, state.drift, cohort, aggregate, drift_clients
         )
     update = mesh_lib.gather(update, spec.mesh)
-    params, opt_state = server_step(update)
+    params, opt_state = server_step(parts, state, update)
     new_state = state._replace(params=params, server_opt_state=opt_state, agg_state=agg_state, round=state.round + 1)
     new_state = new_state._replace(clients=clients, drift=drift_state, compression=compressed)
     metrics = {
@@ -246,6 +261,98 @@ def round_step(
     if spec.poisson or spec.unreliable is not None:
         metrics["participants"] = jnp.sum(mask).astype(jnp.int32)
     return new_state, metrics
+
+
+def _dispatch(spec: RoundSpec, parts: Components, hparams: LocalHParams, state: FedState, train: Any, clients: Array):
+    """FedBuff: ``clients`` train on ``state.params`` (server version ``state.round``) with that version's keys,
+    those synchronous round ``state.round`` would use. Returns ``(updates [S, ...], losses [S], bytes [S],
+    compression)``: each update as it will be uploaded (compressed, when configured), and the population's
+    compressor state after it."""
+    version_key = jax.random.fold_in(state.key, state.round)
+    key_for = lambda purpose: jax.random.fold_in(version_key, purpose)  # noqa: E731
+    data = train.take(clients)
+    labels = parts.attack.poison_labels(data.y, state.malicious[clients], spec.context.num_classes)
+    deltas, _, local_metrics = map_clients(
+        parts.personalizer.client_update,
+        (state.params, (), (data.x, labels, data.count), per_client_keys(key_for(_LOCAL), clients), hparams),
+        (None, 0, 0, 0, None),
+        spec.parallelism,
+        spec.chunk,
+        spec.mesh,
+    )
+    sizes, compressed = jnp.zeros(clients.shape, jnp.float32), state.compression
+    if parts.compressor is not None:
+        keys = per_client_keys(key_for(_COMPRESS), clients)
+        rows = asynchronous.take_slots(state.compression, clients)
+        deltas, rows, sizes = compression.compress_clients(parts.compressor, deltas, rows, keys)
+        compressed = asynchronous.put_slots(state.compression, clients, rows)
+    return deltas, local_metrics["train_loss"], sizes, compressed
+
+
+def fedbuff_start(spec: RoundSpec, parts: Components, hparams: LocalHParams, state: FedState, train: Any) -> FedState:
+    """``state`` (before server step 0) with FedBuff's first ``M`` clients dispatched and trained on its model."""
+    settings = spec.asynchronous
+    medians_key, dispatch_key = jax.random.split(jax.random.fold_in(state.key, FEDBUFF_START))
+    medians = asynchronous.median_latencies(medians_key, spec.context.num_clients, settings.client_latency_spread)
+    in_flight = unreliable.fedbuff_init(
+        dispatch_key, spec.context.num_clients, settings.concurrency, medians, settings.latency_spread
+    )
+    pending, losses, sizes, compressed = _dispatch(spec, parts, hparams, state, train, in_flight.client)
+    flight = asynchronous.FedBuffState(in_flight, pending, losses, sizes, medians)
+    return state._replace(asynchronous=flight, compression=compressed)
+
+
+def fedbuff_step(
+    spec: RoundSpec, parts: Components, hparams: LocalHParams, state: FedState, train: Any
+) -> tuple[FedState, Metrics]:
+    """One FedBuff server step (`medfed_jax.asynchronous`): the buffer's ``K`` arrivals, discounted by their
+    staleness, through the attack, the aggregator and the server optimizer; then ``K`` idle clients dispatched
+    and trained on the new model into the arrivals' slots."""
+    settings, flight = spec.asynchronous, state.asynchronous
+    round_key = jax.random.fold_in(state.key, state.round)
+    key_for = lambda purpose: jax.random.fold_in(round_key, purpose)  # noqa: E731
+    buffer, in_flight = unreliable.fedbuff_step(
+        flight.in_flight,
+        key_for(_ASYNC),
+        spec.context.num_clients,
+        settings.buffer_size,
+        flight.median_latency,
+        settings.latency_spread,
+        settings.staleness_exponent,
+    )
+    data, malicious = train.take(buffer.clients), state.malicious[buffer.clients]
+    weights, mask = data.count, data.count > 0
+    arrived_loss, arrived_bytes = flight.train_loss[buffer.slots], flight.uploaded_bytes[buffer.slots]
+
+    def aggregate(uploads):  # the server discounts what arrives by its staleness
+        discounted = asynchronous.discounted(buffer, uploads)
+        return parts.aggregator.aggregate(discounted, weights, mask, state.agg_state, key_for(_AGGREGATE))
+
+    uploads = asynchronous.take_slots(flight.pending, buffer.slots)
+    uploads = parts.attack.apply(
+        uploads, malicious, key_for(_ATTACK), _attack_context(spec, parts, state, data, aggregate)
+    )
+    update, agg_state, diagnostics = aggregate(uploads)
+    params, opt_state = server_step(parts, state, update)
+    state = state._replace(params=params, server_opt_state=opt_state, agg_state=agg_state, round=state.round + 1)
+    pending, losses, sizes, compressed = _dispatch(spec, parts, hparams, state, train, buffer.dispatched)
+    flight = flight._replace(
+        in_flight=in_flight,
+        pending=asynchronous.put_slots(flight.pending, buffer.slots, pending),
+        train_loss=flight.train_loss.at[buffer.slots].set(losses),
+        uploaded_bytes=flight.uploaded_bytes.at[buffer.slots].set(sizes),
+    )
+    loss_weight = jnp.where(mask & ~malicious, weights, 0).astype(jnp.float32)  # honest arrivals
+    metrics = {
+        "train_loss": jnp.sum(loss_weight * arrived_loss) / jnp.maximum(jnp.sum(loss_weight), 1),
+        "update_norm": optax.global_norm(update),
+        "staleness": jnp.mean(buffer.staleness.astype(jnp.float32)),
+        "virtual_time": in_flight.clock,
+        **_scalar_metrics(diagnostics),
+    }
+    if parts.compressor is not None:
+        metrics["uploaded_bytes"] = jnp.sum(arrived_bytes)
+    return state._replace(asynchronous=flight, compression=compressed), metrics
 
 
 def _switched(cfg: Any, switches: Switches, section: str, build: Callable, combine: Callable, hp: Any, index: Any):
@@ -313,7 +420,7 @@ def init(
     parts = build_components(cfg, switches, spec, hparams, choices, spec.block_rows(train))
     num_clients = spec.context.num_clients
     shared = parts.personalizer.shared(params)
-    return FedState(
+    state = FedState(
         params=params,
         server_opt_state=parts.server_optimizer.init(shared),
         agg_state=parts.aggregator.init(shared),
@@ -324,11 +431,13 @@ def init(
         drift=() if parts.drift is None else parts.drift.method.init(shared, num_clients),
         compression=() if parts.compressor is None else compression.init_clients(parts.compressor, shared, num_clients),
     )
+    return state if spec.asynchronous is None else fedbuff_start(spec, parts, hparams.local, state, train)
 
 
 def _engine_round(cfg, switches, spec, state, train, hparams: HParams, choices: Choices = NO_CHOICES):
     parts = build_components(cfg, switches, spec, hparams, choices, spec.block_rows(train))
-    return round_step(spec, parts, hparams.local, state, train)
+    step = round_step if spec.asynchronous is None else fedbuff_step
+    return step(spec, parts, hparams.local, state, train)
 
 
 def _run_rounds(step: Callable, state, train, hparams: HParams, num_rounds: int, choices: Choices = NO_CHOICES):
@@ -383,7 +492,8 @@ def round_spec(cfg: Any, context: config_lib.BuildContext, switches: Switches, m
     by_coordinate = cfg.privacy.mode not in privacy.SERVER_NOISE and not set(rules) <= MEANS  # see spread_coordinates
     own_keys = cfg.personalization.method == personalize.LOCAL_ONLY
     unreliable_spec = unreliable.Unreliable.from_config(cfg.unreliable, cfg.local)
-    return RoundSpec(context, model, *default_parallelism(cfg), mesh, by_coordinate, own_keys, unreliable_spec)
+    fedbuff = asynchronous.FedBuff.from_config(cfg.asynchronous, context.cohort_size)
+    return RoundSpec(context, model, *default_parallelism(cfg), mesh, by_coordinate, own_keys, unreliable_spec, fedbuff)
 
 
 @functools.lru_cache(maxsize=32)

@@ -4,11 +4,16 @@ Mechanisms (all noise from explicit keys; nothing else is random):
 
 - ``mode='central'``: client-level DP-FedAvg (McMahan et al. 2018). Each
   client's whole update is clipped to L2 norm ``S``, the clipped updates of
-  the taking-part clients are summed, ``N(0, (sigma S)^2)`` noise is added per
-  coordinate and the sum is divided by the *expected* cohort size (a fixed
-  denominator, so the sensitivity of the mean is ``S / m``). Optional adaptive
-  clipping (Andrew et al. 2021) moves ``S`` toward a target quantile of the
-  client update norms. Unit of privacy: one client's entire data set.
+  the clients that send are summed, ``N(0, (sigma S)^2)`` noise is added per
+  coordinate and the sum is divided by the *expected* number of senders
+  ``D``, the expected cohort times ``1 - unreliable.dropout`` (a fixed
+  denominator, so the sensitivity of the mean is ``S / D``, and the mean is
+  unbiased under dropout). Optional adaptive clipping (Andrew et al. 2021)
+  moves ``S`` toward a target quantile of the client update norms. Unit of
+  privacy: one client's entire data set. With dropout ``d`` the senders of a
+  Poisson cohort (or of every client) are a Poisson sample at ``q (1 - d)``,
+  the rate accounted (`sender_rate`); other cohorts and modes ignore dropout
+  (conservative). FedNova and FedDyn are refused (`UNSOUND_WITH_SERVER_NOISE`).
 - ``mode='bandmf'``: client-level DP-FTRL with banded matrix factorisation
   (Choquette-Choo et al. 2023, "(Amplified) Banded Matrix Factorization";
   Kairouz et al. 2021 for DP-FTRL). As DP-FedAvg, but round ``t``'s noise is
@@ -87,6 +92,7 @@ from medfed_jax.privacy.settings import (
     MECHANISMS,
     MODES,
     SERVER_NOISE,
+    UNSOUND_WITH_SERVER_NOISE,
     Accounting,
     PrivacyHParams,
     accounting_for_run,
@@ -97,6 +103,7 @@ from medfed_jax.privacy.settings import (
     client_record_epsilons,
     default_config,
     run_privacy_report,
+    sender_rate,
     validate_config,
     validate_with_run,
 )
@@ -111,6 +118,7 @@ __all__ = [
     "PrivacyHParams",
     "SAMPLINGS",
     "SERVER_NOISE",
+    "UNSOUND_WITH_SERVER_NOISE",
     "accounting_for_run",
     "add_gaussian_noise",
     "bandmf_epsilon",
@@ -134,6 +142,7 @@ __all__ = [
     "local_privatizer",
     "noise_std",
     "run_privacy_report",
+    "sender_rate",
     "strategy_coefs",
     "truncation_slack",
     "truncation_tail",

@@ -120,9 +120,11 @@ def dp_fedavg(
 ) -> Aggregator:
     """Client-level central DP mean (DP-FedAvg) as an `Aggregator`.
 
-    ``update = (sum_i m_i clip(u_i, S) + N(0, (z S)^2)) / expected_cohort``;
-    ``weights`` are ignored (weighting by data size would raise the
-    sensitivity). ``bands > 1``: the noise is correlated across rounds,
+    ``update = (sum_i m_i clip(u_i, S) + N(0, (z S)^2)) / expected_cohort``,
+    a denominator fixed in advance (the engine's: the expected number of
+    senders, `medfed_jax.config.BuildContext.expected_senders`); ``weights``
+    are ignored (weighting by data size would raise the sensitivity).
+    ``bands > 1``: the noise is correlated across rounds,
     ``z S (C^-1 w)_t`` for iid ``w_t ~ N(0, I)`` (`correlated_noise`;
     ``mode='bandmf'``), with a buffer of ``bands - 1`` past draws in the
     aggregator state. With ``adaptive``, ``S`` lives in the aggregator state

@@ -24,6 +24,11 @@ from medfed_jax.types import Aggregator, PRNGKey, hparams_of
 
 MODES = ("none", "central", "bandmf", "local", "dpsgd")
 SERVER_NOISE = ("central", "bandmf")  # client-level DP noised on the server's sum: the DP-FedAvg estimator
+UNSOUND_WITH_SERVER_NOISE = {  # drift.method -> why the DP-FedAvg sum's sensitivity S fails with it
+    "fednova": "FedNova rescales every update by tau_eff, a function of the whole cohort's sizes and steps, "
+    "before the clip",
+    "feddyn": "FedDyn's server state h adds the raw, unclipped sum of the updates to the model",
+}
 
 
 class PrivacyHParams(NamedTuple):
@@ -133,6 +138,8 @@ def validate_with_run(cfg: Any, client_sizes: Sequence[int] | None = None) -> No
     - central DP needs ``aggregator.name='mean'``: DP-FedAvg replaces the
       aggregator with its own fixed-denominator mean, and the guarantee does
       not hold for any other rule (use ``mode='local'`` with robust rules);
+    - central DP refuses ``drift.method`` 'fednova' and 'feddyn' (`UNSOUND_WITH_SERVER_NOISE`): the sum's
+      sensitivity ``S`` needs each clipped term to depend on its own client only;
     - DP-SGD needs per-step batch sampling (``local.sampling`` 'fixed' or
       'poisson'; shuffled epochs have no matching accountant), and, given
       ``client_sizes``, ``delta < 1 / (smallest client size)``.
@@ -144,6 +151,13 @@ def validate_with_run(cfg: Any, client_sizes: Sequence[int] | None = None) -> No
             f"privacy.mode={p.mode!r} with aggregator.name={cfg.aggregator.name!r}: DP-FedAvg's guarantee "
             "holds only for its own unweighted, fixed-denominator mean. Set aggregator.name='mean', or use "
             "privacy.mode='local' to combine DP with a robust aggregator.",
+        )
+        why = UNSOUND_WITH_SERVER_NOISE.get(cfg.drift.method)
+        _check(
+            why is None,
+            f"privacy.mode={p.mode!r} with drift.method={cfg.drift.method!r}: {why}, so one client moves more "
+            "than its own clipped term and the noise no longer covers it. Set drift.method='none', or use "
+            "privacy.mode='local' (the server then only post-processes noised updates).",
         )
     if p.mode == "bandmf":
         _check(
@@ -187,17 +201,21 @@ def build_client_privatizer(cfg: Any, hparams: PrivacyHParams | None = None) -> 
 def build_central_aggregator(cfg: Any, hparams: PrivacyHParams | None, context: Any) -> Aggregator | None:
     """The DP-FedAvg (or banded-MF) `Aggregator` replacing the configured one under central DP, or None.
 
-    The fixed denominator is ``context.expected_cohort``, the expected number
-    of clients per round (``q C`` under Poisson sampling).
+    The fixed denominator is ``context.expected_senders``, the expected number
+    of updates per round: ``q C (1 - d)`` under Poisson sampling (``m (1 - d)``
+    for fixed cohorts of ``m``) with ``unreliable.dropout = d``. Any constant
+    fixed in advance keeps the guarantee (McMahan et al. 2018: sensitivity
+    ``S / D``, noise ``z S / D``); this one makes the mean, and adaptive
+    clipping's fraction below ``S``, unbiased under dropout.
     """
     if cfg.mode not in SERVER_NOISE:
         return None
-    if context.expected_cohort <= 0:
-        raise ValueError(f"central DP needs the expected cohort size; got {context.expected_cohort}.")
+    if context.expected_senders <= 0:
+        raise ValueError(f"central DP needs the expected number of senders; got {context.expected_senders}.")
     hp = _hparams(cfg, hparams)
     adaptive = AdaptiveClip(hp.target_quantile, hp.clip_lr, hp.clipped_count_stddev) if cfg.adaptive_clipping else None
     bands = cfg.bands if cfg.mode == "bandmf" else 1
-    return dp_fedavg(hp.noise_multiplier, hp.clip_norm, context.expected_cohort, adaptive, bands)
+    return dp_fedavg(hp.noise_multiplier, hp.clip_norm, context.expected_senders, adaptive, bands)
 
 
 def build_gradient_fn(cfg: Any, hparams: PrivacyHParams | None = None) -> Callable[..., tuple[jax.Array, Any]] | None:
@@ -211,6 +229,7 @@ def build_gradient_fn(cfg: Any, hparams: PrivacyHParams | None = None) -> Callab
 # --------------------------------------------------------------------------- a run's accounting
 
 
+_DROPOUT_NOT_CREDITED = "not credited (conservative: a drop only removes a release)"
 MECHANISMS = {
     "central": "Gaussian noise on the sum of clipped client updates (DP-FedAvg)",
     "bandmf": "banded matrix-factorisation noise on the sum of clipped client updates (DP-FTRL / BandMF)",
@@ -235,6 +254,7 @@ class Accounting:
     description: str
     truncation: tuple[int, int] | None = None  # Poisson cohorts cut to slots: (clients, max_cohort)
     bands: int = 1  # mode='bandmf': the strategy's bands
+    dropout: float = 0.0  # unreliable.dropout credited in sampling_rate (`sender_rate`); 0 where not credited
 
     @property
     def relation(self) -> str:
@@ -266,8 +286,8 @@ class Accounting:
         The run's own epsilon where its relation is replace-one already
         (``sampling='fixed'``); the same Gaussian at twice the sensitivity
         where every unit takes part in every step (rate 1; BandMF's one
-        Gaussian likewise); nan under Poisson sampling (not accounted here);
-        inf without DP.
+        Gaussian likewise; with dropout a valid, conservative bound); nan
+        under Poisson sampling (not accounted here); inf without DP.
         """
         if self.mode == "none":
             return math.inf
@@ -275,7 +295,7 @@ class Accounting:
             return bandmf_epsilon(self.noise_multiplier / 2, self.bands, rounds, self.delta)
         if self.sampling == "fixed":
             return self.epsilon_after(rounds)
-        if self.sampling_rate < 1:
+        if self.sampling_rate < sender_rate(1.0, self.dropout):
             return math.nan
         steps = rounds * self.steps_per_round
         return epsilon(self.noise_multiplier, 1.0, steps, self.delta, self.accountant, "fixed")
@@ -314,6 +334,8 @@ def accounting_for_run(
       ``max_cohort`` when that is set). ``cohort_sampling`` ('fixed' or
       'poisson') overrides how a *fixed-size* config's cohort is accounted
       (e.g. Poisson at the same rate, for comparison); default: as drawn.
+      With ``unreliable.dropout = d`` an untruncated Poisson cohort (or every
+      client) is accounted at the senders' rate ``q (1 - d)`` (`sender_rate`).
     - bandmf: unit client, every client every round (`bandmf_epsilon`).
     - local: unit client, one release per round a client takes part in,
       counted for every round (the server sees who takes part, so cohort
@@ -321,12 +343,23 @@ def accounting_for_run(
     - dpsgd: unit record, ``local.steps`` steps per round at rate
       ``min(1, batch_size / n)`` for the smallest client ``n`` (the largest rate),
       counted for every round (no credit for cohort sampling).
+
+    Dropout is credited only where the senders are exactly a Poisson sample;
+    elsewhere (truncated or fixed-size cohorts, bandmf, local, dpsgd) the
+    accounting ignores it, which is conservative: a drop is a coin per client
+    and round, independent of the data, with the effect of swapping that
+    client's data for data that sends nothing (it keeps its cohort slot), so
+    for each outcome of the coins the run is the accounted mechanism on
+    neighbouring inputs, and a mixture of ``(eps, delta)``-close pairs is
+    ``(eps, delta)``-close. Stragglers and compute budgets likewise run fewer
+    DP-SGD steps than accounted.
     """
     p = cfg.privacy
     accountant = p.accountant
     if p.mode == "none":
         return Accounting("none", "none", 0.0, 1.0, 1, 0.0, accountant, "none", "no differential privacy")
-    truncation = None
+    truncation, dropout, credited_dropout = None, float(cfg.unreliable.dropout), 0.0
+    dropout_note = _DROPOUT_NOT_CREDITED
     if p.mode == "bandmf":
         rate, sampling, steps, unit = 1.0, "poisson", 1, "client"
     elif p.mode == "central":
@@ -339,6 +372,9 @@ def accounting_for_run(
             rate, steps, unit = (cfg.cohort_size or num_clients) / num_clients, 1, "client"
         if rate == 1 and truncation is None:
             sampling = "poisson"  # every client every round: add-or-remove-one, no sampling
+        if sampling == "poisson" and truncation is None:  # senders of a Poisson cohort: Poisson at q (1 - d)
+            dropout_note = f"credited: a client's update arrives with probability {rate:g} x (1 - {dropout:g})"
+            rate, credited_dropout = sender_rate(rate, dropout), dropout
     elif p.mode == "local":
         rate, sampling, steps, unit = 1.0, "fixed", 1, "client"
     else:
@@ -354,6 +390,8 @@ def accounting_for_run(
         how = f"{p.bands}-banded MF, every client every round (min-sep 1): one Gaussian of sigma / sens(C)"
     else:
         how = describe_accounting(rate, accountant, sampling, truncation)
+    if dropout:
+        how += f"; unreliable.dropout={dropout:g} {dropout_note}"
     if _uses_replace_one(rate, sampling):
         accountant = "rdp"
     accounting = Accounting(
@@ -368,10 +406,20 @@ def accounting_for_run(
         f"{p.mode} DP per {unit}; {how}",
         truncation,
         p.bands,
+        credited_dropout,
     )
     if truncation is not None:
         accounting.epsilon_after(cfg.rounds)  # refuses max_cohort too small for the RDP truncation bound
     return accounting
+
+
+def sender_rate(cohort_rate: float, dropout: float) -> float:
+    """``q (1 - d)``: a client's probability per round of being sampled (``q``) and then sending (``1 - d``).
+
+    Both coins are independent per client and round (`medfed_jax.unreliable.dropout_mask`), so under Poisson
+    cohort sampling the senders are exactly a Poisson sample at this rate.
+    """
+    return cohort_rate * (1.0 - dropout)
 
 
 def client_record_epsilons(cfg: Any, client_sizes: Sequence[int], rounds: int) -> tuple[float, ...]:
