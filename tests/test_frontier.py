@@ -31,8 +31,8 @@ frontier = load_script()
 
 
 def entries(name: str) -> list[str]:
-    module = frontier._config_module(name)
-    return list(module.ALGORITHMS if name == "utility_frontier" else module.COMPRESSORS)
+    """The names the config declares, in order (the dict the script's `Experiment` names)."""
+    return list(getattr(frontier._config_module(name), {"utility_frontier": "ALGORITHMS"}.get(name, "COMPRESSORS")))
 
 
 def fake_sweep(workdir: str, name: str, rng) -> list[dict]:
@@ -82,14 +82,14 @@ def table_cells(text: str) -> dict[str, list[str]]:
 def made_up(tmp_path_factory):
     workdir = str(tmp_path_factory.mktemp("frontier"))
     rng = np.random.default_rng(0)
-    rows = {name: fake_sweep(workdir, name, rng) for name in frontier.SWEEPS}
+    rows = {name: fake_sweep(workdir, name, rng) for name in frontier.EXPERIMENTS}
     with open(os.path.join(workdir, "utility_frontier.wall_s"), "w") as f:
         f.write("123\n")
     figures = os.path.join(workdir, "figures")
     frontier.main(["--workdir", workdir, "--figures", figures])
     with open(os.path.join(workdir, "frontier.md")) as f:
         text = f.read()
-    loaded = {name: report.load(os.path.join(workdir, name)) for name in frontier.SWEEPS}
+    loaded = {name: report.load(os.path.join(workdir, name)) for name in frontier.EXPERIMENTS}
     tables = {name: frontier.table(t) for name, t in loaded.items()}
     assert all(t in text for t in tables.values())  # the section holds both tables
     return rows, loaded, tables, text, figures
@@ -119,7 +119,7 @@ def test_compression_table_counts_the_bytes_of_every_round(made_up):
         size = float(next(r for r in rows["compression_frontier"] if r["entry"] == name)["uploaded_bytes"])
         mean, std = stats(rows["compression_frontier"], name, ROUNDS)
         assert cells == [f"{mean:.1f} ± {std:.1f}", f"{size / 1e3:.1f}", f"{size * ROUNDS / 1e6:.2f}"]
-    for png in frontier.FIGURES.values():
+    for png in (e.figure for e in frontier.EXPERIMENTS.values()):
         with open(os.path.join(figures, png), "rb") as f:
             assert f.read(8) == b"\x89PNG\r\n\x1a\n"
         assert f"({os.path.relpath(os.path.join(figures, png))})" in text  # linked as from the README (the cwd)
