@@ -18,6 +18,7 @@ from medfed_jax.server import build_engine
 from medfed_jax.types import ClientData
 
 LR = 0.05  # configs/digits_dirichlet.py's client lr
+TOLERANCE = 3e-5  # of the largest coordinate of a delta (float32 error bound below)
 
 
 @pytest.fixture(scope="module")
@@ -61,14 +62,12 @@ def test_local_update_with_cut_steps_is_numpy_proximal_gradient_descent(digits, 
         plain = numpy_prox_descent(w, b, rows, y[client, : count[client]], steps, 0.0)
         want = numpy_prox_descent(w, b, rows, y[client, : count[client]], steps, mu)
         for got, expected, base, base_expected in zip(moved[mu], want, moved[0.0], plain):
-            # float32 sums of <= 122 rows x 64 features of [0, 1] pixels: ~1e-6 relative per step, 3 steps.
-            scale = np.abs(expected).max()
-            np.testing.assert_allclose(got, expected, atol=2e-5 * scale)
-            # The proximal term's own contribution, resolved: it is >= 1e-3 of the update (k >= 2 steps) or 0
-            # (one step starts at w0, where the pull vanishes), and matches numpy to the same absolute bound.
-            np.testing.assert_allclose(got - base, expected - base_expected, atol=2e-5 * scale)
-        if steps > 1:
-            assert np.abs(want[0] - plain[0]).max() > 1e-4 * mu * np.abs(plain[0]).max()
+            # float32: a step's gradient sums <= 141 rows (n eps = 8.4e-6 relative at worst), over 3 steps.
+            atol = TOLERANCE * np.abs(expected).max()
+            np.testing.assert_allclose(got, expected, atol=atol)
+            np.testing.assert_allclose(got - base, expected - base_expected, atol=atol)  # the term's own part
+        if steps > 1:  # which is resolved: several tolerances (a single step starts at w0, where the pull is 0)
+            assert np.abs(want[0] - plain[0]).max() > 3 * TOLERANCE * np.abs(want[0]).max()
 
 
 def test_one_frontier_digits_round_under_dropout_and_budgets_moves_with_prox_mu(digits):
