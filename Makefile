@@ -54,11 +54,11 @@ readme: $(STAMP)
 	$(REPORT) --wall_seconds=$$(cat $(REPRO)/wall_seconds) --readme=README.md --assets=benchmarks/figures
 
 # The README's experiments of section "Unreliable clients, drift corrections, compressed uploads" from scratch:
-# the sweeps configs/utility_frontier.py and configs/compression_frontier.py into $(FRONTIER)/<sweep> (wall
-# seconds in $(FRONTIER)/<sweep>.wall_s), then benchmarks/frontier.py: both tables, printed and written with the
-# figure links to $(FRONTIER)/frontier.md, and the figures benchmarks/figures/frontier_rounds.png, frontier_bytes.png.
+# the sweeps configs/utility_frontier.py, compression_frontier.py and fedbuff_frontier.py into $(FRONTIER)/<sweep>
+# (wall seconds in $(FRONTIER)/<sweep>.wall_s), then benchmarks/frontier.py: the tables, printed and written with
+# the figure links to $(FRONTIER)/frontier.md, and the figures benchmarks/figures/frontier_{rounds,bytes,async}.png.
 FRONTIER := runs/frontier
-FRONTIER_SWEEPS := utility_frontier compression_frontier
+FRONTIER_SWEEPS := utility_frontier compression_frontier fedbuff_frontier
 frontier: $(STAMP)
 	rm -rf $(FRONTIER)
 	for name in $(FRONTIER_SWEEPS); do \

@@ -1,5 +1,6 @@
 """The README's issue-18 experiments from their sweeps: `configs/utility_frontier.py` (drift corrections under
-unreliable clients) and `configs/compression_frontier.py` (compressors), tables and figures.
+unreliable clients), `configs/compression_frontier.py` (compressors) and `configs/fedbuff_frontier.py`
+(FedBuff's buffer size in virtual time), tables and figures.
 
 Accuracy is the global model's on all clients' test rows (``global_pooled_accuracy``), mean ± sample std over
 the seeds (n each; each seed its own split).
@@ -10,7 +11,11 @@ the seeds (n each; each seed its own split).
 - compression table: after the last round, with the bytes the clients upload per round (``uploaded_bytes``)
   and in the whole run;
 - ``frontier_bytes.png``: accuracy vs MB uploaded so far (log scale), a line per compressor, ±std bars.
-  Every client sends a fixed-size message every round there, so the bytes by round r are r x a round's.
+  Every client sends a fixed-size message every round there, so the bytes by round r are r x a round's;
+- FedBuff table: per buffer size, the server steps, the virtual time at the end and the accuracy there, and the
+  virtual time of the first evaluation whose seed-mean accuracy reaches `TARGET` (FedBuff's time to accuracy);
+- ``frontier_async.png``: accuracy vs virtual time (mean over the seeds at each evaluation), a line per buffer
+  size, a ±std band.
 
 ``make frontier`` runs both sweeps from scratch into ``runs/frontier/<sweep>`` (wall seconds in
 ``runs/frontier/<sweep>.wall_s``), then this script, which prints the tables, writes them with the figure links
@@ -41,6 +46,7 @@ from medfed_jax.report.plotting import _axes, _finish, _mark_diverged
 from medfed_jax.report.rows import _pct
 
 METRIC = "global_pooled_accuracy"
+TARGET = 85.0  # accuracy (%) whose first virtual time the FedBuff table reports
 
 
 def _config_module(name: str) -> Any:
@@ -176,6 +182,50 @@ def draw_bytes(rows: list[dict]):
     return _finish(fig, f"Compressed uploads: accuracy vs bytes (mean ± std, n = {_seeds(rows)})", "compressor")
 
 
+def _virtual_time(points: Sequence[dict]) -> tuple[np.ndarray, np.ndarray]:
+    """Mean and std over seeds of the virtual time at each point; a std of nan (n = 1) as 0."""
+    mean = np.array([float(r["virtual_time_mean"]) for r in points])
+    return mean, np.nan_to_num(np.array([float(r["virtual_time_std"]) for r in points]))
+
+
+def time_to_target(points: Sequence[dict]) -> str:
+    """The mean virtual time of the first evaluation whose mean accuracy reaches `TARGET`, or "not reached"."""
+    accuracy, (time, _) = _accuracy(points)[0], _virtual_time(points)
+    reached = np.flatnonzero(accuracy >= TARGET)
+    return f"{time[reached[0]]:.1f} (step {points[reached[0]]['round']})" if reached.size else "not reached"
+
+
+def fedbuff_table(rows: list[dict]) -> str:
+    series = _series(rows, choices("fedbuff_frontier"))
+    header = ["buffer", "server steps", "virtual time", "accuracy at the end", f"virtual time to {TARGET:g}%"]
+    body = []
+    for (_, name), points in series.items():
+        final = points[-1]
+        time = f"{float(final['virtual_time_mean']):.1f} ± {float(final['virtual_time_std']):.1f}"
+        body.append([name, final["round"], time, report.format_mean_std(final, METRIC), time_to_target(points)])
+    return tabular.markdown_table(header, body)
+
+
+def draw_virtual_time(rows: list[dict]):
+    """Accuracy vs virtual time, a line per buffer size, mean with a ±std band over the seeds."""
+    series = _series(rows, choices("fedbuff_frontier"))
+    fig, axes = _axes(1, width=7.0, height=4.4)
+    ax = axes[0]
+    for i, ((_, name), points) in enumerate(series.items()):
+        x, _ = _virtual_time(points)
+        mean, std = _accuracy(points)
+        color = f"C{i % 10}"
+        ax.plot(x, mean, marker="o", ms=3, color=color, label=name)
+        ax.fill_between(x, mean - std, mean + std, color=color, alpha=0.15)
+        _mark_diverged(ax, x, points, color)
+    ax.axhline(TARGET, color="0.5", lw=0.8, ls=":")
+    ax.set_xlabel("virtual time (1 = the typical client's median latency)")
+    ax.set_ylabel("test accuracy (%)")
+    ax.grid(alpha=0.3)
+    title = f"FedBuff: accuracy vs virtual time, 300 client updates each (mean ± std, n = {_seeds(rows)})"
+    return _finish(fig, title, "buffer size K")
+
+
 class Experiment(NamedTuple):
     """How this script reports one sweep (the workdir ``--workdir/<sweep name>``)."""
 
@@ -188,6 +238,7 @@ class Experiment(NamedTuple):
 EXPERIMENTS = {
     "utility_frontier": Experiment("ALGORITHMS", drift_table, draw_rounds, "frontier_rounds.png"),
     "compression_frontier": Experiment("COMPRESSORS", compression_table, draw_bytes, "frontier_bytes.png"),
+    "fedbuff_frontier": Experiment("BUFFERS", fedbuff_table, draw_virtual_time, "frontier_async.png"),
 }
 
 

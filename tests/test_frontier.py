@@ -32,16 +32,19 @@ frontier = load_script()
 
 def entries(name: str) -> list[str]:
     """The names the config declares, in order (the dict the script's `Experiment` names)."""
-    return list(getattr(frontier._config_module(name), {"utility_frontier": "ALGORITHMS"}.get(name, "COMPRESSORS")))
+    return list(getattr(frontier._config_module(name), frontier.EXPERIMENTS[name].entries))
 
 
 def fake_sweep(workdir: str, name: str, rng) -> list[dict]:
     """The shipped sweep ``name`` cut to `ROUNDS` rounds and `SEEDS`, each cell x evaluation a made-up accuracy
-    (per compressor a made-up message size), written as a sweep writes ``summary.csv`` and ``sweep.json``.
+    (per compressor a made-up message size; FedBuff's cells keep their own schedule and get a made-up, increasing
+    virtual time), written as a sweep writes ``summary.csv`` and ``sweep.json``.
     Returns the result rows, each with its ``entry`` and ``panel`` (kept out of the files)."""
     cfg = config_files.load_config(name)
     cfg.rounds, cfg.eval_every = ROUNDS, EVAL_EVERY
     cfg.sweep.grid = {"seed": SEEDS}
+    if name != "fedbuff_frontier":
+        cfg.sweep.cells = [{k: v for k, v in c.items() if k not in ("rounds", "eval_every")} for c in cfg.sweep.cells]
     plan = sweep.plan_sweep(cfg)
     names = entries(name)
     sizes = {n: float(rng.integers(10_000, 1_000_000)) for n in names}
@@ -50,11 +53,15 @@ def fake_sweep(workdir: str, name: str, rng) -> list[dict]:
         position = cell.index // len(SEEDS)
         entry, panel = names[position % len(names)], position // len(names)
         head = {"cell": str(cell.index), **{k: sweep.format_value(cell.values[k]) for k in plan.knobs}}
-        for round_done in EVALUATED:
+        clock = 0.0
+        for round_done in evaluated(cell.values):
             accuracy = np.float32(rng.uniform(0.3, 0.95))
             row = {**head, "round": str(round_done), "diverged": "0.0", "global_pooled_accuracy": str(accuracy)}
             if name == "compression_frontier":
                 row["uploaded_bytes"] = str(sizes[entry])
+            if name == "fedbuff_frontier":
+                clock += float(np.float32(rng.uniform(0.5, 5.0)))
+                row["virtual_time"] = str(np.float32(clock))
             rows.append({**row, "entry": entry, "panel": panel})
     written = [{k: v for k, v in r.items() if k not in ("entry", "panel")} for r in rows]
     os.makedirs(os.path.join(workdir, name))
@@ -64,11 +71,16 @@ def fake_sweep(workdir: str, name: str, rng) -> list[dict]:
     return rows
 
 
-def stats(rows: list[dict], entry: str, round_done: int, panel: int = 0) -> tuple[float, float]:
-    """Mean and sample std (%) over the seeds of one entry's made-up accuracies."""
+def evaluated(values: dict) -> tuple[int, ...]:
+    """The evaluated rounds of a cell: its own schedule where it sets one (FedBuff's), else the cut one."""
+    return program.eval_rounds(values.get("rounds", ROUNDS), values.get("eval_every", EVAL_EVERY))
+
+
+def stats(rows: list[dict], entry: str, round_done: int, panel: int = 0, metric="global_pooled_accuracy"):
+    """Mean and sample std over the seeds of one entry's made-up ``metric`` (accuracy in %)."""
     picked = [r for r in rows if r["entry"] == entry and r["panel"] == panel and r["round"] == str(round_done)]
     assert len(picked) == len(SEEDS)
-    values = 100 * np.array([float(r["global_pooled_accuracy"]) for r in picked], np.float64)
+    values = np.array([float(r[metric]) for r in picked], np.float64) * (100 if "accuracy" in metric else 1)
     return values.mean(), values.std(ddof=1)
 
 
@@ -168,3 +180,35 @@ def test_a_row_of_no_known_algorithm_and_a_missing_sweep_are_refused_before_anyt
     with pytest.raises(SystemExit, match="error: .* has no sweep.json"):
         frontier.main(["--workdir", str(tmp_path), "--figures", str(tmp_path / "figures")])
     assert not os.path.exists(tmp_path / "figures")
+
+
+def _fedbuff_rounds(rows: list[dict], name: str) -> list[int]:
+    return sorted({int(r["round"]) for r in rows if r["entry"] == name})
+
+
+def test_fedbuff_table_is_each_buffer_s_end_and_first_time_at_the_target(made_up):
+    rows, _, tables, _, _ = made_up
+    table = table_cells(tables["fedbuff_frontier"])
+    assert list(table) == entries("fedbuff_frontier")
+    for name, cells in table.items():
+        steps = _fedbuff_rounds(rows["fedbuff_frontier"], name)
+        accuracy = np.array([stats(rows["fedbuff_frontier"], name, t)[0] for t in steps])
+        times = [stats(rows["fedbuff_frontier"], name, t, metric="virtual_time") for t in steps]
+        reached = [t for t, a in zip(steps, accuracy) if a >= frontier.TARGET]
+        first = f"{times[steps.index(reached[0])][0]:.1f} (step {reached[0]})" if reached else "not reached"
+        mean, std = stats(rows["fedbuff_frontier"], name, steps[-1])
+        end_time = f"{times[-1][0]:.1f} ± {times[-1][1]:.1f}"
+        assert cells == [str(steps[-1]), end_time, f"{mean:.1f} ± {std:.1f}", first], name
+
+
+def test_fedbuff_figure_draws_accuracy_against_the_seed_mean_virtual_time(made_up):
+    rows, loaded, _, _, _ = made_up
+    ax = frontier.draw_virtual_time(loaded["fedbuff_frontier"].summary).axes[0]
+    lines = {line.get_label(): line for line in ax.lines if not line.get_label().startswith("_")}
+    assert list(lines) == entries("fedbuff_frontier")
+    for name, line in lines.items():
+        steps = _fedbuff_rounds(rows["fedbuff_frontier"], name)
+        want_x = [stats(rows["fedbuff_frontier"], name, t, metric="virtual_time")[0] for t in steps]
+        want_y = [stats(rows["fedbuff_frontier"], name, t)[0] for t in steps]
+        np.testing.assert_allclose(np.asarray(line.get_xdata(), float), want_x, rtol=1e-5)
+        np.testing.assert_allclose(np.asarray(line.get_ydata(), float), want_y, atol=1e-3)
