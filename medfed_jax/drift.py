@@ -181,6 +181,13 @@ class Drift(NamedTuple):
     local_terms: Callable[[Any, Any], LocalTerms]
     client_update: Callable[[Any, Any, Params, Array, Array], Any]
     server_update: Callable[[Any, Cohort, Callable[[Updates], tuple]], tuple[tuple, Any]]
+    side_uploads: int = 0  # model-sized float32 vectors a client sends beside its update (SCAFFOLD: c_i+ - c_i)
+
+
+def side_upload_bytes(method: Drift, shared: Params, sent: Array) -> Array:
+    """Bytes the senders upload beside their (compressed) updates: ``side_uploads x 4 x coordinates`` each."""
+    coordinates = sum(leaf.size for leaf in jax.tree.leaves(shared))
+    return jnp.float32(method.side_uploads * 4 * coordinates) * jnp.sum(sent)
 
 
 class DriftRound(NamedTuple):
@@ -286,7 +293,7 @@ def scaffold(lr: Array | float) -> Drift:
         c = jax.tree.map(lambda cs, t: cs + t / cohort.num_clients, c, total)
         return aggregate(cohort.deltas), c
 
-    return Drift("scaffold", _zero_state, local_terms, client_update, server_update)
+    return Drift("scaffold", _zero_state, local_terms, client_update, server_update, side_uploads=1)
 
 
 def fednova_norm(steps: Array, momentum: Array | float = 0.0) -> Array:

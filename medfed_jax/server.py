@@ -235,6 +235,8 @@ def round_step(
         deltas, states, uploaded = compression.compress_cohort(
             parts.compressor, deltas, gather(state.compression), key_for(_COMPRESS), index, mask
         )
+        if parts.drift is not None:  # SCAFFOLD's control-variate change travels beside the update, in float32
+            uploaded = uploaded + drift.side_upload_bytes(parts.drift.method, shared, mask)
         compressed, uploaded = scatter(state.compression, states), {"uploaded_bytes": uploaded}
     aggregate = lambda u: parts.aggregator.aggregate(u, weights, mask, state.agg_state, key_for(_AGGREGATE))  # noqa: E731
     attack_context = _attack_context(spec, parts, state, data, aggregate)

@@ -83,6 +83,15 @@ def test_uploaded_bytes_count_only_the_clients_that_sent():
     np.testing.assert_array_equal(np.asarray(metrics["uploaded_bytes"]), participants * 4 * 18)
 
 
+def test_scaffold_also_uploads_its_control_variate_change_in_float32():
+    """SCAFFOLD's client sends c_i+ - c_i beside its update (Karimireddy et al. 2020, Algorithm 1 line 13): with
+    bfloat16 updates that is 2 + 4 bytes per coordinate (18) per client."""
+    cfg = _config(**{"compression.method": "bfloat16", "drift.method": "scaffold"})
+    engine, train, _, knobs = engine_and_data(cfg, federation(SIZES, num_classes=NUM_CLASSES))
+    _, metrics = engine.run_rounds(engine.init(0, train, knobs), train, knobs, 2)
+    np.testing.assert_array_equal(np.asarray(metrics["uploaded_bytes"]), [len(SIZES) * (2 + 4) * 18] * 2)
+
+
 def test_float32_transport_is_bit_identical_to_no_compression():
     dataset = federation(SIZES, num_classes=NUM_CLASSES)
     results = []
