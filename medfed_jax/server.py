@@ -166,6 +166,12 @@ def _client_step(parts: Components, state: FedState) -> tuple[Callable, Any, Any
     return parts.drift.client_update, (state.params, state.drift.server), state.drift.clients
 
 
+def _honest_loss(losses: Array, weights: Array, honest: Array) -> Array:
+    """The row-weighted mean local training loss of the ``honest`` clients (0 when there are none)."""
+    weight = jnp.where(honest, weights, 0).astype(jnp.float32)
+    return jnp.sum(weight * losses) / jnp.maximum(jnp.sum(weight), 1)
+
+
 def server_step(parts: Components, state: FedState, update: Any) -> tuple[Params, Any]:
     """The aggregated (gathered, whole) shared ``update`` applied by the server optimizer: ``(params, opt state)``."""
     shared = parts.personalizer.shared(state.params)
@@ -221,8 +227,7 @@ def round_step(
     clients = scatter(per_client, cohort_clients)
     drift_clients, clients = (clients, state.clients) if parts.drift is not None else ((), clients)
     weights, mask = data.count, data.count > 0
-    loss_weight = jnp.where(mask & ~malicious, weights, 0).astype(jnp.float32)  # honest clients taking part
-    train_loss = jnp.sum(loss_weight * local_metrics["train_loss"]) / jnp.maximum(jnp.sum(loss_weight), 1)
+    train_loss = _honest_loss(local_metrics["train_loss"], weights, mask & ~malicious)
     shared = parts.personalizer.shared(state.params)
     if not jax.tree.leaves(shared):  # nothing leaves a client (local-only training): no server side
         return state._replace(round=state.round + 1, clients=clients), {"train_loss": train_loss}
@@ -344,9 +349,8 @@ def fedbuff_step(
         train_loss=flight.train_loss.at[buffer.slots].set(losses),
         uploaded_bytes=flight.uploaded_bytes.at[buffer.slots].set(sizes),
     )
-    loss_weight = jnp.where(mask & ~malicious, weights, 0).astype(jnp.float32)  # honest arrivals
     metrics = {
-        "train_loss": jnp.sum(loss_weight * arrived_loss) / jnp.maximum(jnp.sum(loss_weight), 1),
+        "train_loss": _honest_loss(arrived_loss, weights, mask & ~malicious),
         "update_norm": optax.global_norm(update),
         "staleness": jnp.mean(buffer.staleness.astype(jnp.float32)),
         "virtual_time": in_flight.clock,
