@@ -45,11 +45,10 @@ from __future__ import annotations
 from typing import Any, NamedTuple
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 
 from medfed_jax import unreliable
-from medfed_jax.types import Array, PRNGKey, per_client_keys
+from medfed_jax.types import Array
 
 MODES = ("synchronous", "fedbuff")
 
@@ -87,7 +86,7 @@ class FedBuff(NamedTuple):
 
 def _refusal(cfg: Any, context: Any) -> str | None:
     """Why a whole config cannot run FedBuff (the combinations named in the module docstring), or None."""
-    reliable = not (cfg.unreliable.dropout or cfg.unreliable.straggler_rate or cfg.unreliable.min_local)
+    reliable = unreliable.Unreliable.from_config(cfg.unreliable, cfg.local) is None
     checks = (  # (field, value, allowed, reason)
         ("privacy.mode", cfg.privacy.mode, cfg.privacy.mode == "none", "the DP accountants assume synchronous rounds"),
         ("cohort_sampling", cfg.cohort_sampling, cfg.cohort_sampling == "fixed", "FedBuff keeps cohort_size in flight"),
@@ -160,7 +159,7 @@ class FedBuffState(NamedTuple):
       pending: each slot's update, trained at dispatch, leaves ``[M, ...]``.
       train_loss: ``[M]`` each slot's local training loss.
       uploaded_bytes: ``[M]`` each slot's message size (0 without compression).
-      median_latency: ``[N]`` each client's median latency (one draw per run).
+      median_latency: ``[N]`` each client's median latency (`medfed_jax.unreliable.client_medians`).
     """
 
     in_flight: unreliable.InFlight
@@ -170,17 +169,10 @@ class FedBuffState(NamedTuple):
     median_latency: Array
 
 
-def median_latencies(key: PRNGKey, num_clients: int, spread: float) -> Array:
-    """``[N]`` float32 per-client median latencies ``exp(spread Z_c)``, ``Z_c ~ N(0, 1)`` from client ``c``'s key."""
-    z = jax.vmap(lambda k: jax.random.normal(k))(per_client_keys(key, jnp.arange(num_clients)))
-    return jnp.exp(jnp.float32(spread) * z)
-
-
 def discounted(buffer: unreliable.Buffer, updates: Any) -> Any:
-    """The arrivals ``[K, ...]`` each times ``(1 + tau_k)**-a`` (``K`` times FedBuff's weight): their mean is
-    the paper's server update."""
-    scale = buffer.weights * buffer.weights.shape[0]
-    return jax.tree.map(lambda u: u * scale.reshape(-1, *(1,) * (u.ndim - 1)), updates)
+    """The arrivals ``[K, ...]`` each times its staleness discount ``(1 + tau_k)**-a``: their mean is the
+    paper's server update."""
+    return jax.tree.map(lambda u: u * buffer.discount.reshape(-1, *(1,) * (u.ndim - 1)), updates)
 
 
 def take_slots(tree: Any, slots: Array) -> Any:

@@ -300,7 +300,7 @@ def fedbuff_start(spec: RoundSpec, parts: Components, hparams: LocalHParams, sta
     """``state`` (before server step 0) with FedBuff's first ``M`` clients dispatched and trained on its model."""
     settings = spec.asynchronous
     medians_key, dispatch_key = jax.random.split(jax.random.fold_in(state.key, FEDBUFF_START))
-    medians = asynchronous.median_latencies(medians_key, spec.context.num_clients, settings.client_latency_spread)
+    medians = unreliable.client_medians(medians_key, spec.context.num_clients, settings.client_latency_spread)
     in_flight = unreliable.fedbuff_init(
         dispatch_key, spec.context.num_clients, settings.concurrency, medians, settings.latency_spread
     )

@@ -175,6 +175,13 @@ def unreliable_cohort(settings: Unreliable, keys: CohortWork, clients: Array, ta
     return taking, data._replace(count=jnp.where(sent, data.count, 0)), (steps,)
 
 
+def client_medians(key: PRNGKey, num_clients: int, spread: Array | float) -> Array:
+    """``[N]`` float32 per-client median latencies ``exp(spread Z_c)``, ``Z_c ~ N(0, 1)`` from client ``c``'s key
+    (one draw per run: slow and fast clients; `latency`'s ``mean_latency``)."""
+    z = _per_client(key, jnp.arange(num_clients), lambda k: jax.random.normal(k))
+    return jnp.exp(jnp.asarray(spread, jnp.float32) * z)
+
+
 def latency(key: PRNGKey, clients: Array, mean_latency: Array | float, spread: Array | float) -> Array:
     """``[C]`` float32 times to train and upload: ``mean_latency[c] exp(spread Z)``, ``Z ~ N(0, 1)``.
 
@@ -212,9 +219,11 @@ class Buffer(NamedTuple):
       slots: ``[K]`` int32 slots whose updates arrived (earliest first).
       clients: ``[K]`` int32 their clients.
       staleness: ``[K]`` int32 server versions since each was dispatched.
-      weights: ``[K]`` float32 ``(1 + staleness)**-exponent / K``: the server
-        update is ``sum_k weights_k delta_k``.
+      weights: ``[K]`` float32 ``discount / K``: the server update is
+        ``sum_k weights_k delta_k``.
       dispatched: ``[K]`` int32 clients now training in ``slots``, on the new model.
+      discount: ``[K]`` float32 ``(1 + staleness)**-exponent``, each arrival's
+        staleness weight (``mean_k discount_k delta_k`` is the server update).
     """
 
     slots: Array
@@ -222,6 +231,7 @@ class Buffer(NamedTuple):
     staleness: Array
     weights: Array
     dispatched: Array
+    discount: Array
 
 
 def _idle_draw(key: PRNGKey, num_clients: int, busy: Array, count: int) -> Array:
@@ -277,7 +287,7 @@ def fedbuff_step(
     slots = jnp.argsort(state.finish, stable=True)[:buffer_size].astype(jnp.int32)
     clock = state.finish[slots[-1]]
     staleness = state.server_version - state.version[slots]
-    weights = (1.0 + staleness.astype(jnp.float32)) ** -jnp.asarray(exponent, jnp.float32) / buffer_size
+    discount = (1.0 + staleness.astype(jnp.float32)) ** -jnp.asarray(exponent, jnp.float32)
     still_training = jnp.ones(concurrency, bool).at[slots].set(False)
     busy = jnp.zeros(num_clients, bool).at[state.client].max(still_training)
     dispatched = _idle_draw(draw_key, num_clients, busy, buffer_size)
@@ -289,4 +299,4 @@ def fedbuff_step(
         clock=clock,
         server_version=version,
     )
-    return Buffer(slots, state.client[slots], staleness, weights, dispatched), new_state
+    return Buffer(slots, state.client[slots], staleness, discount / buffer_size, dispatched, discount), new_state
