@@ -43,7 +43,7 @@ import numpy as np
 
 from medfed_jax import config, config_files, report, sweep, tabular
 from medfed_jax.report.plotting import _axes, _finish, _mark_diverged
-from medfed_jax.report.rows import _pct
+from medfed_jax.report.rows import _pct, value
 
 METRIC = "global_pooled_accuracy"
 TARGET = 85.0  # accuracy (%) whose first virtual time the FedBuff table reports
@@ -93,10 +93,15 @@ def _series(rows: Sequence[dict], named: dict[str, dict], panel: Callable[[dict]
     return {(p, n): sorted(groups[(p, n)], key=lambda r: int(r["round"])) for p in panels for n in named}
 
 
+def _over_seeds(points: Sequence[dict], read: Callable[[dict, str], float]) -> tuple[np.ndarray, np.ndarray]:
+    """``read(row, 'mean')`` and ``read(row, 'std')`` at each point; a std of nan (n = 1) as 0."""
+    mean = np.array([read(r, "mean") for r in points])
+    return mean, np.nan_to_num(np.array([read(r, "std") for r in points]))
+
+
 def _accuracy(points: Sequence[dict]) -> tuple[np.ndarray, np.ndarray]:
-    """Mean and std (%) over seeds at each point; a std of nan (n = 1) as 0."""
-    mean = np.array([_pct(r, "mean", METRIC) for r in points])
-    return mean, np.nan_to_num(np.array([_pct(r, "std", METRIC) for r in points]))
+    """Mean and std (%) of the accuracy over seeds at each point."""
+    return _over_seeds(points, lambda row, stat: _pct(row, stat, METRIC))
 
 
 def _seeds(rows: Sequence[dict]) -> str:
@@ -183,9 +188,8 @@ def draw_bytes(rows: list[dict]):
 
 
 def _virtual_time(points: Sequence[dict]) -> tuple[np.ndarray, np.ndarray]:
-    """Mean and std over seeds of the virtual time at each point; a std of nan (n = 1) as 0."""
-    mean = np.array([float(r["virtual_time_mean"]) for r in points])
-    return mean, np.nan_to_num(np.array([float(r["virtual_time_std"]) for r in points]))
+    """Mean and std over seeds of the virtual time at each point."""
+    return _over_seeds(points, lambda row, stat: value(row, f"virtual_time_{stat}"))
 
 
 def time_to_target(points: Sequence[dict]) -> str:
@@ -201,7 +205,7 @@ def fedbuff_table(rows: list[dict]) -> str:
     body = []
     for (_, name), points in series.items():
         final = points[-1]
-        time = f"{float(final['virtual_time_mean']):.1f} ± {float(final['virtual_time_std']):.1f}"
+        time = f"{value(final, 'virtual_time_mean'):.1f} ± {value(final, 'virtual_time_std'):.1f}"
         body.append([name, final["round"], time, report.format_mean_std(final, METRIC), time_to_target(points)])
     return tabular.markdown_table(header, body)
 
