@@ -267,9 +267,8 @@ def compress_clients(compressor: Compressor, updates: Any, states: Any, keys: Ar
 
 
 def compress_cohort(
-    compressor: Compressor, updates: Any, states: Any, key: PRNGKey, clients: Array, sent: Array
+    compressor: Compressor, updates: Any, states: Any, key: PRNGKey, clients: Array
 ) -> tuple[Any, Any, Array]:
-    """A round's uploads: `compress_clients` with client ``c``'s key ``fold_in(key, c)`` (population index),
-    and ``uploaded_bytes``, the bytes of the clients that ``sent``."""
-    uploads, states, sizes = compress_clients(compressor, updates, states, per_client_keys(key, clients))
-    return uploads, states, jnp.sum(jnp.where(sent, sizes, 0.0))
+    """A cohort's uploads: `compress_clients` with client ``c``'s key ``fold_in(key, c)`` (population index);
+    bytes ``[C]`` per message (the round counts those of the clients that sent)."""
+    return compress_clients(compressor, updates, states, per_client_keys(key, clients))

@@ -237,9 +237,10 @@ def round_step(
         deltas = jax.vmap(parts.privatizer)(deltas, jax.random.split(key_for(_PRIVACY), index.shape[0]))
     compressed, uploaded = state.compression, {}
     if parts.compressor is not None:
-        deltas, states, uploaded = compression.compress_cohort(
-            parts.compressor, deltas, gather(state.compression), key_for(_COMPRESS), index, mask
+        deltas, states, sizes = compression.compress_cohort(
+            parts.compressor, deltas, gather(state.compression), key_for(_COMPRESS), index
         )
+        uploaded = jnp.sum(jnp.where(mask, sizes, 0.0))  # the bytes of the clients that sent
         if parts.drift is not None:  # SCAFFOLD's control-variate change travels beside the update, in float32
             uploaded = uploaded + drift.side_upload_bytes(parts.drift.method, shared, mask)
         compressed, uploaded = scatter(state.compression, states), {"uploaded_bytes": uploaded}
@@ -289,9 +290,8 @@ def _dispatch(spec: RoundSpec, parts: Components, hparams: LocalHParams, state: 
     )
     sizes, compressed = jnp.zeros(clients.shape, jnp.float32), state.compression
     if parts.compressor is not None:
-        keys = per_client_keys(key_for(_COMPRESS), clients)
         rows = asynchronous.take_slots(state.compression, clients)
-        deltas, rows, sizes = compression.compress_clients(parts.compressor, deltas, rows, keys)
+        deltas, rows, sizes = compression.compress_cohort(parts.compressor, deltas, rows, key_for(_COMPRESS), clients)
         compressed = asynchronous.put_slots(state.compression, clients, rows)
     return deltas, local_metrics["train_loss"], sizes, compressed
 
